@@ -1,0 +1,40 @@
+// Helpers shared by every op family: host/device qualifiers, accumulate
+// types, loads that widen to the accumulate type, argument checks.
+#pragma once
+
+#include <cstdint>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
+
+#if defined(__CUDACC__)
+#define FV_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FV_HOST_DEVICE inline
+#endif
+
+// Hot CPU loops are compiled twice, for AVX2+FMA (x86-64-v3) and for the
+// baseline ISA, and picked at load time, so one wheel is fast on new CPUs and
+// still runs on old ones.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && defined(__linux__)
+#define FV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FV_CPU_CLONES
+#endif
+
+namespace fastvision {
+
+// Half and bfloat16 inputs accumulate in float; double stays double so that
+// gradcheck sees full precision.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+// Ceil division for sizes.
+FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace fastvision
+
+// A failed check in a kernel entry point; reaches Python as RuntimeError.
+// Argument errors a caller can make are raised earlier, in the Python wrapper.
+#define FV_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)

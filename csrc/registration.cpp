@@ -1,0 +1,41 @@
+// Every fastvision op schema, in one place: the library's table of contents.
+// Kernels register per device in csrc/<family>/{cpu.cpp,cuda.cu}; the Triton
+// (GPU) kernels register from Python (fastvision/ops/<family>.py).
+//
+// Forward and backward are separate ops; autograd, fake kernels and argument
+// checks live in the Python wrappers.
+
+#include <Python.h>
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(fastvision, m) {
+  // ---- selective scan (Mamba S6; Vision Mamba) ------------------------------
+  // u, delta, z: (batch, dim, L); A: (dim, N); B, C: (dim, N) or (batch, G, N, L);
+  // D, delta_bias: (dim,). chunk_states holds the state after every chunk of
+  // chunk_len steps (processing order), the checkpoints the backward restarts from.
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, "
+      "Tensor? z, Tensor delta_bias, bool delta_softplus, bool reverse, int chunk_len) "
+      "-> (Tensor out, Tensor last_state, Tensor chunk_states)");
+  m.def(
+      "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, "
+      "Tensor B, Tensor C, Tensor D, Tensor? z, Tensor delta_bias, Tensor chunk_states, "
+      "bool delta_softplus, bool reverse, int chunk_len) "
+      "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+      "Tensor ddelta_bias)");
+  // Vim's bidirectional scan: forward over the first set, reverse (t = L-1 .. 0)
+  // over the *_b set, both gated by silu(z), summed. The backward is two
+  // selective_scan_bwd calls.
+  m.def(
+      "bi_selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, "
+      "Tensor? z, Tensor delta_bias, Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, "
+      "Tensor C_b, Tensor D_b, Tensor delta_bias_b, bool delta_softplus, int chunk_len) "
+      "-> (Tensor out, Tensor chunk_states, Tensor chunk_states_b)");
+}
+
+// `import fastvision._C` loads the schemas and CPU kernels (static
+// registration); the module itself is empty. Limited API: one file per ABI.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

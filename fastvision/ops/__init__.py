@@ -1,0 +1,5 @@
+"""fastvision.ops: fused, autograd-capable ops and the layers built on them."""
+
+from .selective_scan import bi_selective_scan, scan_chunk_len, selective_scan
+
+__all__ = ["selective_scan", "bi_selective_scan", "scan_chunk_len"]
