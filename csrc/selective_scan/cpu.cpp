@@ -407,7 +407,8 @@ FV_CPU_CLONES void backward_task(const Direction<acc>& dir, const Geometry& g, c
 // gradient of a variable B or C: each group is a run of consecutive segments.
 template <typename acc>
 Tensor reduce_var(const Tensor& like, const std::vector<acc>& part, const Geometry& g, int64_t groups) {
-  Tensor full = torch::stable::new_empty(like, {g.batch, groups, g.tasks() / (g.batch * groups), g.N, g.L},
+  const int64_t per_group = g.tasks() / std::max<int64_t>(g.batch * groups, 1);  // 0 for batch 0
+  Tensor full = torch::stable::new_empty(like, {g.batch, groups, per_group, g.N, g.L},
                                          sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float);
   std::copy(part.begin(), part.end(), full.mutable_data_ptr<acc>());
   std::vector<int64_t> dims{2};

@@ -176,6 +176,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, del
 
 def _scan_grads(bwd, dout, dlast, s: _Scan, states, softplus, reverse, chunk_len):
     """Gradients for the 8 tensor inputs of one direction; dz None without z."""
+    if dlast is not None:
+        dlast = dlast.to(states.dtype).contiguous()
     g = bwd(dout.contiguous(), dlast, *s, states, softplus, reverse, chunk_len)
     du, ddelta, dA, dB, dC, dD, dz, dbias = g
     return du, ddelta, dA, dB, dC, dD, (dz if s.z is not None else None), dbias
@@ -226,6 +228,15 @@ def _bi_backward(ctx, dout, dstates, dstates_b):
 
 
 torch.library.register_autograd("fastvision::bi_selective_scan_fwd", _bi_backward, setup_context=_bi_setup)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastvision: double backward (gradient of a gradient) through "
+                              "selective_scan is not supported")
+
+
+# Without this, autograd would silently treat the backward op as constant.
+torch.library.register_autograd("fastvision::selective_scan_bwd", _no_double_backward)
 
 
 # --------------------------------------------------------------------------
@@ -334,13 +345,12 @@ def bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_
     :func:`selective_scan`; the *_b tensors mirror the forward ones.
     """
     fwd = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    pairs = (("u", u, u_b), ("delta", delta, delta_b), ("A", A, A_b), ("B", B, B_b), ("C", C, C_b))
+    for name, f, b in pairs:
+        if f.shape != b.shape or f.dtype != b.dtype:
+            raise ValueError(f"bi_selective_scan: {name}_b must have the shape and dtype of {name}, "
+                             f"{tuple(f.shape)} {f.dtype}; got {tuple(b.shape)} {b.dtype}")
     bwd_dir = _prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, suffix="_b")
-    if u_b.shape != u.shape or A_b.shape != A.shape or B_b.dim() != B.dim() or C_b.dim() != C.dim() \
-            or B_b.shape != B.shape or C_b.shape != C.shape or u_b.dtype != u.dtype:
-        raise ValueError("bi_selective_scan: the *_b tensors must have the shapes and dtypes of their "
-                         f"forward counterparts; got u {tuple(u.shape)} {u.dtype} vs u_b "
-                         f"{tuple(u_b.shape)} {u_b.dtype}, A {tuple(A.shape)} vs A_b {tuple(A_b.shape)}, "
-                         f"B {tuple(B.shape)} vs B_b {tuple(B_b.shape)}, C {tuple(C.shape)} vs C_b {tuple(C_b.shape)}")
     check_same_device(u=u, u_b=u_b)
     path = _check_backend(backend, u.device, A.shape[1])
     if path == "reference":
