@@ -116,3 +116,68 @@ def check_compile(fn: Callable[..., Any], args: Sequence[Any], grad: bool = True
             assert a is None and b is None
         else:
             assert_close(a, b, dtype, scale=10)
+
+
+# --------------------------------------------------------------------------
+# Distributed: a model built on fastvision ops trains identically under DDP.
+
+
+def _train(model, batches, steps: int, lr: float):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = batches(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, build, make_batch, steps: int, lr: float,
+                out_file: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build())
+
+        def shard(step):  # this rank's equal share of the global batch
+            x, y = make_batch(step)
+            return x.chunk(world)[rank], y.chunk(world)[rank]
+
+        _train(model, shard, steps, lr)
+        if rank == 0:
+            torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_ddp_matches_single_process(build: Callable[[], torch.nn.Module],
+                                     make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                                     steps: int = 3, world: int = 2, lr: float = 0.05,
+                                     dtype: torch.dtype = torch.float32) -> None:
+    """Trains `build()` for `steps` SGD steps under DistributedDataParallel (gloo,
+    `world` CPU processes, each on an equal shard of `make_batch(step)`) and in one
+    process on the whole batch; the final parameters must agree.
+
+    `build` and `make_batch` must be module-level functions (they are pickled
+    into the worker processes). With a mean loss, DDP's gradient average over
+    equal shards equals the single-process gradient.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = f"{tmp}/ddp_state.pt"
+        mp.spawn(_ddp_worker, args=(world, f"{tmp}/init", build, make_batch, steps, lr, out_file),
+                 nprocs=world, join=True)
+        ddp_state = torch.load(out_file)
+    torch.manual_seed(0)
+    model = build()
+    _train(model, make_batch, steps, lr)
+    single = model.state_dict()
+    assert ddp_state.keys() == single.keys()
+    for name, value in single.items():
+        assert_close(ddp_state[name], value.detach(), dtype, scale=10, msg=f"parameter {name}")
