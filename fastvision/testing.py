@@ -181,3 +181,33 @@ def check_ddp_matches_single_process(build: Callable[[], torch.nn.Module],
     assert ddp_state.keys() == single.keys()
     for name, value in single.items():
         assert_close(ddp_state[name], value.detach(), dtype, scale=10, msg=f"parameter {name}")
+
+
+# --------------------------------------------------------------------------
+# Triton kernels on CPU tensors
+
+
+def import_triton_kernels_interpreted(module_name: str):
+    """Imports a Triton kernel module for tests on CPU tensors, or skips the calling test module.
+
+    Triton picks the interpreter when a kernel is decorated, so TRITON_INTERPRET=1
+    must be in the environment before triton is first imported (tests/conftest.py
+    sets it when no GPU is present). Never set here: on a GPU machine that would
+    turn every later Triton kernel of the process into an interpreted one.
+    """
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton interpreter tests need TRITON_INTERPRET=1 at start-up "
+                    "(tests/conftest.py sets it when no GPU is present)", allow_module_level=True)
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    module = importlib.import_module(module_name)
+    if not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
+        pytest.skip(f"{module_name} was imported before TRITON_INTERPRET=1 was set",
+                    allow_module_level=True)
+    return module

@@ -5,33 +5,19 @@ sequences cross several chunks (checkpoints, carried state and carried adjoint).
 Run alone with ``pytest -m triton``.
 """
 
-import os
-import sys
 
-# The interpreter only works if triton itself is first imported with this set.
-_TRITON_PRELOADED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from fastvision.testing import import_triton_kernels_interpreted
 
-triton = pytest.importorskip("triton")
+ss = import_triton_kernels_interpreted("fastvision.triton.selective_scan")
+import triton  # noqa: E402  (after the interpreter check above)
 import triton.language as tl  # noqa: E402
 
-from fastvision.reference.selective_scan import bi_selective_scan_ref, selective_scan_ref  # noqa: E402
+from fastvision.reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
 
 pytestmark = pytest.mark.triton
-
-if _TRITON_PRELOADED:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; "
-                "run this file in its own process (pytest -m triton)", allow_module_level=True)
-
-import fastvision.triton.selective_scan as ss  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-if not isinstance(ss._selective_scan_fwd_kernel, InterpretedFunction):
-    pytest.skip("fastvision.triton.selective_scan was imported before TRITON_INTERPRET=1 was set; "
-                "run this file in its own process (pytest -m triton)", allow_module_level=True)
 
 F32_TOL = dict(rtol=1e-4, atol=1e-5)
 LOW_TOL = {torch.float16: dict(rtol=5e-3, atol=5e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}

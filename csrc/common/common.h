@@ -15,11 +15,15 @@
 
 // Hot CPU loops are compiled twice, for AVX2+FMA (x86-64-v3) and for the
 // baseline ISA, and picked at load time, so one wheel is fast on new CPUs and
-// still runs on old ones.
+// still runs on old ones. FV_CPU_CLONES_512 adds an AVX-512 (x86-64-v4) clone,
+// for loops written over 16 floats at a time (GCC's autovectoriser keeps to
+// 256-bit vectors otherwise).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && defined(__linux__)
 #define FV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FV_CPU_CLONES_512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FV_CPU_CLONES
+#define FV_CPU_CLONES_512
 #endif
 
 namespace fastvision {

@@ -1,9 +1,11 @@
 // CPU kernels of the selective scan: forward, backward and the fused
 // bidirectional forward. Work is split into tasks of (batch, run of channels
-// that share one B group and one C group); a task walks the sequence chunk by
-// chunk, widening each chunk of B/C to the accumulate type and transposing it
-// to [step][state] once for all its channels, so the per-step state update is
-// a contiguous loop over N that the compiler vectorises.
+// that share one B group and one C group). A task walks the sequence chunk by
+// chunk and, within a chunk, its channels in blocks of W, one channel per
+// SIMD lane: the state update and the sums over the state dimension N
+// (y_t = C_t . x_t and the backward's) are then lane-wise vector arithmetic,
+// with no horizontal reductions. Loading a block transposes its rows to
+// [step][lane] and its per-channel constants to [state][lane].
 //
 // The forward stores the state at the end of every chunk (chunk_states); the
 // backward recomputes a chunk's states from the previous checkpoint, so its
@@ -15,6 +17,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -27,6 +30,11 @@ namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
+
+// Channels per block: one AVX-512 vector of floats, two AVX2 ones (measured
+// within a few % of 8 lanes there). Doubles and the baseline clone use the
+// same width as more vectors.
+constexpr int64_t W = 16;
 
 // ---------------------------------------------------------------------------
 // Strided loads and stores that widen to / narrow from the accumulate type.
@@ -58,22 +66,22 @@ void gather(const void* src, ScalarType dtype, int64_t step, int64_t count, acc*
 }
 
 template <typename acc, typename dst_t>
-void scatter_typed(const acc* src, int64_t count, dst_t* dst, int64_t step) {
-  for (int64_t j = 0; j < count; ++j) dst[j * step] = static_cast<dst_t>(src[j]);
+void scatter_typed(const acc* src, int64_t count, dst_t* dst) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(src[j]);
 }
 
-// dst[j * step] = src[j] for j < count, dst of dtype `dtype`.
+// dst[j] = src[j] for j < count, dst of dtype `dtype`.
 template <typename acc>
-void scatter(const acc* src, int64_t count, void* dst, ScalarType dtype, int64_t step) {
+void scatter(const acc* src, int64_t count, void* dst, ScalarType dtype) {
   switch (dtype) {
     case ScalarType::Float:
-      return scatter_typed(src, count, static_cast<float*>(dst), step);
+      return scatter_typed(src, count, static_cast<float*>(dst));
     case ScalarType::Double:
-      return scatter_typed(src, count, static_cast<double*>(dst), step);
+      return scatter_typed(src, count, static_cast<double*>(dst));
     case ScalarType::Half:
-      return scatter_typed(src, count, static_cast<torch::headeronly::Half*>(dst), step);
+      return scatter_typed(src, count, static_cast<torch::headeronly::Half*>(dst));
     case ScalarType::BFloat16:
-      return scatter_typed(src, count, static_cast<torch::headeronly::BFloat16*>(dst), step);
+      return scatter_typed(src, count, static_cast<torch::headeronly::BFloat16*>(dst));
     default:
       FV_CHECK(false, "fastvision: unsupported dtype in selective_scan");
   }
@@ -83,9 +91,34 @@ void scatter(const acc* src, int64_t count, void* dst, ScalarType dtype, int64_t
 inline const void* at(const Tensor& t, int64_t index) {
   return static_cast<const char*>(t.const_data_ptr()) + index * static_cast<int64_t>(t.element_size());
 }
-inline void* at_mut(const Tensor& t, int64_t index) {
-  return static_cast<char*>(t.mutable_data_ptr()) + index * static_cast<int64_t>(t.element_size());
+
+template <typename acc>
+constexpr ScalarType acc_scalar_type() {
+  return sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float;
 }
+
+// A kernel output of dtype `dtype` that the kernel writes in acc: straight
+// into the tensor when the dtypes agree, else into an uninitialised buffer
+// that finish() narrows. Either way nothing is zero-filled.
+template <typename acc>
+struct AccOut {
+  Tensor tensor;
+  std::unique_ptr<acc[]> buffer;
+  acc* data;
+  AccOut(const Tensor& like, ScalarType dtype)
+      : tensor(torch::stable::new_empty(like, like.sizes(), dtype)) {
+    if (dtype == acc_scalar_type<acc>()) {
+      data = tensor.mutable_data_ptr<acc>();
+    } else {
+      buffer.reset(new acc[tensor.numel()]);
+      data = buffer.get();
+    }
+  }
+  Tensor finish() {
+    if (buffer) scatter(data, tensor.numel(), tensor.mutable_data_ptr(), tensor.scalar_type());
+    return tensor;
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Problem geometry shared by forward and backward.
@@ -109,11 +142,12 @@ struct Geometry {
     groups_C = var_C ? C.size(1) : 1;
     seg = std::max<int64_t>(dim / std::lcm(groups_B, groups_C), 1);  // dim == 0: no tasks
     // Enough tasks to keep every thread busy, few enough that the per-task
-    // partial sums of a shared B/C stay small.
+    // partial sums of a shared B/C stay small; whole blocks of W channels
+    // where the segment has them.
     const int64_t want = 4 * static_cast<int64_t>(torch::stable::get_num_threads());
     const int64_t outer = batch * (dim / seg);
     parts = std::clamp<int64_t>(ceil_div(want, std::max<int64_t>(outer, 1)), 1, seg);
-    per_task = ceil_div(seg, parts);
+    per_task = std::min(ceil_div(ceil_div(seg, parts), W) * W, seg);
     parts = ceil_div(seg, per_task);
   }
   // Position p of the processing order is time step t of the tensors.
@@ -129,19 +163,8 @@ struct Task {
     d0 = s * g.seg + part * g.per_task;
     d1 = std::min(d0 + g.per_task, (s + 1) * g.seg);
   }
+  int64_t blocks() const { return ceil_div(d1 - d0, W); }
 };
-
-// Loads the [count][N] slice of a variable B or C (time steps of chunk starting
-// at position p0, in processing order) into dst, or nothing for constant ones.
-template <typename acc>
-void load_chunk_BC(const Tensor& X, bool variable, const Geometry& g, int64_t b, int64_t d,
-                   int64_t groups, int64_t p0, int64_t count, bool reverse, acc* dst) {
-  if (!variable) return;
-  const int64_t grp = d / (g.dim / groups);
-  const int64_t base = ((b * groups + grp) * g.N) * g.L + g.time_of(p0, reverse);
-  for (int64_t n = 0; n < g.N; ++n)
-    gather(at(X, base + n * g.L), X.scalar_type(), reverse ? -1 : 1, count, dst + n, g.N);
-}
 
 // Inputs of one direction of the scan, with A, D, delta_bias already in acc.
 template <typename acc>
@@ -151,95 +174,185 @@ struct Direction {
   bool softplus, reverse;
 };
 
-// Per-task scratch for one row of a chunk.
-template <typename acc>
-struct Rows {
-  std::vector<acc> u, dt, z, raw;  // raw: delta before bias and softplus
-  explicit Rows(int64_t chunk) : u(chunk), dt(chunk), z(chunk), raw(chunk) {}
+// An operand with one [N][W] row per step: a variable B or C (or its
+// gradient) advances by `stride` = N * W per step; a constant one has
+// stride 0, the same row every step.
+template <typename T>
+struct StepRows {
+  T* base;
+  int64_t stride;
+  T* at(int64_t s) const { return base + s * stride; }
 };
 
-// Runs the forward recurrence of channel d over one chunk, starting from and
-// updating `x` (N). Writes y_t into `y`, and when `xs`/`as` are given, every
-// state and every exp(delta A) of the chunk ([count][N]).
+// Loads the chunk of a variable B or C (time steps from position p0, in
+// processing order) into dst as [count][N][W], each value broadcast across
+// the lanes: all channels of a task share it.
 template <typename acc>
-FV_CPU_CLONES void scan_chunk(const Direction<acc>& dir, const Geometry& g, int64_t d, int64_t count,
-                const acc* u, const acc* dt, const acc* Bc, const acc* Cc, acc* x, acc* y,
-                acc* xs, acc* as) {
+void load_chunk_BC(const Tensor& X, const Geometry& g, int64_t b, int64_t d, int64_t groups,
+                   int64_t p0, int64_t count, bool reverse, acc* dst) {
   const int64_t N = g.N;
-  const acc* A = dir.A + d * N;
-  const acc* Bconst = g.var_B ? nullptr : Bc;
-  const acc* Cconst = g.var_C ? nullptr : Cc;
-  for (int64_t s = 0; s < count; ++s) {
-    const acc* Bs = Bconst ? Bconst : Bc + s * N;
-    const acc* Cs = Cconst ? Cconst : Cc + s * N;
-    const acc step = dt[s];
-    const acc step_u = step * u[s];
-    acc ys = 0;
-    if (as) {
-      acc* xo = xs + s * N;
-      acc* ao = as + s * N;
-#pragma omp simd reduction(+ : ys)
-      for (int64_t n = 0; n < N; ++n) {
-        const acc a = exp_fast(step * A[n]);
-        x[n] = a * x[n] + step_u * Bs[n];
-        ys += Cs[n] * x[n];
-        xo[n] = x[n];
-        ao[n] = a;
-      }
-    } else {
-#pragma omp simd reduction(+ : ys)
-      for (int64_t n = 0; n < N; ++n) {
-        x[n] = exp_fast(step * A[n]) * x[n] + step_u * Bs[n];
-        ys += Cs[n] * x[n];
-      }
+  const int64_t grp = d / (g.dim / groups);
+  const int64_t base = ((b * groups + grp) * N) * g.L + g.time_of(p0, reverse);
+  for (int64_t n = 0; n < N; ++n)
+    gather(at(X, base + n * g.L), X.scalar_type(), reverse ? -1 : 1, count, dst + n * W, N * W);
+  for (int64_t i = 0; i < count * N; ++i) std::fill(dst + i * W + 1, dst + (i + 1) * W, dst[i * W]);
+}
+
+// [N][W] lanes to / from `lanes` channel rows of N values, `stride` apart.
+template <typename acc>
+void lanes_to_rows(const acc* src, int64_t N, int64_t lanes, acc* dst, int64_t stride, bool add) {
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t n = 0; n < N; ++n) {
+      acc& o = dst[l * stride + n];
+      o = (add ? o : acc(0)) + src[n * W + l];
     }
-    y[s] = ys;
+}
+template <typename acc>
+void rows_to_lanes(const acc* src, int64_t stride, int64_t N, int64_t lanes, acc* dst) {
+  if (lanes < W) std::fill(dst, dst + N * W, acc(0));
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t n = 0; n < N; ++n) dst[n * W + l] = src[l * stride + n];
+}
+
+// One block of up to W channels over one chunk. Lanes past the block's
+// channels hold zeros (u = 0, A = 0), which keep their states and gradients
+// at exactly zero; they are never stored.
+template <typename acc>
+struct Block {
+  std::vector<acc> A, B, C;        // [N][W]; B, C only when constant
+  std::vector<acc> u, dt, z, y;    // [T][W]; dt: step size (bias and softplus applied)
+  std::vector<acc> dout, dt_grad;  // [T][W], backward only; dt_grad: d dt / d delta
+  acc D[W], bias[W];
+  Block(const Geometry& g, bool backward)
+      : A(g.N * W), B(g.var_B ? 0 : g.N * W), C(g.var_C ? 0 : g.N * W), u(g.chunk * W),
+        dt(g.chunk * W), z(g.chunk * W), y(g.chunk * W), dout(backward ? g.chunk * W : 0),
+        dt_grad(backward ? g.chunk * W : 0) {}
+};
+
+// Loads channels [d, d + lanes) for the chunk at position p0 into `k`; also
+// d out (`dout` non-null) and d dt / d delta for the backward.
+template <typename acc>
+FV_CPU_CLONES_512 void load_block(const Direction<acc>& dir, const Geometry& g, int64_t b, int64_t d,
+                                  int64_t lanes, int64_t p0, int64_t count, const Tensor* dout,
+                                  Block<acc>& k) {
+  const int64_t N = g.N, step = dir.reverse ? -1 : 1;
+  if (lanes < W)
+    for (auto* v : {&k.A, &k.B, &k.C, &k.u, &k.dt, &k.z, &k.dout}) std::fill(v->begin(), v->end(), acc(0));
+  for (int64_t l = 0; l < W; ++l) {
+    const int64_t c = d + l;
+    k.D[l] = l < lanes ? dir.D[c] : acc(0);
+    k.bias[l] = l < lanes ? dir.bias[c] : acc(0);
+    if (l >= lanes) continue;
+    const int64_t row = (b * g.dim + c) * g.L + g.time_of(p0, dir.reverse);
+    gather(at(*dir.u, row), dir.u->scalar_type(), step, count, k.u.data() + l, W);
+    gather(at(*dir.delta, row), dir.delta->scalar_type(), step, count, k.dt.data() + l, W);
+    if (dir.z) gather(at(*dir.z, row), dir.z->scalar_type(), step, count, k.z.data() + l, W);
+    if (dout) gather(at(*dout, row), dout->scalar_type(), step, count, k.dout.data() + l, W);
+    for (int64_t n = 0; n < N; ++n) k.A[n * W + l] = dir.A[c * N + n];
+    if (!g.var_B) gather(at(*dir.B, c * N), dir.B->scalar_type(), 1, N, k.B.data() + l, W);
+    if (!g.var_C) gather(at(*dir.C, c * N), dir.C->scalar_type(), 1, N, k.C.data() + l, W);
+  }
+  for (int64_t s = 0; s < count; ++s) {
+    acc* dt = k.dt.data() + s * W;
+    if (dout) {
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) k.dt_grad[s * W + l] = step_size_grad(dt[l], k.bias[l], dir.softplus);
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) dt[l] = step_size(dt[l], k.bias[l], dir.softplus);
   }
 }
 
-// Loads u, step sizes (bias + softplus applied) and z of channel d for the
-// chunk starting at position p0.
-template <typename acc>
-void load_rows(const Direction<acc>& dir, const Geometry& g, int64_t b, int64_t d, int64_t p0,
-               int64_t count, Rows<acc>& r) {
-  const int64_t row = (b * g.dim + d) * g.L + g.time_of(p0, dir.reverse);
-  const int64_t step = dir.reverse ? -1 : 1;
-  gather(at(*dir.u, row), dir.u->scalar_type(), step, count, r.u.data());
-  gather(at(*dir.delta, row), dir.delta->scalar_type(), step, count, r.dt.data());
-  for (int64_t s = 0; s < count; ++s) r.dt[s] = step_size(r.dt[s], dir.bias[d], dir.softplus);
-  if (dir.z) gather(at(*dir.z, row), dir.z->scalar_type(), step, count, r.z.data());
+// The forward recurrence of one block over `count` steps, from and into the
+// state x ([N][W]); writes y_t = C_t . x_t into k.y. With keep (the
+// backward's recompute), also every state and decay exp(dt A) ([count][N][W]).
+template <typename acc, bool keep>
+FV_CPU_CLONES_512 void scan_block(int64_t N, int64_t count, Block<acc>& k, StepRows<const acc> B,
+                                  StepRows<const acc> C, acc* __restrict x, acc* __restrict xs,
+                                  acc* __restrict as) {
+  // __restrict on what the loop stores: the per-lane step values then stay in
+  // registers across the loop over n instead of being reloaded.
+  const acc* A = k.A.data();
+  for (int64_t s = 0; s < count; ++s) {
+    const acc *Bs = B.at(s), *Cs = C.at(s), *dt = k.dt.data() + s * W;
+    acc su[W], y[W] = {};
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) su[l] = dt[l] * k.u[s * W + l];
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = n * W;
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) {
+        const acc a = exp_fast(dt[l] * A[i + l]);
+        x[i + l] = a * x[i + l] + su[l] * Bs[i + l];
+        y[l] += Cs[i + l] * x[i + l];
+        if constexpr (keep) {
+          xs[s * N * W + i + l] = x[i + l];
+          as[s * N * W + i + l] = a;
+        }
+      }
+    }
+    std::copy(y, y + W, k.y.data() + s * W);
+  }
 }
 
-// The forward pass of one task. `accumulate` adds the gated output to what is
-// in out_acc (the second direction of the bidirectional scan).
+// out = (y + D u) * silu(z) (or without the gate), in place of k.y.
 template <typename acc>
-void forward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, acc* out_acc,
+FV_CPU_CLONES_512 void gate_block(int64_t count, bool has_z, Block<acc>& k) {
+  acc *y = k.y.data(), *u = k.u.data(), *z = k.z.data();
+  for (int64_t s = 0; s < count * W; s += W) {
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) y[s + l] += k.D[l] * u[s + l];
+  }
+  // has_z tested outside the loop: a select between the gated and ungated
+  // value would become a branch, which stops vectorisation.
+  if (has_z) {
+#pragma omp simd
+    for (int64_t i = 0; i < count * W; ++i) y[i] *= silu(z[i]);
+  }
+}
+
+// Writes (or adds) lane l < lanes of a [count][W] block to row dst + l * L,
+// one value per step at spacing `step`.
+template <typename acc>
+void store_rows(const acc* src, int64_t count, int64_t lanes, acc* dst, int64_t L, int64_t step, bool add) {
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t s = 0; s < count; ++s) {
+      acc& o = dst[l * L + s * step];
+      o = (add ? o : acc(0)) + src[s * W + l];
+    }
+}
+
+// The forward pass of one task. `add` adds the gated output to what is in
+// `out` (the second direction of the bidirectional scan). last_state may be null.
+template <typename acc>
+void forward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, acc* out, bool add,
                   acc* states, acc* last_state) {
-  const int64_t N = g.N, T = g.chunk, nd = t.d1 - t.d0;
-  std::vector<acc> x(nd * N, acc(0)), Bc(T * N), Cc(T * N), y(T);
-  Rows<acc> r(T);
+  const int64_t N = g.N, T = g.chunk, nb = t.blocks();
+  std::vector<acc> x(nb * N * W, acc(0)), Bw(g.var_B ? T * N * W : 0), Cw(g.var_C ? T * N * W : 0);
+  Block<acc> k(g, false);
+  const StepRows<const acc> B{g.var_B ? Bw.data() : k.B.data(), g.var_B ? N * W : 0};
+  const StepRows<const acc> C{g.var_C ? Cw.data() : k.C.data(), g.var_C ? N * W : 0};
   for (int64_t c = 0; c < g.nchunks; ++c) {
     const int64_t p0 = c * T, count = std::min(T, g.L - p0);
-    load_chunk_BC(*dir.B, g.var_B, g, t.b, t.d0, g.groups_B, p0, count, dir.reverse, Bc.data());
-    load_chunk_BC(*dir.C, g.var_C, g, t.b, t.d0, g.groups_C, p0, count, dir.reverse, Cc.data());
-    for (int64_t d = t.d0; d < t.d1; ++d) {
-      if (!g.var_B) gather(at(*dir.B, d * N), dir.B->scalar_type(), 1, N, Bc.data());
-      if (!g.var_C) gather(at(*dir.C, d * N), dir.C->scalar_type(), 1, N, Cc.data());
-      load_rows(dir, g, t.b, d, p0, count, r);
-      acc* xd = x.data() + (d - t.d0) * N;
-      scan_chunk(dir, g, d, count, r.u.data(), r.dt.data(), Bc.data(), Cc.data(), xd, y.data(),
-                 static_cast<acc*>(nullptr), static_cast<acc*>(nullptr));
-      acc* o = out_acc + (t.b * g.dim + d) * g.L;
-      for (int64_t s = 0; s < count; ++s) {
-        const acc pre = y[s] + dir.D[d] * r.u[s];
-        o[g.time_of(p0 + s, dir.reverse)] += dir.z ? pre * silu(r.z[s]) : pre;
-      }
-      std::copy(xd, xd + N, states + ((t.b * g.dim + d) * g.nchunks + c) * N);
+    if (g.var_B) load_chunk_BC(*dir.B, g, t.b, t.d0, g.groups_B, p0, count, dir.reverse, Bw.data());
+    if (g.var_C) load_chunk_BC(*dir.C, g, t.b, t.d0, g.groups_C, p0, count, dir.reverse, Cw.data());
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t d = t.d0 + blk * W, lanes = std::min(W, t.d1 - d), bd = t.b * g.dim + d;
+      load_block(dir, g, t.b, d, lanes, p0, count, nullptr, k);
+      acc* xb = x.data() + blk * N * W;
+      scan_block<acc, false>(N, count, k, B, C, xb, nullptr, nullptr);
+      gate_block(count, dir.z != nullptr, k);
+      store_rows(k.y.data(), count, lanes, out + bd * g.L + g.time_of(p0, dir.reverse), g.L,
+                 dir.reverse ? -1 : 1, add);
+      lanes_to_rows(xb, N, lanes, states + (bd * g.nchunks + c) * N, g.nchunks * N, false);
     }
   }
-  for (int64_t d = t.d0; d < t.d1; ++d)
-    std::copy(x.data() + (d - t.d0) * N, x.data() + (d - t.d0 + 1) * N,
-              last_state + (t.b * g.dim + d) * N);
+  if (last_state)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t d = t.d0 + blk * W;
+      lanes_to_rows(x.data() + blk * N * W, N, std::min(W, t.d1 - d), last_state + (t.b * g.dim + d) * N,
+                    N, false);
+    }
 }
 
 ScalarType acc_dtype(const Tensor& u) {
@@ -266,28 +379,20 @@ void check_inputs(const Tensor& u, const Tensor& A, const Tensor& D, const Tenso
            "selective_scan: A must be a contiguous (dim, N) tensor");
 }
 
-// Writes the acc-typed buffer into a new tensor of u's dtype.
-template <typename acc>
-Tensor narrow_to(const Tensor& like, const std::vector<acc>& src, ScalarType dtype) {
-  Tensor out = torch::stable::new_empty(like, like.sizes(), dtype);
-  scatter(src.data(), static_cast<int64_t>(src.size()), out.mutable_data_ptr(), dtype, 1);
-  return out;
-}
-
 template <typename acc>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Direction<acc>& dir, const Tensor& u,
                                                 const Tensor& A, const Tensor& B, const Tensor& C,
                                                 int64_t chunk_len) {
   const Geometry g(u, A, B, C, chunk_len);
-  std::vector<acc> out(g.batch * g.dim * g.L, acc(0));
+  AccOut<acc> out(u, u.scalar_type());
   Tensor states = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
   Tensor last = torch::stable::new_empty(u, {g.batch, g.dim, g.N}, acc_dtype(u));
   acc* st = states.mutable_data_ptr<acc>();
   acc* ls = last.mutable_data_ptr<acc>();
   torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t id = begin; id < end; ++id) forward_task(dir, g, Task(g, id), out.data(), st, ls);
+    for (int64_t id = begin; id < end; ++id) forward_task(dir, g, Task(g, id), out.data, false, st, ls);
   });
-  return {narrow_to(u, out, u.scalar_type()), last, states};
+  return {out.finish(), last, states};
 }
 
 // ---------------------------------------------------------------------------
@@ -295,124 +400,175 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Direction<acc>& dir, const
 
 template <typename acc>
 struct Grads {
-  // Per (batch, channel) partial sums, reduced over batch at the end.
-  std::vector<acc> dA, dD, dbias, dB_const, dC_const;
+  acc *du, *ddelta, *dz;  // (batch, dim, L); dz null without z
   // Per task partial sums of variable B / C, [task][N][L], reduced over the
   // tasks of a group at the end.
-  std::vector<acc> dB_var, dC_var;
-  std::vector<acc> du, ddelta, dz;
+  acc *dB_var, *dC_var;
+  // Per (batch, channel) partial sums, reduced over batch at the end.
+  std::vector<acc> dA, dD, dbias, dB_const, dC_const;
 };
 
-// The backward pass of one task: chunks in reverse processing order, each
-// recomputed from its checkpoint, the adjoint of the state carried across.
+// Per-task scratch of the backward for one block over one chunk.
 template <typename acc>
-FV_CPU_CLONES void backward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, int64_t task_id,
-                   const Tensor& dout, const acc* dlast, const acc* states, Grads<acc>& gr) {
-  const int64_t N = g.N, T = g.chunk, nd = t.d1 - t.d0;
-  std::vector<acc> carry(nd * N, acc(0));  // adjoint flowing into x_t from step t+1
-  if (dlast)
-    for (int64_t d = t.d0; d < t.d1; ++d)
-      std::copy(dlast + (t.b * g.dim + d) * N, dlast + (t.b * g.dim + d + 1) * N,
-                carry.data() + (d - t.d0) * N);
-  std::vector<acc> Bc(T * N), Cc(T * N), dBc(T * N), dCc(T * N), xs(T * N), as(T * N), x(N), y(T),
-      go(T), ddt(T), du(T), dz(T);
-  Rows<acc> r(T);
-  for (int64_t c = g.nchunks - 1; c >= 0; --c) {
-    const int64_t p0 = c * T, count = std::min(T, g.L - p0);
-    load_chunk_BC(*dir.B, g.var_B, g, t.b, t.d0, g.groups_B, p0, count, dir.reverse, Bc.data());
-    load_chunk_BC(*dir.C, g.var_C, g, t.b, t.d0, g.groups_C, p0, count, dir.reverse, Cc.data());
-    std::fill(dBc.begin(), dBc.end(), acc(0));
-    std::fill(dCc.begin(), dCc.end(), acc(0));
-    for (int64_t d = t.d0; d < t.d1; ++d) {
-      const int64_t bd = t.b * g.dim + d;
-      if (!g.var_B) gather(at(*dir.B, d * N), dir.B->scalar_type(), 1, N, Bc.data());
-      if (!g.var_C) gather(at(*dir.C, d * N), dir.C->scalar_type(), 1, N, Cc.data());
-      load_rows(dir, g, t.b, d, p0, count, r);
-      gather(at(dout, bd * g.L + g.time_of(p0, dir.reverse)), dout.scalar_type(),
-             dir.reverse ? -1 : 1, count, go.data());
-      if (c > 0)
-        std::copy(states + (bd * g.nchunks + c - 1) * N, states + (bd * g.nchunks + c) * N, x.begin());
-      else
-        std::fill(x.begin(), x.end(), acc(0));
-      scan_chunk(dir, g, d, count, r.u.data(), r.dt.data(), Bc.data(), Cc.data(), x.data(), y.data(),
-                 xs.data(), as.data());
+struct BlockGrads {
+  std::vector<acc> xs, as;           // [T][N][W] recomputed states and decays
+  std::vector<acc> dy, dz, du, ddt;  // [T][W]; dy: d y_t, ddt: d delta
+  std::vector<acc> dA;               // [N][W]
+  acc dD[W], dbias[W];
+  explicit BlockGrads(const Geometry& g)
+      : xs(g.chunk * g.N * W), as(g.chunk * g.N * W), dy(g.chunk * W), dz(g.chunk * W),
+        du(g.chunk * W), ddt(g.chunk * W), dA(g.N * W) {}
+};
 
-      const acc* A = dir.A + d * N;
-      const acc Dd = dir.D[d];
-      acc* k = carry.data() + (d - t.d0) * N;
-      acc* dA = gr.dA.data() + bd * N;
-      acc* dBd = g.var_B ? nullptr : gr.dB_const.data() + bd * N;
-      acc* dCd = g.var_C ? nullptr : gr.dC_const.data() + bd * N;
-      acc dD = 0;
-      for (int64_t s = count - 1; s >= 0; --s) {
-        const acc uu = r.u[s], step = r.dt[s], step_u = step * uu;
-        acc dy = go[s];
-        if (dir.z) {
-          const acc pre = y[s] + Dd * uu;
-          dz[s] = go[s] * pre * silu_grad(r.z[s]);
-          dy = go[s] * silu(r.z[s]);
-        }
-        dD += dy * uu;
-        const acc* Bs = g.var_B ? Bc.data() + s * N : Bc.data();
-        const acc* Cs = g.var_C ? Cc.data() + s * N : Cc.data();
-        acc* dBs = g.var_B ? dBc.data() + s * N : dBd;
-        acc* dCs = g.var_C ? dCc.data() + s * N : dCd;
-        const acc* xt = xs.data() + s * N;
-        const acc* at_ = as.data() + s * N;
-        acc dstep = 0, du_s = dy * Dd;
-#pragma omp simd reduction(+ : dstep, du_s)
-        for (int64_t n = 0; n < N; ++n) {
-          const acc h = dy * Cs[n] + k[n];           // adjoint of x_t
-          const acc x_decayed = xt[n] - step_u * Bs[n];  // exp(delta_t A) x_{t-1}
-          dCs[n] += dy * xt[n];
-          dstep += h * (A[n] * x_decayed + Bs[n] * uu);
-          dA[n] += h * step * x_decayed;
-          dBs[n] += h * step_u;
-          du_s += h * step * Bs[n];
-          k[n] = h * at_[n];                          // flows into x_{t-1}
-        }
-        du[s] = du_s;
-        ddt[s] = dstep;  // w.r.t. the step after softplus; chained below
-      }
-      // Step-size gradient through bias + softplus, needing the raw delta.
-      const int64_t row = bd * g.L + g.time_of(p0, dir.reverse);
-      const int64_t dirstep = dir.reverse ? -1 : 1;
-      gather(at(*dir.delta, row), dir.delta->scalar_type(), dirstep, count, r.raw.data());
-      acc dbias = 0;
-      for (int64_t s = 0; s < count; ++s) {
-        ddt[s] *= step_size_grad(r.raw[s], dir.bias[d], dir.softplus);
-        dbias += ddt[s];
-      }
-      gr.dD[bd] += dD;
-      gr.dbias[bd] += dbias;
-      for (int64_t s = 0; s < count; ++s) {
-        const int64_t ti = bd * g.L + g.time_of(p0 + s, dir.reverse);
-        gr.du[ti] = du[s];
-        gr.ddelta[ti] = ddt[s];
-        if (dir.z) gr.dz[ti] += dz[s];
-      }
-    }
-    // This task's share of a variable B / C for the chunk, stored [N][L].
-    for (int64_t s = 0; s < count; ++s) {
-      const int64_t ti = g.time_of(p0 + s, dir.reverse);
-      for (int64_t n = 0; n < N; ++n) {
-        if (g.var_B) gr.dB_var[(task_id * N + n) * g.L + ti] = dBc[s * N + n];
-        if (g.var_C) gr.dC_var[(task_id * N + n) * g.L + ti] = dCc[s * N + n];
-      }
+// d y_t and d z_t of a block from d out_t, through the gate.
+template <typename acc>
+FV_CPU_CLONES_512 void gate_block_grad(int64_t count, bool has_z, const Block<acc>& k,
+                                       BlockGrads<acc>& r) {
+  const acc *go = k.dout.data(), *y = k.y.data(), *u = k.u.data(), *z = k.z.data();
+  acc *dy = r.dy.data(), *dz = r.dz.data();
+  if (!has_z) {
+    std::copy(go, go + count * W, dy);
+    return;
+  }
+  for (int64_t s = 0; s < count * W; s += W) {
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      const int64_t i = s + l;
+      const acc pre = y[i] + k.D[l] * u[i];
+      dz[i] = go[i] * pre * silu_grad(z[i]);
+      dy[i] = go[i] * silu(z[i]);
     }
   }
 }
 
-// Sums per-task partials [batch][segments][parts][N][L] into the (batch, G, N, L)
-// gradient of a variable B or C: each group is a run of consecutive segments.
+// The adjoint recurrence of one block over a chunk, steps in reverse. `carry`
+// ([N][W]) is the adjoint flowing into x_t from step t+1; the dB / dC rows
+// are accumulated (per step for a variable B/C, one row for a constant one).
 template <typename acc>
-Tensor reduce_var(const Tensor& like, const std::vector<acc>& part, const Geometry& g, int64_t groups) {
+FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>& k,
+                                      StepRows<const acc> B, StepRows<const acc> C, acc* carry,
+                                      StepRows<acc> dB, StepRows<acc> dC, BlockGrads<acc>& r) {
+  const acc* A = k.A.data();
+  acc* dA = r.dA.data();
+  std::fill(r.dA.begin(), r.dA.end(), acc(0));
+  std::fill(r.dD, r.dD + W, acc(0));
+  std::fill(r.dbias, r.dbias + W, acc(0));
+  for (int64_t s = count - 1; s >= 0; --s) {
+    const acc *Bs = B.at(s), *Cs = C.at(s), *xt = r.xs.data() + s * N * W, *at_ = r.as.data() + s * N * W;
+    const acc *dt = k.dt.data() + s * W, *u = k.u.data() + s * W, *dy = r.dy.data() + s * W;
+    acc *dBs = dB.at(s), *dCs = dC.at(s);
+    acc su[W], hB[W] = {}, hAx[W] = {};  // sum_n h B, sum_n h A x_decayed
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) su[l] = dt[l] * u[l];
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = n * W;
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) {
+        const acc h = dy[l] * Cs[i + l] + carry[i + l];        // adjoint of x_t
+        const acc hx = h * (xt[i + l] - su[l] * Bs[i + l]);    // h * exp(dt A) x_{t-1}
+        dCs[i + l] += dy[l] * xt[i + l];
+        dBs[i + l] += h * su[l];
+        dA[i + l] += dt[l] * hx;
+        hAx[l] += A[i + l] * hx;
+        hB[l] += h * Bs[i + l];
+        carry[i + l] = h * at_[i + l];                          // flows into x_{t-1}
+      }
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      r.du[s * W + l] = dt[l] * hB[l] + dy[l] * k.D[l];
+      // d delta through bias + softplus.
+      const acc ddt = (hAx[l] + u[l] * hB[l]) * k.dt_grad[s * W + l];
+      r.ddt[s * W + l] = ddt;
+      r.dbias[l] += ddt;
+      r.dD[l] += dy[l] * u[l];
+    }
+  }
+}
+
+// dst[n * L + s * step] = sum over lanes of src[s][n][:], for s < count.
+template <typename acc>
+FV_CPU_CLONES_512 void sum_lanes(const acc* src, int64_t count, int64_t N, acc* dst, int64_t L,
+                                 int64_t step) {
+  for (int64_t s = 0; s < count; ++s)
+    for (int64_t n = 0; n < N; ++n) {
+      acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t l = 0; l < W; ++l) sum += src[(s * N + n) * W + l];
+      dst[n * L + s * step] = sum;
+    }
+}
+
+// The backward pass of one task: chunks in reverse processing order, each
+// block recomputed from its checkpoint, the adjoint of the state carried across.
+template <typename acc>
+void backward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, int64_t task_id,
+                   const Tensor& dout, const acc* dlast, const acc* states, Grads<acc>& gr) {
+  const int64_t N = g.N, T = g.chunk, nb = t.blocks(), NW = N * W;
+  std::vector<acc> carry(nb * NW, acc(0));  // per block, across chunks: [block][N][W]
+  if (dlast)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t d = t.d0 + blk * W;
+      rows_to_lanes(dlast + (t.b * g.dim + d) * N, N, N, std::min(W, t.d1 - d), carry.data() + blk * NW);
+    }
+  std::vector<acc> Bw(g.var_B ? T * NW : 0), Cw(g.var_C ? T * NW : 0), x(NW);
+  // Gradients of B / C: per-lane partials, for the chunk when variable (summed
+  // over lanes once per chunk), for the block when constant.
+  std::vector<acc> dBw(g.var_B ? T * NW : NW), dCw(g.var_C ? T * NW : NW);
+  const StepRows<acc> dB{dBw.data(), g.var_B ? NW : 0}, dC{dCw.data(), g.var_C ? NW : 0};
+  Block<acc> k(g, true);
+  BlockGrads<acc> r(g);
+  const StepRows<const acc> B{g.var_B ? Bw.data() : k.B.data(), g.var_B ? NW : 0};
+  const StepRows<const acc> C{g.var_C ? Cw.data() : k.C.data(), g.var_C ? NW : 0};
+  const int64_t step = dir.reverse ? -1 : 1;
+  for (int64_t c = g.nchunks - 1; c >= 0; --c) {
+    const int64_t p0 = c * T, count = std::min(T, g.L - p0);
+    if (g.var_B) load_chunk_BC(*dir.B, g, t.b, t.d0, g.groups_B, p0, count, dir.reverse, Bw.data());
+    if (g.var_C) load_chunk_BC(*dir.C, g, t.b, t.d0, g.groups_C, p0, count, dir.reverse, Cw.data());
+    if (g.var_B) std::fill(dBw.begin(), dBw.end(), acc(0));
+    if (g.var_C) std::fill(dCw.begin(), dCw.end(), acc(0));
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t d = t.d0 + blk * W, lanes = std::min(W, t.d1 - d), bd = t.b * g.dim + d;
+      load_block(dir, g, t.b, d, lanes, p0, count, &dout, k);
+      if (c > 0)
+        rows_to_lanes(states + (bd * g.nchunks + c - 1) * N, g.nchunks * N, N, lanes, x.data());
+      else
+        std::fill(x.begin(), x.end(), acc(0));
+      scan_block<acc, true>(N, count, k, B, C, x.data(), r.xs.data(), r.as.data());
+      gate_block_grad(count, dir.z != nullptr, k, r);
+      if (!g.var_B) std::fill(dBw.begin(), dBw.end(), acc(0));
+      if (!g.var_C) std::fill(dCw.begin(), dCw.end(), acc(0));
+      backward_block(N, count, k, B, C, carry.data() + blk * NW, dB, dC, r);
+
+      const int64_t row = bd * g.L + g.time_of(p0, dir.reverse);
+      store_rows(r.du.data(), count, lanes, gr.du + row, g.L, step, false);
+      store_rows(r.ddt.data(), count, lanes, gr.ddelta + row, g.L, step, false);
+      if (gr.dz) store_rows(r.dz.data(), count, lanes, gr.dz + row, g.L, step, false);
+      lanes_to_rows(r.dA.data(), N, lanes, gr.dA.data() + bd * N, N, true);
+      if (!g.var_B) lanes_to_rows(dBw.data(), N, lanes, gr.dB_const.data() + bd * N, N, true);
+      if (!g.var_C) lanes_to_rows(dCw.data(), N, lanes, gr.dC_const.data() + bd * N, N, true);
+      for (int64_t l = 0; l < lanes; ++l) {
+        gr.dD[bd + l] += r.dD[l];
+        gr.dbias[bd + l] += r.dbias[l];
+      }
+    }
+    // This task's share of a variable B / C for the chunk, stored [N][L].
+    const int64_t t0 = g.time_of(p0, dir.reverse);
+    if (g.var_B) sum_lanes(dBw.data(), count, N, gr.dB_var + task_id * N * g.L + t0, g.L, step);
+    if (g.var_C) sum_lanes(dCw.data(), count, N, gr.dC_var + task_id * N * g.L + t0, g.L, step);
+  }
+}
+
+// Per-task partials [batch][segments][parts][N][L] of a variable B or C,
+// written by the tasks; reduce_var sums them into the (batch, G, N, L)
+// gradient (each group is a run of consecutive segments).
+Tensor var_partials(const Tensor& like, const Geometry& g, int64_t groups, ScalarType acc) {
   const int64_t per_group = g.tasks() / std::max<int64_t>(g.batch * groups, 1);  // 0 for batch 0
-  Tensor full = torch::stable::new_empty(like, {g.batch, groups, per_group, g.N, g.L},
-                                         sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float);
-  std::copy(part.begin(), part.end(), full.mutable_data_ptr<acc>());
+  return torch::stable::new_empty(like, {g.batch, groups, per_group, g.N, g.L}, acc);
+}
+Tensor reduce_var(const Tensor& like, const Tensor& partials) {
   std::vector<int64_t> dims{2};
-  return torch::stable::to(torch::stable::sum(full, dims), like.scalar_type());
+  return torch::stable::to(torch::stable::sum(partials, dims), like.scalar_type());
 }
 
 // Sums per-(batch, channel) partials over batch into a tensor of shape `shape`.
@@ -421,7 +577,7 @@ Tensor reduce_batch(const Tensor& like, const std::vector<acc>& part, int64_t ba
                     std::vector<int64_t> shape, ScalarType dtype) {
   std::vector<int64_t> full_shape{batch};
   full_shape.insert(full_shape.end(), shape.begin(), shape.end());
-  Tensor full = torch::stable::new_empty(like, full_shape, sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float);
+  Tensor full = torch::stable::new_empty(like, full_shape, acc_scalar_type<acc>());
   std::copy(part.begin(), part.end(), full.mutable_data_ptr<acc>());
   std::vector<int64_t> dims{0};
   return torch::stable::to(torch::stable::sum(full, dims), dtype);
@@ -437,18 +593,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                chunk_states.scalar_type() == acc_dtype(u),
            "selective_scan_bwd: chunk_states does not match the forward's chunking");
   FV_CHECK(dout.is_contiguous(), "selective_scan_bwd: dout must be contiguous");
-  const int64_t BD = g.batch * g.dim, BDL = BD * g.L;
-  Grads<acc> gr;
+  const ScalarType a = acc_dtype(u);
+  const int64_t BD = g.batch * g.dim;
+  AccOut<acc> du(u, u.scalar_type()), ddelta(u, dir.delta->scalar_type());
+  std::optional<AccOut<acc>> dz;
+  if (dir.z) dz.emplace(*dir.z, dir.z->scalar_type());
+  Tensor dB_part = g.var_B ? var_partials(B, g, g.groups_B, a) : Tensor();
+  Tensor dC_part = g.var_C ? var_partials(C, g, g.groups_C, a) : Tensor();
+  Grads<acc> gr{du.data, ddelta.data, dz ? dz->data : nullptr,
+                g.var_B ? dB_part.mutable_data_ptr<acc>() : nullptr,
+                g.var_C ? dC_part.mutable_data_ptr<acc>() : nullptr};
   gr.dA.assign(BD * g.N, 0);
   gr.dD.assign(BD, 0);
   gr.dbias.assign(BD, 0);
   if (!g.var_B) gr.dB_const.assign(BD * g.N, 0);
   if (!g.var_C) gr.dC_const.assign(BD * g.N, 0);
-  if (g.var_B) gr.dB_var.assign(g.tasks() * g.N * g.L, 0);
-  if (g.var_C) gr.dC_var.assign(g.tasks() * g.N * g.L, 0);
-  gr.du.assign(BDL, 0);
-  gr.ddelta.assign(BDL, 0);
-  if (dir.z) gr.dz.assign(BDL, 0);
   const acc* dlast = nullptr;
   if (dlast_state.has_value()) {
     FV_CHECK(dlast_state->is_contiguous() && dlast_state->scalar_type() == acc_dtype(u),
@@ -459,19 +618,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t id = begin; id < end; ++id) backward_task(dir, g, Task(g, id), id, dout, dlast, st, gr);
   });
-  const ScalarType a = acc_dtype(u);
-  Tensor du = narrow_to(u, gr.du, u.scalar_type());
-  Tensor ddelta = narrow_to(u, gr.ddelta, dir.delta->scalar_type());
-  Tensor dz = dir.z ? narrow_to(*dir.z, gr.dz, dir.z->scalar_type())
-                    : torch::stable::new_empty(u, {0}, u.scalar_type());
   Tensor dA = reduce_batch(u, gr.dA, g.batch, {g.dim, g.N}, a);
   Tensor dD = reduce_batch(u, gr.dD, g.batch, {g.dim}, a);
   Tensor dbias = reduce_batch(u, gr.dbias, g.batch, {g.dim}, a);
-  Tensor dB = g.var_B ? reduce_var(B, gr.dB_var, g, g.groups_B)
+  Tensor dB = g.var_B ? reduce_var(B, dB_part)
                       : reduce_batch(u, gr.dB_const, g.batch, {g.dim, g.N}, B.scalar_type());
-  Tensor dC = g.var_C ? reduce_var(C, gr.dC_var, g, g.groups_C)
+  Tensor dC = g.var_C ? reduce_var(C, dC_part)
                       : reduce_batch(u, gr.dC_const, g.batch, {g.dim, g.N}, C.scalar_type());
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+  Tensor dz_out = dz ? dz->finish() : torch::stable::new_empty(u, {0}, u.scalar_type());
+  return {du.finish(), ddelta.finish(), dA, dB, dC, dD, dz_out, dbias};
 }
 
 // ---------------------------------------------------------------------------
@@ -503,20 +658,19 @@ std::tuple<Tensor, Tensor, Tensor> bi_selective_scan_fwd_cpu(
     auto f = make_direction<acc>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, false);
     auto r = make_direction<acc>(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, delta_softplus, true);
     const Geometry g(u, A, B, C, chunk_len);
-    std::vector<acc> out(g.batch * g.dim * g.L, acc(0));
+    AccOut<acc> out(u, u.scalar_type());
     Tensor st_f = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
     Tensor st_r = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
-    std::vector<acc> last(g.batch * g.dim * g.N);
     // One pass over the tasks runs both directions, so each task's output
     // rows stay in cache between them.
     torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t id = begin; id < end; ++id) {
         const Task t(g, id);
-        forward_task(f, g, t, out.data(), st_f.mutable_data_ptr<acc>(), last.data());
-        forward_task(r, g, t, out.data(), st_r.mutable_data_ptr<acc>(), last.data());
+        forward_task(f, g, t, out.data, false, st_f.mutable_data_ptr<acc>(), static_cast<acc*>(nullptr));
+        forward_task(r, g, t, out.data, true, st_r.mutable_data_ptr<acc>(), static_cast<acc*>(nullptr));
       }
     });
-    return std::make_tuple(narrow_to(u, out, u.scalar_type()), st_f, st_r);
+    return std::make_tuple(out.finish(), st_f, st_r);
   };
   if (u.scalar_type() == ScalarType::Double) return run(double{});
   return run(float{});

@@ -26,3 +26,37 @@ def check_same_device(**tensors) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device; got {listing}")
+
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def check_backend(backend: str, device: torch.device, cuda_cpp: bool, cuda_cpp_missing: str) -> str:
+    """Resolves `backend` for tensors on `device` to 'dispatch' (the registered
+    op: CPU C++, or on CUDA the CUDA C++ kernel if loaded, else Triton),
+    'triton' (the Triton kernels directly) or 'reference', or raises a clear
+    error when it cannot run there. `cuda_cpp` says whether the op has a
+    CUDA C++ kernel; `cuda_cpp_missing` is the error's reason when not.
+    """
+    import os
+
+    from .. import _extension
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        return "reference" if device.type not in ("cpu", "cuda") else "dispatch"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors; got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors; got tensors on {device}")
+        if not cuda_cpp:
+            raise RuntimeError(f"backend='cuda': {cuda_cpp_missing}; use backend='triton' or 'auto'")
+    if backend == "triton":
+        if not _extension.triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' on CPU tensors runs only under the Triton interpreter: "
+                             "set TRITON_INTERPRET=1 before importing triton")
+    return "dispatch" if backend in ("cpu", "cuda") else backend

@@ -9,18 +9,16 @@ the Triton kernels to the CUDA device, and picks the backend.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from .. import _extension
 from ..reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
-from ._checks import check_same_device, check_tensor
+from ._checks import check_backend, check_same_device, check_tensor
 
 __all__ = ["selective_scan", "bi_selective_scan", "scan_chunk_len"]
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 MAX_TRITON_STATE = 256  # d_state limit of the Triton kernels (the anchor's too)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -112,28 +110,12 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, suffix: str = "") -> _Scan:
 
 
 def _check_backend(backend: str, device: torch.device, d_state: int) -> str:
-    """Resolves 'auto' and rejects a backend that cannot run on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        return "reference" if device.type not in ("cpu", "cuda") else "dispatch"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors; got tensors on {device}")
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors; got tensors on {device}")
-        if not _extension.CUDA_LOADED:
-            raise RuntimeError("backend='cuda': fastvision was built without its CUDA C++ kernels "
-                               f"({_extension.CUDA_ERROR or 'no nvcc at build time'}); use backend='triton'")
-    if backend == "triton":
-        if not _extension.triton_available():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors runs only under the Triton interpreter: "
-                             "set TRITON_INTERPRET=1 before importing triton")
-        if d_state > MAX_TRITON_STATE:
-            raise ValueError(f"backend='triton' supports d_state N <= {MAX_TRITON_STATE}; got N={d_state}")
-    return "dispatch" if backend in ("cpu", "cuda") else backend
+    missing = ("fastvision was built without its CUDA C++ kernels "
+               f"({_extension.CUDA_ERROR or 'no nvcc at build time'})")
+    path = check_backend(backend, device, _extension.CUDA_LOADED, missing)
+    if path == "triton" and d_state > MAX_TRITON_STATE:
+        raise ValueError(f"backend='triton' supports d_state N <= {MAX_TRITON_STATE}; got N={d_state}")
+    return path
 
 
 # --------------------------------------------------------------------------
