@@ -31,6 +31,23 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "Tensor? z, Tensor delta_bias, Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, "
       "Tensor C_b, Tensor D_b, Tensor delta_bias_b, bool delta_softplus, int chunk_len) "
       "-> (Tensor out, Tensor chunk_states, Tensor chunk_states_b)");
+
+  // ---- neighborhood attention (NA / dilated NA; NAT, DiNAT) -----------------
+  // Layout heads-last, as NATTEN: query (batch, *spatial, heads, D) with 1-3
+  // spatial axes, key (batch, *spatial, kv_heads, D), value (batch, *spatial,
+  // kv_heads, Dv), kv_heads dividing heads; all contiguous. kernel_size,
+  // dilation, stride, is_causal: one entry per spatial axis (window rule in
+  // csrc/neighborhood/neighborhood.h). rpb (heads, 2k0-1[, 2k1-1[, 2k2-1]])
+  // or None; only with stride 1 and no causal axis. lse (batch, *spatial,
+  // heads) is float32 (float64 for float64 inputs); dlse None when lse has
+  // no gradient; drpb is an empty tensor when rpb is None.
+  m.def(
+      "na_fwd(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, "
+      "int[] dilation, int[] stride, bool[] is_causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "na_bwd(Tensor dout, Tensor? dlse, Tensor query, Tensor key, Tensor value, Tensor? rpb, "
+      "Tensor out, Tensor lse, int[] kernel_size, int[] dilation, int[] stride, bool[] is_causal, "
+      "float scale) -> (Tensor dquery, Tensor dkey, Tensor dvalue, Tensor drpb)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

@@ -3,3 +3,11 @@
 from fastvision.models.vim import VisionMamba, vim_base, vim_small, vim_tiny
 
 __all__ = ["VisionMamba", "vim_tiny", "vim_small", "vim_base"]
+
+from fastvision.models.nat import (
+    NAT, DiNAT, dinat_base, dinat_large, dinat_mini, dinat_small, dinat_tiny,
+    nat_base, nat_mini, nat_small, nat_tiny,
+)
+
+__all__ += ["NAT", "DiNAT", "nat_mini", "nat_tiny", "nat_small", "nat_base",
+            "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]

@@ -4,3 +4,11 @@ from .mamba import Mamba, RMSNorm
 from .selective_scan import bi_selective_scan, scan_chunk_len, selective_scan
 
 __all__ = ["selective_scan", "bi_selective_scan", "scan_chunk_len", "Mamba", "RMSNorm"]
+
+from .neighborhood import na1d, na2d, na3d
+
+__all__ += ["na1d", "na2d", "na3d"]
+
+from .neighborhood_layers import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+
+__all__ += ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]

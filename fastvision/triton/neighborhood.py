@@ -1,0 +1,682 @@
+"""Triton kernels for neighborhood attention (NA) and dilated NA, 1-D to 3-D.
+
+Layout is NATTEN's, heads last: query (B, *spatial, H, D), key (B, *spatial,
+Hkv, D), value (B, *spatial, Hkv, Dv); query head h reads kv head
+h // (H // Hkv). Each query attends to the keys of its window, the product of
+per-axis windows given by NATTEN's rule (``_window`` below; the oracle is
+``fastvision.reference.neighborhood``).
+
+Everything is written for three spatial axes; fewer axes are leading axes of
+length 1 (window 1, dilation 1), and the ``NDIM`` constexpr drops their masks.
+
+Tiling and dilation
+    A query tile is a TQ0 x TQ1 x TQ2 box of one dilation group, in group
+    coordinates: per axis, group g holds the positions g, g + d, g + 2d, ...
+    and group coordinate c is position c * d + g. Tiles index memory with
+    this arithmetic directly, so dilation needs no permutation copy. The
+    window rule runs in group coordinates on the group's length
+    L // d + (g < L % d). Window start and end are non-decreasing in the query
+    index, so per axis the union of a tile's windows lies in
+    [start(first query), end(last query)); that box is the tile's key region,
+    walked in TK0 x TK1 x TK2 key blocks. Masks come from the rule: key c is
+    attended by query i iff start(i) <= c < end(i) on every axis.
+
+Forward
+    Flash-style online softmax in base 2 over the key blocks of the region,
+    QK^T and PV with tl.dot (head dims padded to a power of two >= 16 with
+    masks; Dv may differ from D). Writes out and the float32 logsumexp.
+
+Backward (recomputes P from out and lse; no k^d-sized tensor is stored)
+    ``_na_bwd_pre_kernel``: Dm_i = rowsum(dout_i * out_i) - dlse_i, so that
+    dS = P * (dP - Dm) covers both out's and lse's gradients.
+    ``_na_bwd_dq_kernel``: over query tiles, like the forward; dq = scale dS K.
+    drpb is accumulated there with atomic adds into a float32 buffer of
+    partials, one (H, R) table per batch element (summed by the launcher).
+    ``_na_bwd_dkdv_kernel``: over key tiles of one kv head. The queries whose
+    windows meet a key tile form, per axis, the range [first i with
+    end(i) > first key, first i with start(i) > last key), found by binary
+    search on the (monotone) rule; the program walks that region in query
+    blocks for every query head of its GQA group and owns its dk/dv rows, so
+    no atomics are needed for dk/dv.
+
+Runs on CPU tensors under TRITON_INTERPRET=1 as well; nothing newer than
+triton 3.6 is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["na_fwd", "na_bwd"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------
+# Device helpers: the window rule and tile set-up
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_len(L, dil, g):
+    """Length of dilation group g on an axis of length L."""
+    return L // dil + (g < L % dil).to(tl.int32)
+
+
+@triton.jit
+def _window(i, L, k, s, CAUSAL: tl.constexpr):
+    """[start, end) of query i's window in group coordinates, group length L.
+
+    NATTEN's rule: left = k // 2, right = k // 2 + k % 2 - 1. Non-causal: the
+    window of the stride group's leader, full size k, shifted inward at the
+    borders. Causal: from the leader's start up to the query itself.
+    """
+    left = k // 2
+    right = k // 2 + k % 2 - 1
+    base = (i // s) * s
+    if CAUSAL:
+        leader = tl.minimum(base + s - 1, L - 1)
+        start = tl.maximum(leader - left - right, 0)
+        end = tl.minimum(i + 1, L)
+    else:
+        leader = tl.minimum(base + s // 2, L - 1)
+        start = tl.maximum(leader - left, 0) + tl.where(leader + right >= L, L - right - leader - 1, 0)
+        end = start + k
+    return start, end
+
+
+@triton.jit
+def _query_axis(t, g, L, dil, k, s, local, TQ: tl.constexpr, CAUSAL: tl.constexpr):
+    """One axis of a query tile: tile t of group g, rows at ``local``.
+
+    Returns the rows' group coordinates, validity and window [ws, we), and
+    the tile's key region [ks, ke) (empty when the tile is past the group).
+    """
+    Lg = _group_len(L, dil, g)
+    first = t * TQ
+    last = tl.minimum(first + TQ, Lg) - 1
+    qg = first + local
+    ws, we = _window(qg, Lg, k, s, CAUSAL)
+    ks, _ = _window(first, Lg, k, s, CAUSAL)
+    _, ke = _window(last, Lg, k, s, CAUSAL)
+    ke = tl.where(first < Lg, ke, ks)
+    return qg, qg < Lg, ws, we, ks, ke
+
+
+@triton.jit
+def _first_query(j, Lg, k, s, n_iter, BY_END: tl.constexpr, CAUSAL: tl.constexpr):
+    """Smallest query i in [0, Lg] with end(i) > j (BY_END) or start(i) > j.
+
+    Both are non-decreasing in i, so a binary search of n_iter >= log2(Lg + 1)
+    steps finds it; Lg when there is none.
+    """
+    lo = Lg * 0
+    hi = Lg
+    for _ in range(0, n_iter):
+        mid = (lo + hi) // 2
+        start, end = _window(mid, Lg, k, s, CAUSAL)
+        if BY_END:
+            hit = end > j
+            miss = end <= j
+        else:
+            hit = start > j
+            miss = start <= j
+        active = lo < hi
+        hi = tl.where(active & hit, mid, hi)
+        lo = tl.where(active & miss, mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def _split_tile(tile, DIL0, DIL1, DIL2, NT0, NT1, NT2):
+    """tile = ((((g0 * DIL1 + g1) * DIL2 + g2) * NT0 + t0) * NT1 + t1) * NT2 + t2."""
+    t2 = tile % NT2
+    tile = tile // NT2
+    t1 = tile % NT1
+    tile = tile // NT1
+    t0 = tile % NT0
+    tile = tile // NT0
+    g2 = tile % DIL2
+    tile = tile // DIL2
+    g1 = tile % DIL1
+    g0 = tile // DIL1
+    return t0, t1, t2, g0, g1, g2
+
+
+@triton.jit
+def _flat_pos(b, c0, c1, c2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2):
+    """int64 flat index of spatial position (group coords c, groups g) in batch b."""
+    p0 = c0 * DIL0 + g0
+    p1 = c1 * DIL1 + g1
+    p2 = c2 * DIL2 + g2
+    return ((b.to(tl.int64) * L0 + p0) * L1 + p1) * L2 + p2
+
+
+@triton.jit
+def _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, kg0, kg1, kg2,
+               NDIM: tl.constexpr, Q_ROWS: tl.constexpr):
+    """Attended (query, key) pairs: key inside the query's window on every axis.
+
+    Q_ROWS: the tile is [queries, keys]; otherwise [keys, queries].
+    """
+    if Q_ROWS:
+        m = (ws2[:, None] <= kg2[None, :]) & (kg2[None, :] < we2[:, None])
+        if NDIM >= 2:
+            m = m & (ws1[:, None] <= kg1[None, :]) & (kg1[None, :] < we1[:, None])
+        if NDIM >= 3:
+            m = m & (ws0[:, None] <= kg0[None, :]) & (kg0[None, :] < we0[:, None])
+    else:
+        m = (ws2[None, :] <= kg2[:, None]) & (kg2[:, None] < we2[None, :])
+        if NDIM >= 2:
+            m = m & (ws1[None, :] <= kg1[:, None]) & (kg1[:, None] < we1[None, :])
+        if NDIM >= 3:
+            m = m & (ws0[None, :] <= kg0[:, None]) & (kg0[:, None] < we0[None, :])
+    return m
+
+
+@triton.jit
+def _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM: tl.constexpr, Q_ROWS: tl.constexpr):
+    """Flat rpb index sum_a ((j - i) / d + k - 1) * stride_a (group coordinates)."""
+    R2 = 2 * K2 - 1
+    R1 = 2 * K1 - 1
+    if Q_ROWS:
+        idx = kg2[None, :] - qg2[:, None] + (K2 - 1)
+        if NDIM >= 2:
+            idx += (kg1[None, :] - qg1[:, None] + (K1 - 1)) * R2
+        if NDIM >= 3:
+            idx += (kg0[None, :] - qg0[:, None] + (K0 - 1)) * (R1 * R2)
+    else:
+        idx = kg2[:, None] - qg2[None, :] + (K2 - 1)
+        if NDIM >= 2:
+            idx += (kg1[:, None] - qg1[None, :] + (K1 - 1)) * R2
+        if NDIM >= 3:
+            idx += (kg0[:, None] - qg0[None, :] + (K0 - 1)) * (R1 * R2)
+    return idx
+
+
+@triton.jit
+def _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2,
+               TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
+    """Group coordinates of key block blk of a region starting at ks, nb blocks per axis."""
+    bb2 = blk % nb2
+    rest = blk // nb2
+    bb1 = rest % nb1
+    bb0 = rest // nb1
+    return ks0 + bb0 * TK0 + lk0, ks1 + bb1 * TK1 + lk1, ks2 + bb2 * TK2 + lk2
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _na_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
+        H, HKV, n_tiles, scale2,
+        L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
+        HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+        TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    t0, t1, t2, g0, g1, g2 = _split_tile(tile, DIL0, DIL1, DIL2, NT0, NT1, NT2)
+
+    r = tl.arange(0, TQ0 * TQ1 * TQ2)
+    qg0, qv0, ws0, we0, ks0, ke0 = _query_axis(t0, g0, L0, DIL0, K0, S0, r // (TQ1 * TQ2), TQ0, C0)
+    qg1, qv1, ws1, we1, ks1, ke1 = _query_axis(t1, g1, L1, DIL1, K1, S1, (r // TQ2) % TQ1, TQ1, C1)
+    qg2, qv2, ws2, we2, ks2, ke2 = _query_axis(t2, g2, L2, DIL2, K2, S2, r % TQ2, TQ2, C2)
+    q_valid = qv0 & qv1 & qv2
+    q_pos = _flat_pos(b, qg0, qg1, qg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2)
+
+    dq_ = tl.arange(0, D_PAD)
+    dv_ = tl.arange(0, DV_PAD)
+    q = tl.load(q_ptr + (q_pos * H + h)[:, None] * D + dq_[None, :],
+                mask=q_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+
+    c = tl.arange(0, TK0 * TK1 * TK2)
+    lk0 = c // (TK1 * TK2)
+    lk1 = (c // TK2) % TK1
+    lk2 = c % TK2
+    nb0 = (ke0 - ks0 + TK0 - 1) // TK0
+    nb1 = (ke1 - ks1 + TK1 - 1) // TK1
+    nb2 = (ke2 - ks2 + TK2 - 1) // TK2
+
+    m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
+    l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
+    acc = tl.zeros([TQ0 * TQ1 * TQ2, DV_PAD], tl.float32)
+    for blk in range(0, nb0 * nb1 * nb2):
+        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
+        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
+        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
+        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                             kg0, kg1, kg2, NDIM, True)
+        if HAS_RPB:
+            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
+            R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
+                     mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    row = q_pos * H + h
+    tl.store(out_ptr + row[:, None] * DV + dv_[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & (dv_ < DV)[None, :])
+    tl.store(lse_ptr + row, lse, mask=q_valid)
+
+
+@triton.jit
+def _na_bwd_pre_kernel(dout_ptr, out_ptr, dlse_ptr, dm_ptr, M, DV,
+                       HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
+    """Dm = rowsum(dout * out) - dlse over M rows of length DV."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, DV_PAD)
+    m = (rows < M)[:, None] & (cols < DV)[None, :]
+    off = rows[:, None] * DV + cols[None, :]
+    do = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + off, mask=m, other=0.0).to(tl.float32)
+    dm = tl.sum(do * o, 1)
+    if HAS_DLSE:
+        dm -= tl.load(dlse_ptr + rows, mask=rows < M, other=0.0)
+    tl.store(dm_ptr + rows, dm, mask=rows < M)
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, dm_ptr, dq_ptr, drpb_ptr,
+        H, HKV, n_tiles, scale, scale2,
+        L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
+        HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+        TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    """dq over query tiles (same walk as the forward); drpb by atomic adds into
+    this batch element's (H, R) table of partials."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    t0, t1, t2, g0, g1, g2 = _split_tile(tile, DIL0, DIL1, DIL2, NT0, NT1, NT2)
+
+    r = tl.arange(0, TQ0 * TQ1 * TQ2)
+    qg0, qv0, ws0, we0, ks0, ke0 = _query_axis(t0, g0, L0, DIL0, K0, S0, r // (TQ1 * TQ2), TQ0, C0)
+    qg1, qv1, ws1, we1, ks1, ke1 = _query_axis(t1, g1, L1, DIL1, K1, S1, (r // TQ2) % TQ1, TQ1, C1)
+    qg2, qv2, ws2, we2, ks2, ke2 = _query_axis(t2, g2, L2, DIL2, K2, S2, r % TQ2, TQ2, C2)
+    q_valid = qv0 & qv1 & qv2
+    row = _flat_pos(b, qg0, qg1, qg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * H + h
+
+    dq_ = tl.arange(0, D_PAD)
+    dv_ = tl.arange(0, DV_PAD)
+    q = tl.load(q_ptr + row[:, None] * D + dq_[None, :],
+                mask=q_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+    do = tl.load(do_ptr + row[:, None] * DV + dv_[None, :],
+                 mask=q_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
+    lse2 = tl.load(lse_ptr + row, mask=q_valid, other=0.0) * 1.4426950408889634
+    dm = tl.load(dm_ptr + row, mask=q_valid, other=0.0)
+
+    c = tl.arange(0, TK0 * TK1 * TK2)
+    lk0 = c // (TK1 * TK2)
+    lk1 = (c // TK2) % TK1
+    lk2 = c % TK2
+    nb0 = (ke0 - ks0 + TK0 - 1) // TK0
+    nb1 = (ke1 - ks1 + TK1 - 1) // TK1
+    nb2 = (ke2 - ks2 + TK2 - 1) // TK2
+    R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    drpb_row = drpb_ptr + (b.to(tl.int64) * H + h) * R
+
+    dq = tl.zeros([TQ0 * TQ1 * TQ2, D_PAD], tl.float32)
+    for blk in range(0, nb0 * nb1 * nb2):
+        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
+        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
+        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
+                     mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
+        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                             kg0, kg1, kg2, NDIM, True)
+        if HAS_RPB:
+            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
+            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
+        ds = p * (dp - dm[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
+        if HAS_RPB:
+            tl.atomic_add(drpb_row + idx, ds, mask=mask, sem="relaxed")
+
+    dq = dq * scale
+    tl.store(dq_ptr + row[:, None] * D + dq_[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & (dq_ < D)[None, :])
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, dm_ptr, dk_ptr, dv_ptr,
+        H, HKV, n_tiles, scale, scale2, n_iter,
+        L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
+        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
+        HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+        TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    """dk, dv over key tiles (TK box of one dilation group, one kv head); walks
+    the query region of the tile in TQ blocks for each query head of the group."""
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    b = bh // HKV
+    hk = bh % HKV
+    group = H // HKV
+    t0, t1, t2, g0, g1, g2 = _split_tile(tile, DIL0, DIL1, DIL2, NT0, NT1, NT2)
+
+    c = tl.arange(0, TK0 * TK1 * TK2)
+    Lg0 = _group_len(L0, DIL0, g0)
+    Lg1 = _group_len(L1, DIL1, g1)
+    Lg2 = _group_len(L2, DIL2, g2)
+    f0 = t0 * TK0
+    f1 = t1 * TK1
+    f2 = t2 * TK2
+    kg0 = f0 + c // (TK1 * TK2)
+    kg1 = f1 + (c // TK2) % TK1
+    kg2 = f2 + c % TK2
+    k_valid = (kg0 < Lg0) & (kg1 < Lg1) & (kg2 < Lg2)
+    kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+
+    # Query region per axis: [first i whose window ends after the first key,
+    # first i whose window starts after the last key).
+    qs0 = _first_query(f0, Lg0, K0, S0, n_iter, True, C0)
+    qs1 = _first_query(f1, Lg1, K1, S1, n_iter, True, C1)
+    qs2 = _first_query(f2, Lg2, K2, S2, n_iter, True, C2)
+    qe0 = _first_query(tl.minimum(f0 + TK0, Lg0) - 1, Lg0, K0, S0, n_iter, False, C0)
+    qe1 = _first_query(tl.minimum(f1 + TK1, Lg1) - 1, Lg1, K1, S1, n_iter, False, C1)
+    qe2 = _first_query(tl.minimum(f2 + TK2, Lg2) - 1, Lg2, K2, S2, n_iter, False, C2)
+    qe0 = tl.where(f0 < Lg0, qe0, qs0)
+    qe1 = tl.where(f1 < Lg1, qe1, qs1)
+    qe2 = tl.where(f2 < Lg2, qe2, qs2)
+    nb0 = tl.maximum(qe0 - qs0 + TQ0 - 1, 0) // TQ0
+    nb1 = tl.maximum(qe1 - qs1 + TQ1 - 1, 0) // TQ1
+    nb2 = tl.maximum(qe2 - qs2 + TQ2 - 1, 0) // TQ2
+    n_blocks = nb0 * nb1 * nb2
+
+    dq_ = tl.arange(0, D_PAD)
+    dv_ = tl.arange(0, DV_PAD)
+    kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                 mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+    vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
+                 mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
+
+    r = tl.arange(0, TQ0 * TQ1 * TQ2)
+    lq0 = r // (TQ1 * TQ2)
+    lq1 = (r // TQ2) % TQ1
+    lq2 = r % TQ2
+    R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+
+    dk = tl.zeros([TK0 * TK1 * TK2, D_PAD], tl.float32)
+    dv = tl.zeros([TK0 * TK1 * TK2, DV_PAD], tl.float32)
+    for it in range(0, n_blocks * group):
+        h = hk * group + it // n_blocks
+        qg0, qg1, qg2 = _key_block(it % n_blocks, qs0, qs1, qs2, nb1, nb2, lq0, lq1, lq2, TQ0, TQ1, TQ2)
+        q_valid = (qg0 < qe0) & (qg1 < qe1) & (qg2 < qe2)
+        ws0, we0 = _window(qg0, Lg0, K0, S0, C0)
+        ws1, we1 = _window(qg1, Lg1, K1, S1, C1)
+        ws2, we2 = _window(qg2, Lg2, K2, S2, C2)
+        row = _flat_pos(b, qg0, qg1, qg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * H + h
+        q = tl.load(q_ptr + row[:, None] * D + dq_[None, :],
+                    mask=q_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        do = tl.load(do_ptr + row[:, None] * DV + dv_[None, :],
+                     mask=q_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
+        lse2 = tl.load(lse_ptr + row, mask=q_valid, other=0.0) * 1.4426950408889634
+        dm = tl.load(dm_ptr + row, mask=q_valid, other=0.0)
+
+        # Transposed tiles: [keys, queries].
+        st = tl.dot(kt, tl.trans(q), input_precision=DOT_PREC) * scale2
+        mask = q_valid[None, :] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                             kg0, kg1, kg2, NDIM, False)
+        if HAS_RPB:
+            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, False)
+            st += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(vt, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - dm[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+
+    dk = dk * scale
+    tl.store(dk_ptr + kv_row[:, None] * D + dq_[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=k_valid[:, None] & (dq_ < D)[None, :])
+    tl.store(dv_ptr + kv_row[:, None] * DV + dv_[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=k_valid[:, None] & (dv_ < DV)[None, :])
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+
+
+def _pad_dim(n: int) -> int:
+    assert 0 <= n <= 256, f"neighborhood attention: head_dim must be at most 256, got {n}"
+    return max(16, triton.next_power_of_2(n))
+
+
+def _pad3(values, fill) -> list:
+    values = list(values)
+    return [fill] * (3 - len(values)) + values
+
+
+def _group_max(L: int, d: int) -> int:
+    return -(-L // d)
+
+
+def _query_tile(ext, nd: int, block: int) -> list:
+    """Per-axis tile (powers of 2, product `block`), grown round-robin from the
+    last axis up to the axis' extent; >= 16 rows in all (tl.dot's minimum)."""
+    tile = [1, 1, 1]
+    caps = [triton.next_power_of_2(max(e, 1)) for e in ext]
+    while math.prod(tile) < block:
+        grew = False
+        for a in range(2, 2 - nd, -1):
+            if tile[a] < caps[a] and math.prod(tile) < block:
+                tile[a] *= 2
+                grew = True
+        if not grew:
+            break
+    while math.prod(tile) < 16:
+        tile[2] *= 2
+    return tile
+
+
+def _key_tile(ext, block: int) -> list:
+    """Per-axis tile of at most `block` elements covering the region's extents
+    last axis first; >= 16 elements in all."""
+    tile, room = [1, 1, 1], block
+    for a in (2, 1, 0):
+        tile[a] = max(1, min(triton.next_power_of_2(max(ext[a], 1)), room))
+        room //= tile[a]
+    while math.prod(tile) < 16:
+        tile[2] *= 2
+    return tile
+
+
+def _user_tile(tile, nd: int) -> list:
+    tile = [1] * (3 - nd) + [int(t) for t in tile]
+    assert len(tile) == 3 and all(t >= 1 and t & (t - 1) == 0 for t in tile), \
+        f"tiles must be powers of 2, one per spatial axis; got {tile}"
+    assert math.prod(tile) >= 16, f"a tile needs at least 16 elements (tl.dot); got {tile}"
+    return tile
+
+
+class _Problem:
+    """Shapes and per-axis parameters, padded to three spatial axes."""
+
+    def __init__(self, query, key, value, kernel_size, dilation, stride, is_causal):
+        nd = query.dim() - 3
+        assert 1 <= nd <= 3, \
+            f"query must be (B, *spatial, H, D) with 1-3 spatial axes; got {tuple(query.shape)}"
+        for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride),
+                        ("is_causal", is_causal)):
+            assert len(v) == nd, f"{name} needs one entry per spatial axis ({nd}); got {v}"
+        self.nd = nd
+        self.B = query.shape[0]
+        self.spatial = list(query.shape[1:-2])
+        self.H, self.D = query.shape[-2:]
+        self.Hkv = key.shape[-2]
+        self.Dv = value.shape[-1]
+        assert self.Hkv >= 1 and self.H % self.Hkv == 0, f"kv heads {self.Hkv} must divide heads {self.H}"
+        self.L = _pad3(self.spatial, 1)
+        self.k = _pad3([int(v) for v in kernel_size], 1)
+        self.d = _pad3([int(v) for v in dilation], 1)
+        self.s = _pad3([int(v) for v in stride], 1)
+        self.c = _pad3([bool(v) for v in is_causal], False)
+        self.ext = [_group_max(L, d) for L, d in zip(self.L, self.d)]
+        self.D_PAD = _pad_dim(self.D)
+        self.DV_PAD = _pad_dim(self.Dv)
+        self.empty = query.numel() == 0 or value.shape[-1] == 0 or self.Hkv == 0
+        self.dot_prec = "ieee" if query.dtype == torch.float32 else "tf32"
+        # Tile sizes (elements per query tile / key block). fp32 uses exact
+        # (FMA) dots, whose operands live in registers: smaller tiles.
+        big = max(self.D_PAD, self.DV_PAD) > 64
+        self.block = 32 if big or query.dtype == torch.float32 else 64
+        self.num_warps = 8 if max(self.D_PAD, self.DV_PAD) >= 256 else 4
+
+    def axis_args(self, tile, heads):
+        """(tiles per (batch, head), per-axis kernel arguments) for a launch over `tile`s."""
+        nt = [-(-e // t) for e, t in zip(self.ext, tile)]
+        n_tiles = math.prod(nt) * math.prod(self.d)
+        assert n_tiles * self.B * heads < 2 ** 31, "neighborhood attention: too many tiles for one launch"
+        return n_tiles, [*self.L, *self.k, *self.d, *self.s, *nt]
+
+    def consts(self, has_rpb, tq, tk):
+        return dict(C0=self.c[0], C1=self.c[1], C2=self.c[2], NDIM=self.nd, HAS_RPB=has_rpb,
+                    DOT_PREC=self.dot_prec, D=self.D, DV=self.Dv, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
+                    TK0=tk[0], TK1=tk[1], TK2=tk[2], D_PAD=self.D_PAD, DV_PAD=self.DV_PAD,
+                    num_warps=self.num_warps)
+
+    def query_major_tiles(self, q_tile, k_tile):
+        """(query tile, key block) for kernels walking query tiles."""
+        tq = _user_tile(q_tile, self.nd) if q_tile is not None else _query_tile(self.ext, self.nd, self.block)
+        if k_tile is not None:
+            tk = _user_tile(k_tile, self.nd)
+        else:
+            tk = _key_tile([min(t + k - 1, e) for t, k, e in zip(tq, self.k, self.ext)], self.block)
+        return tq, tk
+
+    def key_major_tiles(self, q_tile, k_tile):
+        """(query block, key tile) for the dk/dv kernel walking key tiles."""
+        tk = _user_tile(k_tile, self.nd) if k_tile is not None else _query_tile(self.ext, self.nd, self.block)
+        if q_tile is not None:
+            tq = _user_tile(q_tile, self.nd)
+        else:
+            tq = _key_tile([min(t + k - 1, e) for t, k, e in zip(tk, self.k, self.ext)], self.block)
+        return tq, tk
+
+
+def _rpb_arg(rpb, query, H, ks):
+    if rpb is None:
+        return query, False
+    R = math.prod(2 * k - 1 for k in ks)
+    assert rpb.numel() == H * R, \
+        f"rpb must be (H, 2k-1 per axis) = ({H}, {[2 * k - 1 for k in ks]}); got {tuple(rpb.shape)}"
+    return rpb.float().contiguous(), True
+
+
+def na_fwd(query, key, value, rpb, kernel_size, dilation, stride, is_causal, scale,
+           *, q_tile=None, k_tile=None):
+    """-> (out (B, *spatial, H, Dv) query.dtype, lse (B, *spatial, H) float32).
+
+    q_tile / k_tile (per-axis powers of 2) override the tile heuristics.
+    """
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    pb = _Problem(query, key, value, kernel_size, dilation, stride, is_causal)
+    out = torch.empty(*query.shape[:-1], pb.Dv, device=query.device, dtype=query.dtype)
+    lse = torch.empty(query.shape[:-1], device=query.device, dtype=torch.float32)
+    if pb.empty:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    rpb_t, has_rpb = _rpb_arg(rpb, query, pb.H, pb.k)
+    tq, tk = pb.query_major_tiles(q_tile, k_tile)
+    n_tiles, axes = pb.axis_args(tq, pb.H)
+    _na_fwd_kernel[(n_tiles * pb.B * pb.H,)](
+        query, key, value, rpb_t, out, lse,
+        pb.H, pb.Hkv, n_tiles, float(scale) * LOG2E, *axes,
+        **pb.consts(has_rpb, tq, tk))
+    return out, lse
+
+
+def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, stride,
+           is_causal, scale, *, q_tile=None, k_tile=None):
+    """-> (dquery, dkey, dvalue in the inputs' dtypes, drpb float32 like rpb or torch.empty(0)).
+
+    q_tile is the query block and k_tile the key block of both backward
+    kernels (per-axis powers of 2); None picks them by heuristic.
+    """
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    dout, out = dout.to(query.dtype).contiguous(), out.to(query.dtype).contiguous()
+    lse = lse.float().contiguous()
+    pb = _Problem(query, key, value, kernel_size, dilation, stride, is_causal)
+    dev = query.device
+    # Every position belongs to exactly one tile of each kernel, so the
+    # kernels write every element of dq, dk and dv.
+    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    drpb = torch.zeros_like(rpb, dtype=torch.float32) if rpb is not None else torch.empty(0, device=dev)
+    if pb.empty:
+        return dq.zero_(), dk.zero_(), dv.zero_(), drpb
+    rpb_t, has_rpb = _rpb_arg(rpb, query, pb.H, pb.k)
+
+    M = lse.numel()
+    dm = torch.empty(lse.shape, device=dev, dtype=torch.float32)
+    has_dlse = dlse is not None
+    _na_bwd_pre_kernel[(triton.cdiv(M, 64),)](
+        dout, out, dlse.float().contiguous() if has_dlse else lse, dm, M, pb.Dv,
+        HAS_DLSE=has_dlse, BLOCK=64, DV_PAD=pb.DV_PAD)
+
+    scale = float(scale)
+    R = math.prod(2 * k - 1 for k in pb.k)
+    drpb_part = torch.zeros(pb.B, pb.H, R, device=dev, dtype=torch.float32) if has_rpb else dm
+    tq, tk = pb.query_major_tiles(q_tile, k_tile)
+    n_tiles, axes = pb.axis_args(tq, pb.H)
+    _na_bwd_dq_kernel[(n_tiles * pb.B * pb.H,)](
+        query, key, value, rpb_t, dout, lse, dm, dq, drpb_part,
+        pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
+        **pb.consts(has_rpb, tq, tk))
+
+    tq, tk = pb.key_major_tiles(q_tile, k_tile)
+    n_tiles, axes = pb.axis_args(tk, pb.Hkv)
+    n_iter = max(pb.ext).bit_length() + 1
+    _na_bwd_dkdv_kernel[(n_tiles * pb.B * pb.Hkv,)](
+        query, key, value, rpb_t, dout, lse, dm, dk, dv,
+        pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, n_iter, *axes,
+        **pb.consts(has_rpb, tq, tk))
+
+    if has_rpb:
+        drpb = drpb_part.sum(0).reshape(rpb.shape)
+    return dq, dk, dv, drpb
