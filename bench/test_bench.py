@@ -1,4 +1,4 @@
-"""Selective-scan suites through pytest-benchmark: ``pytest bench/ --benchmark-only``.
+"""Every registered suite (selective scan, bidirectional scan, na1d, na2d) through pytest-benchmark: ``pytest bench/ --benchmark-only``.
 
 Cases and implementations come from fastvision.benchmark's registry (the same
 ones ``fastvision bench`` runs); the reference is skipped where it takes
@@ -14,7 +14,7 @@ pytest.importorskip("pytest_benchmark")
 from fastvision import benchmark as fb  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OPS = ("selective_scan", "bi_selective_scan")
+OPS = tuple(fb.SUITES)
 
 
 def _params():
