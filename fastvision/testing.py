@@ -149,6 +149,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, build, make_batch, steps:
         _train(model, shard, steps, lr)
         if rank == 0:
             torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, out_file)
+        # Leave together: a rank tearing gloo down while another still uses
+        # it can abort the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
