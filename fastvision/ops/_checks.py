@@ -60,3 +60,16 @@ def check_backend(backend: str, device: torch.device, cuda_cpp: bool, cuda_cpp_m
             raise ValueError("backend='triton' on CPU tensors runs only under the Triton interpreter: "
                              "set TRITON_INTERPRET=1 before importing triton")
     return "dispatch" if backend in ("cpu", "cuda") else backend
+
+
+def forbid_double_backward(backward_op: str, what: str) -> None:
+    """Registers an autograd formula for `backward_op` that raises a clear error.
+
+    Without one, autograd would silently treat the backward op as constant
+    and a gradient of a gradient would come out wrong instead of failing.
+    """
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(f"fastvision: double backward (gradient of a gradient) through "
+                                  f"{what} is not supported")
+
+    torch.library.register_autograd(backward_op, no_double_backward)

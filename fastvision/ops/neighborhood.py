@@ -20,7 +20,7 @@ import torch
 
 from .. import _extension
 from ..reference.neighborhood import neighborhood_attention_ref
-from ._checks import check_backend, check_same_device, check_tensor
+from ._checks import check_backend, check_same_device, check_tensor, forbid_double_backward
 
 __all__ = ["na1d", "na2d", "na3d"]
 
@@ -184,13 +184,7 @@ def _fwd_backward(ctx, dout, dlse):
 torch.library.register_autograd("fastvision::na_fwd", _fwd_backward, setup_context=_fwd_setup)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("fastvision: double backward (gradient of a gradient) through "
-                              "neighborhood attention is not supported")
-
-
-# Without this, autograd would silently treat the backward op as constant.
-torch.library.register_autograd("fastvision::na_bwd", _no_double_backward)
+forbid_double_backward("fastvision::na_bwd", "neighborhood attention")
 
 
 # --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from .. import _extension
 from ..reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
-from ._checks import check_backend, check_same_device, check_tensor
+from ._checks import check_backend, check_same_device, check_tensor, forbid_double_backward
 
 __all__ = ["selective_scan", "bi_selective_scan", "scan_chunk_len"]
 
@@ -212,13 +212,7 @@ def _bi_backward(ctx, dout, dstates, dstates_b):
 torch.library.register_autograd("fastvision::bi_selective_scan_fwd", _bi_backward, setup_context=_bi_setup)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("fastvision: double backward (gradient of a gradient) through "
-                              "selective_scan is not supported")
-
-
-# Without this, autograd would silently treat the backward op as constant.
-torch.library.register_autograd("fastvision::selective_scan_bwd", _no_double_backward)
+forbid_double_backward("fastvision::selective_scan_bwd", "selective_scan")
 
 
 # --------------------------------------------------------------------------
