@@ -8,11 +8,9 @@ The scan implementation is chosen by the ``scan_impl`` fixture (autouse):
   ``selective_scan_ref(..., reverse=True)`` on unflipped tensors, the contract
   the fused ``bi_selective_scan`` kernel implements.
 
-* ``fastvision``: ``fastvision.ops.selective_scan`` (the layer's default),
-  included automatically once that module exists.
+* ``fastvision``: ``fastvision.ops.selective_scan`` (the layer's default).
 """
 
-import importlib.util
 import math
 
 import pytest
@@ -40,10 +38,7 @@ _SCAN_IMPLS = {
 }
 
 
-_HAVE_OPS = importlib.util.find_spec("fastvision.ops.selective_scan") is not None
-
-
-@pytest.fixture(autouse=True, params=["reference", "reverse"] + (["fastvision"] if _HAVE_OPS else []))
+@pytest.fixture(autouse=True, params=["reference", "reverse", "fastvision"])
 def scan_impl(request, monkeypatch):
     monkeypatch.setattr(mamba_mod, "_scan_override", _SCAN_IMPLS[request.param])
     return request.param

@@ -3,8 +3,7 @@
 The attention op the layers call is chosen by the ``na_impl`` fixture (autouse):
 
 * ``reference``: fastvision.reference's ``neighborhood_attention_ref``;
-* ``fastvision``: ``fastvision.ops.na1d / na2d / na3d`` (the layers' default),
-  included automatically once ``fastvision.ops.neighborhood`` exists.
+* ``fastvision``: ``fastvision.ops.na1d / na2d / na3d`` (the layers' default).
 
 Oracles are written here from NATTEN's NeighborhoodAttention2D (qkv ->
 reshape (3, heads, head_dim) -> NA with rpb and scale -> proj) and its
@@ -12,7 +11,6 @@ small-input rule (NATTEN <= 0.15 natten2d.py / natten3d.py: zero-pad the input
 at the end of each axis shorter than kernel_size * dilation, crop before proj).
 """
 
-import importlib.util
 import math
 
 import pytest
@@ -26,11 +24,10 @@ from fastvision.models.nat import NATLayer
 from fastvision.ops import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from fastvision.reference.neighborhood import axis_windows, neighborhood_attention_ref
 
-_HAVE_OPS = importlib.util.find_spec("fastvision.ops.neighborhood") is not None
 _LAYERS = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}
 
 
-@pytest.fixture(autouse=True, params=["reference"] + (["fastvision"] if _HAVE_OPS else []))
+@pytest.fixture(autouse=True, params=["reference", "fastvision"])
 def na_impl(request, monkeypatch):
     monkeypatch.setattr(nl, "_na_override",
                         neighborhood_attention_ref if request.param == "reference" else None)
@@ -314,9 +311,7 @@ DINAT_224_DILATIONS = {
 
 
 @pytest.mark.parametrize("builder", list(CONFIGS), ids=lambda b: b.__name__)
-def test_published_configs(builder, na_impl):
-    if na_impl != "reference":
-        pytest.skip("configuration only")
+def test_published_configs(builder):
     cls, depths, heads, dim, mlp_ratio, dpr, ls = CONFIGS[builder]
     with torch.device("meta"):
         model = builder()

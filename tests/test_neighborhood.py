@@ -9,7 +9,6 @@ precision, non-contiguous inputs and clear errors for bad input. (Triton
 kernels: their own interpreter tests; here only the backend='triton' wiring.)
 """
 
-import os
 import random
 import re
 
@@ -18,7 +17,8 @@ import torch
 
 from fastvision.ops import na1d, na2d, na3d
 from fastvision.reference.neighborhood import axis_windows, neighborhood_attention_ref
-from fastvision.testing import assert_close, case_id, check_compile, check_gradcheck, check_opcheck
+from fastvision.testing import (assert_close, case_id, check_compile, check_gradcheck, check_opcheck,
+                                import_triton_kernels_interpreted)
 
 ops = torch.ops.fastvision
 NA = {1: na1d, 2: na2d, 3: na3d}
@@ -345,13 +345,7 @@ def test_reference_backend_and_backend_errors():
 @pytest.mark.triton
 def test_triton_backend_wiring_under_interpreter():
     """backend='triton' on CPU tensors (Triton interpreter): forward, lse and gradients."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
-    pytest.importorskip("triton")
-    try:
-        import fastvision.triton.neighborhood  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"no Triton neighborhood kernels: {err}")
+    import_triton_kernels_interpreted("fastvision.triton.neighborhood")
     c = edge(2, (5, 6), (3, 2), (1, 2), rpb=True, heads=2, kv_heads=1, head_dim=16, head_dim_v=16)
     out, lse, grads = grads_of(na2d, c, backend="triton")
     ref, ref_lse, ref_grads = grads_of(_ref, c)

@@ -17,7 +17,7 @@ import torch
 from fastvision.ops import bi_selective_scan, scan_chunk_len, selective_scan
 from fastvision.reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
 from fastvision.testing import (assert_close, case_id, check_compile, check_gradcheck, check_opcheck,
-                                random_cases)
+                                import_triton_kernels_interpreted, random_cases)
 
 ops = torch.ops.fastvision
 
@@ -307,6 +307,32 @@ def test_double_backward_raises():
     (gu,) = torch.autograd.grad(selective_scan(*t).sum(), t[0], create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gu.sum().backward()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bc", ["var", "const", "group"])
+def test_triton_backend_wiring_under_interpreter(bc):
+    """backend='triton' through the public API (its autograd glue), on CPU tensors."""
+    import_triton_kernels_interpreted("fastvision.triton.selective_scan")
+    t = make_inputs(2, 4, 21, 5, bc, 2, requires_grad=True)
+    out, last = selective_scan(*t, delta_softplus=True, return_last_state=True, reverse=True, backend="triton")
+    ref, ref_last = selective_scan_ref(*t, delta_softplus=True, return_last_state=True, reverse=True)
+    assert_close(out, ref)
+    assert_close(last, ref_last)
+    leaves = [x for x in t if x is not None]
+    grads = torch.autograd.grad(weighted_loss(out, last), leaves)
+    ref_grads = torch.autograd.grad(weighted_loss(ref, ref_last), leaves)
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg, torch.float32, scale=20)
+    fwd = make_inputs(2, 4, 21, 5, bc, 2, requires_grad=True, seed=3)
+    bwd = make_inputs(2, 4, 21, 5, bc, 2, requires_grad=True, seed=4)
+    del bwd[6]
+    bi = bi_selective_scan(*fwd, *bwd, backend="triton")
+    bi_ref = bi_selective_scan_ref(*fwd, *bwd)
+    assert_close(bi, bi_ref)
+    leaves = [x for x in fwd + bwd if x is not None]
+    for g, rg in zip(torch.autograd.grad(weighted_loss(bi), leaves), torch.autograd.grad(weighted_loss(bi_ref), leaves)):
+        assert_close(g, rg, torch.float32, scale=20)
 
 
 def test_reference_backend_is_the_oracle():
