@@ -14,7 +14,8 @@ from test_selective_scan import make_inputs, weighted_loss
 pytestmark = pytest.mark.gpu
 
 BACKENDS = ["auto", "triton", pytest.param("cuda", marks=pytest.mark.skipif(
-    not _extension.CUDA_LOADED, reason=f"CUDA C++ kernels not loaded: {_extension.CUDA_ERROR}"))]
+    not _extension.CUDA_LOADED, reason="CUDA C++ kernels not loaded: "
+    + (_extension.CUDA_ERROR or "not built, or torch has no CUDA")))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
