@@ -72,9 +72,10 @@ def neighborhood_attention_ref(query, key, value, kernel_size, dilation=1, strid
     B, *spatial, H, D = query.shape
     Hkv = key.shape[-2]
     scale = D ** -0.5 if scale is None else scale
-    q = query.float()
-    k = key.float().repeat_interleave(H // Hkv, dim=-2)
-    v = value.float().repeat_interleave(H // Hkv, dim=-2)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q = query.to(acc)
+    k = key.to(acc).repeat_interleave(H // Hkv, dim=-2)
+    v = value.to(acc).repeat_interleave(H // Hkv, dim=-2)
 
     # Flat key index and validity for every (query position, window slot).
     flat = torch.zeros([1] * (2 * nd), dtype=torch.long)
@@ -102,7 +103,7 @@ def neighborhood_attention_ref(query, key, value, kernel_size, dilation=1, strid
     vf = v.reshape(B, npos, H, v.shape[-1])[:, flat].reshape(B, *spatial, window, H, v.shape[-1])
     logits = torch.einsum("b...hd,b...whd->b...hw", q, kf) * scale  # (B, *spatial, H, window)
     if rpb is not None:
-        bias = rpb.float()[(slice(None),) + tuple(bi.expand(*spatial, *ks) for bi in bias_index)]
+        bias = rpb.to(acc)[(slice(None),) + tuple(bi.expand(*spatial, *ks) for bi in bias_index)]
         logits = logits + bias.reshape(H, *spatial, -1).movedim(0, -2)
     logits = logits.masked_fill(~valid[..., None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _per_channel(BC: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C as (batch, dim, N, L) fp32 (variable) or (dim, N) fp32 (constant)."""
-    BC = BC.float()
+def _per_channel(BC: torch.Tensor, dim: int, acc: torch.dtype) -> torch.Tensor:
+    """B or C as (batch, dim, N, L) (variable) or (dim, N) (constant) in the accumulate dtype."""
+    BC = BC.to(acc)
     if BC.dim() == 3:  # (batch, N, L): shared by every channel
         return BC.unsqueeze(1)
     if BC.dim() == 4:  # (batch, G, N, L): channel d uses group d // (dim // G)
@@ -28,16 +28,17 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     ``reverse=True`` runs the same recurrence from t = L-1 down to 0.
     """
     dtype_in = u.dtype
-    u = u.float()
-    delta = delta.float()
+    acc = torch.float64 if dtype_in == torch.float64 else torch.float32  # fp32 state, as the anchor
+    u = u.to(acc)
+    delta = delta.to(acc)
     if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
+        delta = delta + delta_bias[..., None].to(acc)
     if delta_softplus:
         delta = F.softplus(delta)  # threshold 20, as the anchor
     batch, dim, L = u.shape
-    A = A.float()
-    B = _per_channel(B, dim)
-    C = _per_channel(C, dim)
+    A = A.to(acc)
+    B = _per_channel(B, dim, acc)
+    C = _per_channel(C, dim, acc)
     x = u.new_zeros(batch, dim, A.shape[1])
     ys = [None] * L
     steps = range(L - 1, -1, -1) if reverse else range(L)
@@ -48,9 +49,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         x = torch.exp(dt * A) * x + dt * Bt * u[:, :, t, None]
         ys[t] = (x * Ct).sum(-1)
     y = torch.stack(ys, dim=2) if L else u.new_zeros(batch, dim, 0)
-    out = y if D is None else y + u * D.float()[:, None]
+    out = y if D is None else y + u * D.to(acc)[:, None]
     if z is not None:
-        out = out * F.silu(z.float())
+        out = out * F.silu(z.to(acc))
     out = out.to(dtype_in)
     return (out, x) if return_last_state else out
 
@@ -72,4 +73,5 @@ def bi_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias,
                              flip(B_b) if B_b.dim() >= 3 else B_b,
                              flip(C_b) if C_b.dim() >= 3 else C_b,
                              D_b, flip(z), delta_bias_b, delta_softplus)
-    return (fwd.float() + bwd.flip(-1).float()).to(u.dtype)
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return (fwd.to(acc) + bwd.flip(-1).to(acc)).to(u.dtype)
