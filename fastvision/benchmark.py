@@ -40,7 +40,8 @@ import torch
 import fastvision
 
 from .ops.neighborhood import na1d, na2d
-from .ops.selective_scan import _check_backend, bi_selective_scan, selective_scan
+from .ops._library import FUSED_OPS
+from .ops.selective_scan import bi_selective_scan, selective_scan
 from .reference.neighborhood import neighborhood_attention_ref
 from .reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
 
@@ -170,11 +171,7 @@ def usable_backends(device: str) -> dict[str, str | None]:
         if device == "cuda" and not torch.cuda.is_available():
             result[backend] = "no CUDA device (torch.cuda.is_available() is False)"
             continue
-        try:
-            _check_backend(backend, torch.device(device), 16)
-            result[backend] = None
-        except (ValueError, RuntimeError) as err:
-            result[backend] = str(err)
+        result[backend] = FUSED_OPS["selective_scan"].why_not(backend, device)
     return result
 
 

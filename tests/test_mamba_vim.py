@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastvision.ops.mamba as mamba_mod
+
+import fastvision.ops.selective_scan_layers as mamba_mod
 from fastvision.models import VisionMamba, vim_base, vim_small, vim_tiny
-from fastvision.ops.mamba import Mamba, RMSNorm, rms_norm_fn
+from fastvision.ops.selective_scan_layers import Mamba, RMSNorm, rms_norm_fn
 from fastvision.reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
 
 
@@ -40,7 +41,10 @@ _SCAN_IMPLS = {
 
 @pytest.fixture(autouse=True, params=["reference", "reverse", "fastvision"])
 def scan_impl(request, monkeypatch):
-    monkeypatch.setattr(mamba_mod, "_scan_override", _SCAN_IMPLS[request.param])
+    impls = _SCAN_IMPLS[request.param]
+    if impls is not None:  # the layers look the scans up in fastvision.ops.selective_scan per call
+        monkeypatch.setattr(mamba_mod.scan_ops, "selective_scan", impls[0])
+        monkeypatch.setattr(mamba_mod.scan_ops, "bi_selective_scan", impls[1])
     return request.param
 
 

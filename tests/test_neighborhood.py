@@ -109,8 +109,8 @@ def make_inputs(c, dtype=torch.float32, seed=0, requires_grad=False):
 
 
 def call(fn, c, q, k, v, rpb, **kw):
-    return fn(q, k, v, c["kernel_size"], c["dilation"], c["stride"], c["is_causal"], rpb,
-              return_lse=True, **kw)
+    return fn(q, k, v, c["kernel_size"], stride=c["stride"], dilation=c["dilation"], is_causal=c["is_causal"],
+              rpb=rpb, return_lse=True, **kw)
 
 
 def weighted_loss(out, lse):
@@ -127,8 +127,10 @@ def grads_of(fn, c, dtype=torch.float32, **kw):
     return out, lse, torch.autograd.grad(weighted_loss(out, lse), leaves)
 
 
-def _ref(q, k, v, ks, ds, ss, cs, rpb, return_lse=True, scale=None):
-    return neighborhood_attention_ref(q, k, v, ks, ds, ss, cs, rpb, scale, return_lse)
+def _ref(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, *, rpb=None,
+         return_lse=False):
+    """The reference with the public functions' (NATTEN's) argument order."""
+    return neighborhood_attention_ref(q, k, v, kernel_size, dilation, stride, is_causal, rpb, scale, return_lse)
 
 
 @pytest.mark.parametrize("c", CASES, ids=[f"{i}-" + case_id({k: v for k, v in c.items() if k != "nd"})
@@ -176,8 +178,8 @@ def test_gqa_equals_repeated_heads():
 def test_scale_and_defaults():
     c = edge(1, (12,), (5,), head_dim=16)
     q, k, v, _ = make_inputs(c)
-    assert_close(na1d(q, k, v, 5), _ref(q, k, v, (5,), (1,), (1,), (False,), None, False))
-    assert_close(na1d(q, k, v, 5, scale=0.3), _ref(q, k, v, (5,), (1,), (1,), (False,), None, False, 0.3))
+    assert_close(na1d(q, k, v, 5), _ref(q, k, v, 5))
+    assert_close(na1d(q, k, v, 5, scale=0.3), _ref(q, k, v, 5, scale=0.3))
     out = na1d(q, k, v, 5, scale=0.3)
     assert isinstance(out, torch.Tensor)
     # A window as large as the axis is plain attention.
@@ -255,10 +257,10 @@ def test_noncontiguous_inputs_work():
     qs = torch.randn(2, 4, 8, 9, 8).permute(0, 2, 3, 1, 4)  # heads-first storage
     qs.copy_(q)
     assert not qs.is_contiguous() and not nc(k).is_contiguous()
-    out = na2d(qs, nc(k), nc(v), (3, 5), (2, 1), rpb=nc(rpb))
-    assert_close(out, _ref(q, k, v, (3, 5), (2, 1), (1, 1), (False, False), rpb, False))
+    out = na2d(qs, nc(k), nc(v), (3, 5), dilation=(2, 1), rpb=nc(rpb))
+    assert_close(out, _ref(q, k, v, (3, 5), dilation=(2, 1), rpb=rpb))
     q2 = qs.detach().requires_grad_()
-    na2d(q2, k, v, (3, 5), (2, 1)).sum().backward()
+    na2d(q2, k, v, (3, 5), dilation=(2, 1)).sum().backward()
     assert q2.grad.shape == q.shape
 
 
@@ -334,7 +336,7 @@ def test_reference_backend_and_backend_errors():
     c = edge(2, (6, 7), (3, 3), rpb=True)
     q, k, v, rpb = make_inputs(c)
     assert torch.equal(na2d(q, k, v, 3, rpb=rpb, backend="reference"),
-                       _ref(q, k, v, (3, 3), (1, 1), (1, 1), (False, False), rpb, False))
+                       _ref(q, k, v, 3, rpb=rpb))
     assert_close(na2d(q, k, v, 3, rpb=rpb, backend="cpu"), na2d(q, k, v, 3, rpb=rpb, backend="reference"))
     with pytest.raises(ValueError, match="backend must be one of"):
         na2d(q, k, v, 3, backend="fast")

@@ -8,7 +8,7 @@ import torch
 from fastvision.ops import na1d, na2d, na3d
 from fastvision.testing import assert_close, check_compile
 
-from test_neighborhood import EDGE, NA, _ref, edge, make_inputs, weighted_loss
+from test_neighborhood import EDGE, NA, _ref, call, edge, make_inputs, weighted_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -24,10 +24,9 @@ GPU_CASES = [c for c in EDGE if c["batch"] > 0] + [
 @pytest.mark.parametrize("c", GPU_CASES, ids=lambda c: f"{c['nd']}d-{c['spatial']}-k{c['kernel_size']}")
 def test_forward_lse_backward_vs_reference(c, dtype):
     q, k, v, rpb = (t.cuda().requires_grad_() if t is not None else None for t in make_inputs(c, dtype))
-    out, lse = NA[c["nd"]](q, k, v, c["kernel_size"], c["dilation"], c["stride"], c["is_causal"], rpb,
-                           return_lse=True)
+    out, lse = call(NA[c["nd"]], c, q, k, v, rpb)
     f32 = [t.detach().float().requires_grad_() if t is not None else None for t in (q, k, v, rpb)]
-    ref, ref_lse = _ref(*f32[:3], c["kernel_size"], c["dilation"], c["stride"], c["is_causal"], f32[3])
+    ref, ref_lse = call(_ref, c, *f32)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, ref.to(dtype), dtype, scale=2)
     assert_close(lse, ref_lse, dtype)
@@ -44,7 +43,7 @@ def test_torch_compile_fullgraph_cuda():
     q, k, v, rpb = (t.cuda() for t in make_inputs(c))
 
     def fn(q, k, v, rpb):
-        return na2d(q, k, v, 5, (2, 1), rpb=rpb) + na2d(q, k, v, 3, is_causal=(True, False))
+        return na2d(q, k, v, 5, dilation=(2, 1), rpb=rpb) + na2d(q, k, v, 3, is_causal=(True, False))
 
     check_compile(fn, (q, k, v, rpb))
 

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from fastvision.ops.mamba import Mamba, RMSNorm, layer_norm_fn, rms_norm_fn
+from fastvision.ops.selective_scan_layers import Mamba, RMSNorm, layer_norm_fn, rms_norm_fn
 
 __all__ = ["VisionMamba", "vim_tiny", "vim_small", "vim_base"]
 

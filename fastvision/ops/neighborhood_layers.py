@@ -24,119 +24,31 @@ Two behaviours of the original layer are kept:
   the output back before ``proj``. This module does the same.
 * **Attention dropout**: the fused op never materialises the attention
   weights, so it cannot drop them. In training mode with ``attn_drop > 0``
-  the layer computes the attention explicitly (window gather, softmax,
-  ``self.attn_drop`` on the weights, weighted sum), so the dropout is really
-  applied. This path stores a k^d-sized window per query: memory-hungry, used
-  only when asked for.
+  the layer computes the attention explicitly (the reference
+  implementation, :func:`fastvision.reference.neighborhood.neighborhood_attention_ref`,
+  with ``self.attn_drop`` applied to its softmax weights), so the dropout is
+  really applied. This path stores a k^d-sized window per query:
+  memory-hungry, used only when asked for.
+
+Arguments follow NATTEN's layers in NATTEN's order (``embed_dim`` is called
+``dim`` here, as in NAT); ``rel_pos_bias`` and ``attn_drop``, which NATTEN's
+current layers lack, are keyword-only.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
+from .._checks import as_bool, as_float, as_int, per_axis
+from ..reference.neighborhood import neighborhood_attention_ref
+from . import neighborhood
+
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
-
-
-# Private test hook: a callable with the signature of
-# fastvision.reference.neighborhood.neighborhood_attention_ref, used instead of
-# fastvision.ops.na1d / na2d / na3d for every axis count.
-_na_override = None
-
-
-def _na_fn(nd: int):
-    if _na_override is not None:
-        return _na_override
-    from fastvision.ops import neighborhood  # lazy: the op module may be loaded after this one
-
-    return getattr(neighborhood, f"na{nd}d")
-
-
-def _per_axis(value, nd: int, name: str, *, kind=int, minimum: Optional[int] = None) -> tuple:
-    """`value` as a tuple of `nd` entries of type `kind` (bools are not ints here)."""
-    def ok(v):
-        if kind is bool:
-            return isinstance(v, bool)
-        return isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
-
-    t = tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
-    if len(t) != nd or not all(ok(v) for v in t):
-        what = "a bool" if kind is bool else ("an int" + (f" >= {minimum}" if minimum is not None else ""))
-        raise ValueError(f"{name} must be {what} or a tuple of {nd} of them; got {value!r}")
-    return t
-
-
-# --------------------------------------------------------------------------- #
-# Explicit (unfused) neighborhood attention, used for attention dropout.
-# --------------------------------------------------------------------------- #
-def _axis_windows(L: int, k: int, d: int, causal: bool, device):
-    """Per query on one axis (stride 1): key index (L, k), validity (L, k), rpb index (L, k).
-
-    NATTEN's rule, run in dilation-group coordinates (position i is in group
-    i % d at group index i // d; the group has L // d (+1 if i % d < L % d)
-    positions). Non-causal windows keep their size k and shift inward at the
-    borders; causal windows end at the query. Requires L >= k * d when not causal.
-    """
-    i = torch.arange(L, device=device)
-    g, ig = i % d, i // d
-    Lg = L // d + (g < L % d).long()
-    left, right = k // 2, k // 2 + k % 2 - 1
-    if causal:
-        start = (ig - left - right).clamp(min=0)
-        end = ig + 1
-    else:
-        start = (ig - left).clamp(min=0) + torch.where(ig + right >= Lg, Lg - right - ig - 1, 0)
-        end = start + k
-    pos = start[:, None] + torch.arange(k, device=device)  # (L, k), group coordinates
-    valid = pos < end[:, None]
-    key = torch.where(valid, pos * d + g[:, None], i[:, None])
-    rel = (pos - ig[:, None] + k - 1).clamp(0, 2 * k - 2)
-    return key, valid, rel
-
-
-def neighborhood_attention_explicit(query, key, value, kernel_size, dilation, is_causal, rpb=None,
-                                    scale=None, attn_dropout=None):
-    """Neighborhood attention with the attention weights materialised (stride 1).
-
-    query/key/value: (batch, *spatial, heads, head_dim) with equal head counts;
-    kernel_size, dilation, is_causal: per-axis tuples. ``attn_dropout`` (a
-    callable, e.g. an ``nn.Dropout``) is applied to the softmax weights, a
-    contiguous tensor (batch, *spatial, heads, prod(kernel_size)) whose last
-    axis runs over the window slots in row-major order of the per-axis slots.
-    """
-    B, *S, H, D = query.shape
-    nd = len(S)
-    N, W = math.prod(S), math.prod(kernel_size)
-    scale = D ** -0.5 if scale is None else scale
-    flat, valid, rel = 0, True, []
-    for a in range(nd):
-        idx, ok, r = _axis_windows(S[a], kernel_size[a], dilation[a], is_causal[a], query.device)
-        shape = [1] * (2 * nd)
-        shape[a], shape[nd + a] = S[a], kernel_size[a]
-        flat = flat + (idx * math.prod(S[a + 1:])).view(shape)
-        valid = valid & ok.view(shape)
-        rel.append(r.view(shape))
-    flat = flat.expand(*S, *kernel_size).reshape(N * W)
-    valid = valid.expand(*S, *kernel_size).reshape(N, 1, W)
-
-    k_win = key.reshape(B, N, H, D)[:, flat].view(B, N, W, H, D)
-    v_win = value.reshape(B, N, H, value.shape[-1])[:, flat].view(B, N, W, H, value.shape[-1])
-    logits = torch.einsum("bnhd,bnwhd->bnhw", query.reshape(B, N, H, D), k_win) * scale
-    if rpb is not None:
-        bias = rpb[(slice(None),) + tuple(r.expand(*S, *kernel_size) for r in rel)]  # (H, *S, *k)
-        logits = logits + bias.reshape(H, N, W).transpose(0, 1).to(logits.dtype)
-    logits = logits.masked_fill(~valid, float("-inf"))
-    attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn = attn.reshape(B, *S, H, W).contiguous()
-    if attn_dropout is not None:
-        attn = attn_dropout(attn)
-    out = torch.einsum("bnhw,bnwhe->bnhe", attn.reshape(B, N, H, W), v_win)
-    return out.reshape(B, *S, H, value.shape[-1])
 
 
 # --------------------------------------------------------------------------- #
@@ -145,26 +57,36 @@ def neighborhood_attention_explicit(query, key, value, kernel_size, dilation, is
 class _NeighborhoodAttentionNd(nn.Module):
     _nd: int = 0
 
-    def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, is_causal=False,
-                 rel_pos_bias: bool = True, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, dilation: int | Sequence[int] | None = 1,
+                 is_causal: bool | Sequence[bool] = False, qkv_bias: bool = True,
+                 qk_scale: float | None = None, proj_drop: float = 0.0, *, rel_pos_bias: bool = True,
+                 attn_drop: float = 0.0):
         super().__init__()
         nd, cls = self._nd, type(self).__name__
-        for name, v in (("dim", dim), ("num_heads", num_heads)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{cls}: {name} must be a positive int; got {v!r}")
+        dim, num_heads = as_int(dim, f"{cls}: dim", 1), as_int(num_heads, f"{cls}: num_heads", 1)
         if dim % num_heads:
             raise ValueError(f"{cls}: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        attn_drop, proj_drop = as_float(attn_drop, f"{cls}: attn_drop"), as_float(proj_drop, f"{cls}: proj_drop")
         for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{cls}: {name} must be in [0, 1); got {p!r}")
-        self.kernel_size = _per_axis(kernel_size, nd, "kernel_size", minimum=1)
+        qk_scale = None if qk_scale is None else as_float(qk_scale, f"{cls}: qk_scale")
+        rel_pos_bias, qkv_bias = as_bool(rel_pos_bias, f"{cls}: rel_pos_bias"), as_bool(qkv_bias, f"{cls}: qkv_bias")
+        self.kernel_size = per_axis(kernel_size, nd, "kernel_size", minimum=1, context=f"for {cls}")
+        self.stride = per_axis(stride, nd, "stride", minimum=1, context=f"for {cls}")
         # NAT passes dilation=None for its undilated layers.
-        self.dilation = _per_axis(1 if dilation is None else dilation, nd, "dilation", minimum=1)
-        self.is_causal = _per_axis(is_causal, nd, "is_causal", kind=bool)
+        self.dilation = per_axis(1 if dilation is None else dilation, nd, "dilation", minimum=1,
+                                 context=f"for {cls}")
+        self.is_causal = per_axis(is_causal, nd, "is_causal", bool, context=f"for {cls}")
+        if any(s > k for s, k in zip(self.stride, self.kernel_size)):
+            raise ValueError(f"{cls}: stride {self.stride} must not exceed kernel_size {self.kernel_size}")
         if any(self.is_causal) and rel_pos_bias:
             raise ValueError(f"{cls}: relative positional bias (rel_pos_bias=True) is undefined with "
                              "causal neighborhood attention; pass rel_pos_bias=False")
+        if any(s > 1 for s in self.stride) and rel_pos_bias:
+            raise ValueError(f"{cls}: relative positional bias (rel_pos_bias=True) needs stride 1; got "
+                             f"stride={self.stride}; pass rel_pos_bias=False")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -200,12 +122,14 @@ class _NeighborhoodAttentionNd(nn.Module):
 
         q, k, v = self.qkv(x).reshape(B, *padded, 3, self.num_heads, self.head_dim).unbind(-3)
         if self.training and self.attn_drop.p > 0:
-            out = neighborhood_attention_explicit(
-                q, k, v, self.kernel_size, self.dilation, self.is_causal, rpb=self.rpb,
-                scale=self.scale, attn_dropout=self.attn_drop)
+            # The fused op never materialises the weights it would have to drop.
+            out = neighborhood_attention_ref(q, k, v, self.kernel_size, self.dilation, self.stride,
+                                             self.is_causal, self.rpb, self.scale,
+                                             attn_dropout=self.attn_drop)
         else:
-            out = _na_fn(nd)(q, k, v, kernel_size=self.kernel_size, dilation=self.dilation,
-                             is_causal=self.is_causal, rpb=self.rpb, scale=self.scale)
+            na = getattr(neighborhood, f"na{nd}d")  # looked up per call: tests swap it
+            out = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, self.scale,
+                     rpb=self.rpb)
         out = out.reshape(B, *padded, C)
         if any(pads):
             out = out[(slice(None), *(slice(0, L) for L in spatial))]
@@ -213,26 +137,51 @@ class _NeighborhoodAttentionNd(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "
-                f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, "
                 f"is_causal={self.is_causal}, has_bias={self.rpb is not None}")
 
 
-class NeighborhoodAttention1D(_NeighborhoodAttentionNd):
-    """1-D neighborhood attention on (batch, L, dim); rpb (num_heads, 2k-1)."""
+_LAYER_DOC = """{nd}-D neighborhood attention layer on channels-last input (batch, {axes}, dim).
 
+    NAT / DiNAT's attention module{nat}: ``qkv`` projection, neighborhood attention
+    (:func:`fastvision.ops.na{nd}d`) with relative positional bias ``rpb``
+    (num_heads, {rpb}), output projection ``proj``.
+
+    Args:
+        dim: channels (NATTEN's ``embed_dim``); divisible by num_heads.
+        num_heads: attention heads.
+        kernel_size, stride, dilation: int or a tuple of {nd}, as :func:`fastvision.ops.na{nd}d`
+            (``dilation=None`` means 1, as NAT passes it).
+        is_causal: bool or a tuple of {nd}.
+        qkv_bias: bias in the qkv projection.
+        qk_scale: logit scale; None (or 0) for head_dim ** -0.5.
+        proj_drop: dropout after the output projection.
+        rel_pos_bias: learn NAT/DiNAT's relative positional bias (keyword-only; needs stride 1
+            and no causal axis).
+        attn_drop: dropout on the attention weights (keyword-only; in training it takes the
+            explicit, memory-hungry path).
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import NeighborhoodAttention{nd}D
+        >>> layer = NeighborhoodAttention{nd}D(64, num_heads=4, kernel_size=3, dilation=2)
+        >>> layer(torch.randn(2, {example}, 64)).shape
+        torch.Size([2, {example}, 64])
+    """
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttentionNd):
+    __doc__ = _LAYER_DOC.format(nd=1, axes="L", nat="", rpb="2k-1", example="16")
     _nd = 1
 
 
 class NeighborhoodAttention2D(_NeighborhoodAttentionNd):
-    """2-D neighborhood attention on (batch, H, W, dim); rpb (num_heads, 2k0-1, 2k1-1).
-
-    The attention module of NAT / DiNAT (``levels.i.blocks.j.attn``).
-    """
-
+    __doc__ = _LAYER_DOC.format(nd=2, axes="H, W", nat=" (``levels.i.blocks.j.attn``)", rpb="2k0-1, 2k1-1",
+                                example="8, 8")
     _nd = 2
 
 
 class NeighborhoodAttention3D(_NeighborhoodAttentionNd):
-    """3-D neighborhood attention on (batch, D, H, W, dim); rpb (num_heads, 2k0-1, 2k1-1, 2k2-1)."""
-
+    __doc__ = _LAYER_DOC.format(nd=3, axes="D, H, W", nat="", rpb="2k0-1, 2k1-1, 2k2-1", example="6, 6, 6")
     _nd = 3

@@ -2,9 +2,10 @@
 
 Public API: :func:`selective_scan` (drop-in for mamba_ssm's ``selective_scan_fn``)
 and :func:`bi_selective_scan` (Vim's bimamba v2 scan, fused). This module
-checks arguments, registers fake kernels and autograd for the
-``fastvision::*selective_scan*`` ops (schemas in csrc/registration.cpp), wires
-the Triton kernels to the CUDA device, and picks the backend.
+checks arguments and describes the ``fastvision::*selective_scan*`` ops
+(schemas in csrc/registration.cpp) to the shared machinery in
+``_library.py``: fake kernels, direct-call checks, the gradient formula,
+Triton kernels, backend limits.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _extension
+from .._checks import FLOAT_DTYPES, OpArgs, acc_dtype, as_bool, check_same_device, check_tensor
 from ..reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
-from ._checks import check_backend, check_same_device, check_tensor, forbid_double_backward
+from ._library import FusedOp, Kernel
 
 __all__ = ["selective_scan", "bi_selective_scan", "scan_chunk_len"]
 
 MAX_TRITON_STATE = 256  # d_state limit of the Triton kernels (the anchor's too)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-_ops = torch.ops.fastvision
 
 
 def scan_chunk_len(d_state: int) -> int:
@@ -53,7 +51,7 @@ class _Scan(NamedTuple):
 
 
 def _check_BC(name: str, X: torch.Tensor, batch: int, dim: int, N: int, L: int) -> None:
-    check_tensor(name, X, dtypes=_FLOAT_DTYPES)
+    check_tensor(name, X, dtypes=FLOAT_DTYPES)
     if X.dim() == 2:
         expected = (dim, N)
     elif X.dim() == 3:
@@ -79,7 +77,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, suffix: str = "") -> _Scan:
     contiguous), so autograd carries gradients back to the caller's tensors.
     """
     s = suffix
-    check_tensor("u" + s, u, ndim=3, dtypes=_FLOAT_DTYPES, shape_doc="(batch, dim, L)")
+    check_tensor("u" + s, u, ndim=3, dtypes=FLOAT_DTYPES, shape_doc="(batch, dim, L)")
     batch, dim, L = u.shape
     check_tensor("delta" + s, delta, shape=tuple(u.shape), dtypes=(u.dtype,))
     check_tensor("A" + s, A, ndim=2, dtypes=(torch.float32, torch.float64), shape_doc="(dim, N) real")
@@ -94,10 +92,10 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, suffix: str = "") -> _Scan:
         check_tensor("z" + s, z, shape=tuple(u.shape), dtypes=(u.dtype,))
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
-            check_tensor(name + s, t, shape=(dim,), dtypes=_FLOAT_DTYPES)
+            check_tensor(name + s, t, shape=(dim,), dtypes=FLOAT_DTYPES)
     check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
 
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(u.dtype)
 
     def per_channel(t):
         return u.new_zeros(dim, dtype=acc) if t is None else t.to(acc).contiguous()
@@ -109,166 +107,131 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, suffix: str = "") -> _Scan:
                  per_channel(D), None if z is None else z.contiguous(), per_channel(delta_bias))
 
 
-def _check_backend(backend: str, device: torch.device, d_state: int) -> str:
-    missing = ("fastvision was built without its CUDA C++ kernels "
-               f"({_extension.CUDA_ERROR or 'no nvcc at build time'})")
-    path = check_backend(backend, device, _extension.CUDA_LOADED, missing)
-    if path == "triton" and d_state > MAX_TRITON_STATE:
-        raise ValueError(f"backend='triton' supports d_state N <= {MAX_TRITON_STATE}; got N={d_state}")
-    return path
-
-
 # --------------------------------------------------------------------------
-# Fake kernels (shapes only: torch.compile, meta tensors)
+# Direct calls: argument checks and fake kernels of the registered ops
 
 
-def _acc(u):
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
+def _check_direction(a: OpArgs, u, delta, A, B, C, D, z, delta_bias, s: str = "") -> None:
+    """One direction's tensors of a direct call (C++ kernels check the same in C++)."""
+    a.tensor("u" + s, u, ("batch", "dim", "L"), FLOAT_DTYPES)
+    a.tensor("delta" + s, delta, ("batch", "dim", "L"), (u.dtype,))
+    acc = (acc_dtype(u.dtype),)
+    a.tensor("A" + s, A, ("dim", "N"), acc)
+    a.require(a.sizes["N"] >= 1, f"A{s} must have d_state N >= 1; got shape {tuple(A.shape)}")
+    for name, X in (("B" + s, B), ("C" + s, C)):
+        if isinstance(X, torch.Tensor) and X.dim() == 4:
+            a.tensor(name, X, ("batch", "G_" + name, "N", "L"), FLOAT_DTYPES)
+            a.require(X.shape[1] >= 1 and a.sizes["dim"] % X.shape[1] == 0,
+                      f"{name}: the number of groups {X.shape[1]} must divide dim={a.sizes['dim']}")
+        else:
+            a.tensor(name, X, ("dim", "N"), FLOAT_DTYPES)
+    a.tensor("D" + s, D, ("dim",), acc)
+    a.tensor("z", z, ("batch", "dim", "L"), (u.dtype,), optional=True)
+    a.tensor("delta_bias" + s, delta_bias, ("dim",), acc)
 
 
-@torch.library.register_fake("fastvision::selective_scan_fwd")
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_len):
+def _check_chunk_len(a: OpArgs, chunk_len) -> None:
+    a.integer("chunk_len", chunk_len, 1, 1 << 20)
+    a.require(chunk_len & (chunk_len - 1) == 0, f"chunk_len must be a power of 2; got {chunk_len}")
+
+
+def _check_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_len):
+    a = OpArgs("selective_scan_fwd")
+    _check_direction(a, u, delta, A, B, C, D, z, delta_bias)
+    _check_chunk_len(a, chunk_len)
+
+
+def _check_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus,
+               reverse, chunk_len):
+    a = OpArgs("selective_scan_bwd")
+    _check_direction(a, u, delta, A, B, C, D, z, delta_bias)
+    _check_chunk_len(a, chunk_len)
+    acc = (acc_dtype(u.dtype),)
+    a.tensor("dout", dout, ("batch", "dim", "L"), (u.dtype,))
+    a.tensor("dlast_state", dlast_state, ("batch", "dim", "N"), acc, optional=True)
+    a.tensor("chunk_states", chunk_states, ("batch", "dim", -(-a.sizes["L"] // chunk_len), "N"), acc)
+
+
+def _check_bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                  delta_softplus, chunk_len):
+    a = OpArgs("bi_selective_scan_fwd")
+    _check_direction(a, u, delta, A, B, C, D, z, delta_bias)
+    _check_direction(a, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, "_b")
+    _check_chunk_len(a, chunk_len)
+
+
+def _states(u, A, chunk_len):
     batch, dim, L = u.shape
-    N = A.shape[1]
-    nchunks = -(-L // chunk_len)
-    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=_acc(u)),
-            u.new_empty(batch, dim, nchunks, N, dtype=_acc(u)))
+    return u.new_empty(batch, dim, -(-L // chunk_len), A.shape[1], dtype=acc_dtype(u.dtype))
 
 
-@torch.library.register_fake("fastvision::selective_scan_bwd")
-def _(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus,
-      reverse, chunk_len):
+def _fake_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_len):
+    batch, dim, _ = u.shape
+    return (torch.empty_like(u), u.new_empty(batch, dim, A.shape[1], dtype=acc_dtype(u.dtype)),
+            _states(u, A, chunk_len))
+
+
+def _fake_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus,
+              reverse, chunk_len):
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), torch.empty_like(D), dz, torch.empty_like(delta_bias))
 
 
-@torch.library.register_fake("fastvision::bi_selective_scan_fwd")
-def _(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
-      delta_softplus, chunk_len):
-    batch, dim, L = u.shape
-    shape = (batch, dim, -(-L // chunk_len), A.shape[1])
-    return torch.empty_like(u), u.new_empty(shape, dtype=_acc(u)), u.new_empty(shape, dtype=_acc(u))
+def _fake_bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b,
+                 delta_softplus, chunk_len):
+    return torch.empty_like(u), _states(u, A, chunk_len), _states(u, A, chunk_len)
 
 
 # --------------------------------------------------------------------------
-# Autograd. The same backward glue serves the registered ops (any device) and
-# the direct Triton path (Triton interpreter on CPU, or backend='triton').
+# Gradients (one formula for every backend)
+
+_DIRECTION = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _scan_grads(bwd, dout, dlast, s: _Scan, states, softplus, reverse, chunk_len):
-    """Gradients for the 8 tensor inputs of one direction; dz None without z."""
-    if dlast is not None:
-        dlast = dlast.to(states.dtype).contiguous()
-    g = bwd(dout.contiguous(), dlast, *s, states, softplus, reverse, chunk_len)
-    du, ddelta, dA, dB, dC, dD, dz, dbias = g
-    return du, ddelta, dA, dB, dC, dD, (dz if s.z is not None else None), dbias
+def _direction_grads(backward, dout, dlast_state, s, suffix, chunk_states, softplus, reverse, chunk_len):
+    """Gradients of one scan direction, by input name (suffixed), from its backward kernel."""
+    t = [getattr(s, n + suffix) if n != "z" else s.z for n in _DIRECTION]
+    grads = backward(dout, dlast_state, *t, chunk_states, softplus, reverse, chunk_len)
+    out = {n + suffix: g for n, g in zip(_DIRECTION, grads) if n != "z"}
+    out["z"] = grads[6] if s.z is not None else None
+    return out
 
 
-def _bi_grads(bwd, dout, fwd: _Scan, bwd_dir: _Scan, states, states_b, softplus, chunk_len):
-    """Gradients of the bidirectional scan: one backward per direction, dz summed."""
-    gf = _scan_grads(bwd, dout, None, fwd, states, softplus, False, chunk_len)
-    gb = _scan_grads(bwd, dout, None, bwd_dir, states_b, softplus, True, chunk_len)
-    dz = None if fwd.z is None else gf[6] + gb[6]
-    return (*gf[:6], dz, gf[7], *gb[:6], gb[7])
+def _scan_gradients(backward, s, g):
+    dout = (g.out if g.out is not None else torch.zeros_like(s.u)).contiguous()
+    dlast = None if g.last_state is None else g.last_state.to(s.chunk_states.dtype).contiguous()
+    return _direction_grads(backward, dout, dlast, s, "", s.chunk_states, s.delta_softplus, s.reverse,
+                            s.chunk_len)
 
 
-def _fwd_setup(ctx, inputs, output):
-    *tensors, softplus, reverse, chunk_len = inputs
-    z = tensors[6]
-    ctx.save_for_backward(*tensors[:6], tensors[7], output[2], *([z] if z is not None else []))
-    ctx.has_z = z is not None
-    ctx.flags = (softplus, reverse, chunk_len)
+def _bi_scan_gradients(backward, s, g):
+    """Each direction's backward on the shared output gradient; z's gradients summed."""
+    dout = g.out.contiguous()
+    forward = _direction_grads(backward, dout, None, s, "", s.chunk_states, s.delta_softplus, False,
+                               s.chunk_len)
+    reverse = _direction_grads(backward, dout, None, s, "_b", s.chunk_states_b, s.delta_softplus, True,
+                               s.chunk_len)
+    dz = None if s.z is None else forward["z"] + reverse.pop("z")
+    return {**forward, **reverse, "z": dz}
 
 
-def _fwd_backward(ctx, dout, dlast, dstates):
-    u, delta, A, B, C, D, delta_bias, states, *z = ctx.saved_tensors
-    s = _Scan(u, delta, A, B, C, D, z[0] if ctx.has_z else None, delta_bias)
-    grads = _scan_grads(_ops.selective_scan_bwd, dout, dlast, s, states, *ctx.flags)
-    return (*grads, None, None, None)
+def _scan_limits(backend: str, d_state: int) -> str | None:
+    if backend == "triton" and d_state > MAX_TRITON_STATE:
+        return f"supports d_state N <= {MAX_TRITON_STATE}; got N={d_state}"
+    return None
 
 
-torch.library.register_autograd("fastvision::selective_scan_fwd", _fwd_backward, setup_context=_fwd_setup)
-
-
-def _bi_setup(ctx, inputs, output):
-    *tensors, softplus, chunk_len = inputs
-    z = tensors[6]
-    ctx.has_z = z is not None
-    kept = [t for i, t in enumerate(tensors) if i != 6]
-    ctx.save_for_backward(*kept, output[1], output[2], *([z] if z is not None else []))
-    ctx.flags = (softplus, chunk_len)
-
-
-def _bi_backward(ctx, dout, dstates, dstates_b):
-    saved = ctx.saved_tensors
-    z = saved[16] if ctx.has_z else None
-    fwd = _Scan(*saved[0:6], z, saved[6])
-    bwd_dir = _Scan(*saved[7:13], z, saved[13])
-    grads = _bi_grads(_ops.selective_scan_bwd, dout, fwd, bwd_dir, saved[14], saved[15], *ctx.flags)
-    return (*grads, None, None)
-
-
-torch.library.register_autograd("fastvision::bi_selective_scan_fwd", _bi_backward, setup_context=_bi_setup)
-
-
-forbid_double_backward("fastvision::selective_scan_bwd", "selective_scan")
-
-
-# --------------------------------------------------------------------------
-# Triton: registered as the CUDA kernels unless the CUDA C++ library is
-# loaded; always reachable directly with backend='triton'.
-
-
-def _triton():
-    from ..triton import selective_scan as tk
-    return tk
-
-
-if _extension.triton_available() and not _extension.CUDA_LOADED:
-    torch.library.register_kernel("fastvision::selective_scan_fwd", "cuda",
-                                  lambda *a: _triton().selective_scan_fwd(*a))
-    torch.library.register_kernel("fastvision::selective_scan_bwd", "cuda",
-                                  lambda *a: _triton().selective_scan_bwd(*a))
-    torch.library.register_kernel("fastvision::bi_selective_scan_fwd", "cuda",
-                                  lambda *a: _triton().bi_selective_scan_fwd(*a))
-
-
-class _TritonScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, flags, *tensors):
-        softplus, reverse, chunk_len, has_z = flags
-        s = _Scan(*tensors[:6], tensors[6] if has_z else None, tensors[7])
-        out, last, states = _triton().selective_scan_fwd(*s, softplus, reverse, chunk_len)
-        ctx.scan, ctx.states, ctx.flags = s, states, flags
-        ctx.mark_non_differentiable(states)
-        return out, last
-
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        softplus, reverse, chunk_len, _ = ctx.flags
-        grads = _scan_grads(_triton().selective_scan_bwd, dout, dlast, ctx.scan, ctx.states,
-                            softplus, reverse, chunk_len)
-        return (None, *grads)
-
-
-class _TritonBiScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, flags, *tensors):
-        softplus, chunk_len, has_z = flags
-        z = tensors[6] if has_z else None
-        fwd = _Scan(*tensors[0:6], z, tensors[7])
-        bwd_dir = _Scan(*tensors[8:14], z, tensors[14])
-        out, st, st_b = _triton().bi_selective_scan_fwd(*fwd, *bwd_dir[:6], bwd_dir.delta_bias,
-                                                        softplus, chunk_len)
-        ctx.dirs, ctx.states, ctx.flags = (fwd, bwd_dir), (st, st_b), flags
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        softplus, chunk_len, _ = ctx.flags
-        grads = _bi_grads(_triton().selective_scan_bwd, dout, *ctx.dirs, *ctx.states, softplus, chunk_len)
-        return (None, *grads)
+_BWD = Kernel("selective_scan_bwd", _fake_bwd, _check_bwd)
+_TRITON = "fastvision.triton.selective_scan"
+_SCAN = FusedOp(
+    "selective_scan", Kernel("selective_scan_fwd", _fake_fwd, _check_fwd), _BWD,
+    save=(*_DIRECTION, "chunk_states"), gradients=_scan_gradients, triton_module=_TRITON,
+    limits=_scan_limits)
+_BI_SCAN = FusedOp(
+    "bi_selective_scan", Kernel("bi_selective_scan_fwd", _fake_bi_fwd, _check_bi_fwd), _BWD,
+    save=(*_DIRECTION, *(n + "_b" for n in _DIRECTION if n != "z"), "chunk_states", "chunk_states_b"),
+    gradients=_bi_scan_gradients, triton_module=_TRITON, limits=_scan_limits)
 
 
 # --------------------------------------------------------------------------
@@ -296,18 +259,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         State and accumulation are float32 (float64 for float64 inputs).
     """
     s = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    path = _check_backend(backend, u.device, A.shape[1])
+    softplus, reverse = as_bool(delta_softplus, "delta_softplus"), as_bool(reverse, "reverse")
+    path = _SCAN.resolve(backend, u.device, d_state=A.shape[1])
     if path == "reference":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                  return_last_state, reverse=reverse)
-    chunk_len = scan_chunk_len(A.shape[1])
-    if path == "triton":
-        zz = s.z if s.z is not None else s.u.new_empty(0)
-        out, last = _TritonScan.apply((delta_softplus, reverse, chunk_len, s.z is not None),
-                                      *s[:6], zz, s.delta_bias)
-    else:
-        out, last, _ = _ops.selective_scan_fwd(*s, delta_softplus, reverse, chunk_len)
-    return (out, last) if return_last_state else out
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, return_last_state,
+                                  reverse=reverse)
+    out, last, _ = _SCAN(path, *s, softplus, reverse, scan_chunk_len(A.shape[1]))
+    return (out, last) if as_bool(return_last_state, "return_last_state") else out
 
 
 def bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b,
@@ -320,22 +278,19 @@ def bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_
     directions are gated by silu(z) and summed in float32. Shapes as in
     :func:`selective_scan`; the *_b tensors mirror the forward ones.
     """
-    fwd = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    forward = _prepare(u, delta, A, B, C, D, z, delta_bias)
     pairs = (("u", u, u_b), ("delta", delta, delta_b), ("A", A, A_b), ("B", B, B_b), ("C", C, C_b))
     for name, f, b in pairs:
         if f.shape != b.shape or f.dtype != b.dtype:
             raise ValueError(f"bi_selective_scan: {name}_b must have the shape and dtype of {name}, "
                              f"{tuple(f.shape)} {f.dtype}; got {tuple(b.shape)} {b.dtype}")
-    bwd_dir = _prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, suffix="_b")
+    reverse = _prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, suffix="_b")
     check_same_device(u=u, u_b=u_b)
-    path = _check_backend(backend, u.device, A.shape[1])
+    softplus = as_bool(delta_softplus, "delta_softplus")
+    path = _BI_SCAN.resolve(backend, u.device, d_state=A.shape[1])
     if path == "reference":
         return bi_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b,
-                                     C_b, D_b, delta_bias_b, delta_softplus)
-    chunk_len = scan_chunk_len(A.shape[1])
-    if path == "triton":
-        zz = fwd.z if fwd.z is not None else fwd.u.new_empty(0)
-        return _TritonBiScan.apply((delta_softplus, chunk_len, fwd.z is not None), *fwd[:6], zz,
-                                   fwd.delta_bias, *bwd_dir[:6], bwd_dir.delta_bias)
-    out, _, _ = _ops.bi_selective_scan_fwd(*fwd, *bwd_dir[:6], bwd_dir.delta_bias, delta_softplus, chunk_len)
+                                     C_b, D_b, delta_bias_b, softplus)
+    out, _, _ = _BI_SCAN(path, *forward, *reverse[:6], reverse.delta_bias, softplus,
+                         scan_chunk_len(A.shape[1]))
     return out

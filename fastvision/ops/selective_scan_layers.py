@@ -35,26 +35,17 @@ of any activation is made:
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The module, not the function fastvision.ops re-exports under the same name.
+scan_ops = importlib.import_module(".selective_scan", __package__)
+
 __all__ = ["Mamba", "RMSNorm", "rms_norm_fn", "layer_norm_fn"]
-
-
-# Private test hook: a ``(selective_scan, bi_selective_scan)`` pair used instead
-# of fastvision.ops.selective_scan's (e.g. the pure-PyTorch references).
-_scan_override = None
-
-
-def _scan_fns():
-    if _scan_override is not None:
-        return _scan_override
-    from fastvision.ops.selective_scan import bi_selective_scan, selective_scan
-
-    return selective_scan, bi_selective_scan
 
 
 # --------------------------------------------------------------------------- #
@@ -276,7 +267,8 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"Mamba: hidden_states must be (batch, seqlen, {self.d_model}), "
                 f"got {tuple(hidden_states.shape)}")
-        selective_scan, bi_selective_scan = _scan_fns()
+        # Looked up per call, so that tests can swap in other implementations.
+        selective_scan, bi_selective_scan = scan_ops.selective_scan, scan_ops.bi_selective_scan
 
         # (d_out, d_model) @ (batch, d_model, L) -> (batch, 2 d_inner, L), L fastest.
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
