@@ -1,10 +1,12 @@
-// Helpers shared by every op family: host/device qualifiers, accumulate
-// types, loads that widen to the accumulate type, argument checks.
+// Helpers shared by every op family, host and device: qualifiers, accumulate
+// types, ceil division. The host-only pieces live beside it: check.h (argument
+// checks, FV_CHECK), alloc.h (allocation with out-of-memory messages),
+// dtype.h (dtype dispatch, gather / scatter), parallel.h (the parallel-for),
+// cuda.h (CUDA error checks, device guard, current stream, device views).
 #pragma once
 
 #include <cstdint>
 #include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
 #if defined(__CUDACC__)
@@ -38,7 +40,3 @@ template <typename T> using acc_t = typename AccType<T>::type;
 FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace fastvision
-
-// A failed check in a kernel entry point; reaches Python as RuntimeError.
-// Argument errors a caller can make are raised earlier, in the Python wrapper.
-#define FV_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)
