@@ -135,10 +135,10 @@ Problem make_problem(const char* op, const NaSizes& n, double scale, bool backwa
   return p;
 }
 
-// The tensor in the kernel's dtype (a no-op for float and double).
-Tensor widen(const char* op, const char* what, const Tensor& t) {
-  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc_dtype(t.scalar_type())), t,
-                    acc_dtype(t.scalar_type()));
+// The tensor in the kernel's dtype `acc` (the accumulate dtype of query's;
+// a no-op when it has it already).
+Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
+  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
 }
 
 // Runs body(scratch, id) for id in [0, count): one worker per thread, each
@@ -646,10 +646,10 @@ std::tuple<Tensor, Tensor> na_fwd_cpu(Tensor query, Tensor key, Tensor value, st
   constexpr const char* op = "na_fwd";
   const NaSizes n = check_na_inputs(op, query, key, value, rpb, kernel_size, dilation, stride, is_causal);
   const Problem p = make_problem(op, n, scale, false);
-  const ScalarType dtype = query.scalar_type();
-  const Tensor q = widen(op, "query", query), k = widen(op, "key", key), v = widen(op, "value", value);
+  const ScalarType dtype = query.scalar_type(), acc = n.acc;
+  const Tensor q = widen(op, "query", query, acc), k = widen(op, "key", key, acc), v = widen(op, "value", value, acc);
   std::optional<Tensor> r;
-  if (rpb) r = widen(op, "rpb", *rpb);
+  if (rpb) r = widen(op, "rpb", *rpb, acc);
   auto [out, lse] = dtype == ScalarType::Double ? forward_impl<double>(p, q, k, v, r)
                                                 : forward_impl<float>(p, q, k, v, r);
   return {alloc_cast(op, "out", out, dtype), lse};
@@ -664,11 +664,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_bwd_cpu(
   const NaSizes n = check_na_inputs(op, query, key, value, rpb, kernel_size, dilation, stride, is_causal);
   check_na_backward(op, n, dout, dlse, out, lse, query);
   const Problem p = make_problem(op, n, scale, true);
-  const ScalarType dtype = query.scalar_type();
+  const ScalarType dtype = query.scalar_type(), acc = n.acc;
   std::optional<Tensor> r;
-  if (rpb) r = widen(op, "rpb", *rpb);
-  const Tensor q = widen(op, "query", query), k = widen(op, "key", key), v = widen(op, "value", value);
-  const Tensor o = widen(op, "out", out), go = widen(op, "dout", dout);
+  if (rpb) r = widen(op, "rpb", *rpb, acc);
+  const Tensor q = widen(op, "query", query, acc), k = widen(op, "key", key, acc), v = widen(op, "value", value, acc);
+  const Tensor o = widen(op, "out", out, acc), go = widen(op, "dout", dout, acc);
   auto [dq, dk, dv, drpb] = dtype == ScalarType::Double
                                 ? backward_impl<double>(p, go, dlse, q, k, v, r, o, lse)
                                 : backward_impl<float>(p, go, dlse, q, k, v, r, o, lse);
