@@ -36,7 +36,8 @@ template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 template <typename T> using acc_t = typename AccType<T>::type;
 
-// Ceil division for sizes.
-FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Ceil division for sizes (a >= 0, b > 0), without forming a + b - 1, which
+// overflows for a near 2^63 (an empty batch allows such axis lengths).
+FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace fastvision

@@ -16,6 +16,7 @@
 #include <torch/csrc/stable/tensor.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -125,7 +126,9 @@ NaSizes check_na_inputs(const char* op, const Tensor& q, const Tensor& k, const 
     std::vector<int64_t> want{n.H};
     std::string doc = "(heads";
     for (int64_t a = 0; a < nd; ++a) {
-      want.push_back(2 * n.k[a] - 1);  // k <= L: no overflow
+      // k <= L; an empty batch allows any L, so 2k - 1 is formed only where it fits.
+      FV_CHECK(n.k[a] <= (std::numeric_limits<int64_t>::max() - 1) / 2, op, "kernel_size[", a, "] = ", n.k[a], " is too large for an rpb");
+      want.push_back(2 * n.k[a] - 1);
       doc += ", 2*kernel_size[" + std::to_string(a) + "]-1";
     }
     check_shape(op, "rpb", r, want, doc + ")");

@@ -128,7 +128,8 @@ Problem make_problem(const char* op, const NaSizes& n, double scale, bool backwa
   }
   p.has_rpb = n.has_rpb;
   try {
-    tabulate(p, backward);
+    // An empty batch has no tasks: no tables (its axes may be huge).
+    if (p.B > 0) tabulate(p, backward);
   } catch (const std::bad_alloc&) {
     throw_oom(op, "window tables", "one entry per position of each spatial axis");
   }

@@ -540,6 +540,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 // states and decays): sizes whose byte counts overflow are refused before
 // any worker tries to allocate them.
 void check_scratch(const char* op, const ScanSizes& s, int64_t chunk) {
+  if (s.batch == 0 || s.dim == 0) return;  // no tasks, no scratch
   int64_t bytes = 0;
   if (!mul_fits(chunk, s.N, &bytes) || !mul_fits(bytes, 8 * W * static_cast<int64_t>(sizeof(double)), &bytes))
     throw_oom(op, "per-thread scratch",
