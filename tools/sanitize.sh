@@ -37,8 +37,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 echo "sanitize: building _C with -fsanitize=$sanitize into $build"
+# install.strip=false keeps the debug info, so reports name functions and lines.
 FASTVISION_SANITIZE="$sanitize" FASTVISION_CUDA=0 "$venv/bin/pip" install -q --no-build-isolation --no-deps \
-  -C build-dir="$build" -e .
+  -C build-dir="$build" -C install.strip=false -e .
 
 libs=()
 [[ ",$sanitize," == *,address,* ]] && libs+=(libasan.so)  # first in the preload list, as ASan requires
