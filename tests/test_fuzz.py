@@ -142,3 +142,55 @@ def test_fuzz_harness_records_crashes_and_hangs():
     assert text.count("hung") == 1 and "mode: int 1" in text, text
     assert len(report.failures) == 3, text
     assert report.children == 3  # a new child after each crash and the hang (none after the last)
+
+
+def _python_kernels(name: str):
+    """The op's fake kernel and Triton entry (both run the op's Python checks first)."""
+    from fastvision.ops._library import FUSED_OPS
+
+    for fused in FUSED_OPS.values():
+        for kernel in (fused.forward, fused.backward):
+            if kernel.name == name:
+                return kernel, fused.triton_kernel(kernel)
+    raise LookupError(name)
+
+
+class _Launched(Exception):
+    """The Triton kernel would have launched: its checks let the call through."""
+
+
+def test_python_entry_points_reject_what_the_cpu_kernels_reject(monkeypatch):
+    """Direct calls reach the Triton kernels (registered for CUDA) and the fake
+    kernels (torch.compile) without the C++ checks: every mutated call the C++
+    kernel rejects, their Python checks reject too, before any launch."""
+    pytest.importorskip("triton")
+    import importlib
+
+    for module in ("fastvision.triton.selective_scan", "fastvision.triton.neighborhood"):
+        mod = importlib.import_module(module)
+        for fn in mod.__all__:
+            monkeypatch.setattr(mod, fn, lambda *a, **k: (_ for _ in ()).throw(_Launched()))
+    from fastvision.testing import apply_mutation
+
+    missed, checked = [], 0
+    for call in _recorded():
+        kernel, triton_entry = _python_kernels(call.op.split("::")[1])
+        for m in fuzz_mutations(call):
+            mutated = apply_mutation(call, m)
+            try:
+                mutated()
+                continue  # valid for the C++ kernel: nothing to compare
+            except (ValueError, TypeError, MemoryError, RuntimeError):
+                pass
+            checked += 1
+            for path, fn in (("triton", triton_entry), ("check", kernel.check)):
+                try:
+                    fn(*mutated.args)
+                except ValueError as err:
+                    assert str(err).startswith(f"fastvision.{kernel.name}: "), str(err)
+                except _Launched:
+                    missed.append(f"{path}: {m.describe(call)}")
+                else:
+                    missed.append(f"{path}: {m.describe(call)} (no error)")
+    assert checked > 1000
+    assert not missed, f"{len(missed)} calls the C++ kernel rejects pass the Python checks:\n" + "\n".join(missed[:40])

@@ -158,6 +158,9 @@ def _check_bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C
     a = OpArgs("bi_selective_scan_fwd")
     _check_direction(a, u, delta, A, B, C, D, z, delta_bias)
     _check_direction(a, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, "_b")
+    for name, X, X_b in (("B", B, B_b), ("C", C, C_b)):  # one task geometry serves both directions
+        a.require(X.shape[:2] == X_b.shape[:2] if X.dim() == 4 else X_b.dim() == 2,
+                  f"{name}_b must have {name}'s layout {tuple(X.shape)}; got {tuple(X_b.shape)}")
     _check_chunk_len(a, chunk_len)
 
 
