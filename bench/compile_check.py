@@ -640,8 +640,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 def _short_kernel(demangled: str) -> str:
     """'void fastvision::scan::cuda::(anonymous namespace)::backward_kernel<4>(...)' -> 'backward_kernel<4>'."""
-    head = demangled.split("(", 1)[0] if "(anonymous" not in demangled.split("(", 1)[0] else \
-        demangled.replace("(anonymous namespace)", "anon").split("(", 1)[0]
+    head = demangled.replace("(anonymous namespace)", "anon").split("(", 1)[0]
     return head.split("::")[-1].replace("void ", "")
 
 
@@ -651,7 +650,8 @@ def compile_cuda(job: dict) -> dict:
     log = r.stdout + r.stderr
     funcs = parse_ptxas(log)
     names = _demangle(list(funcs))
-    kernels = [dict(kernel=_short_kernel(names[f]), mangled=f, **info) for f, info in funcs.items()]
+    kernels = [dict(kernel=_short_kernel(names[f]), mangled=f, **{k: v for k, v in info.items() if k != "arch"})
+               for f, info in funcs.items()]
     error = None if r.returncode == 0 else "\n".join(log.strip().splitlines()[-15:])
     return dict(kernels=kernels, error=error, compile_s=round(time.perf_counter() - t0, 2))
 
@@ -791,6 +791,18 @@ def render_text(report: dict) -> str:
                          "OVER: " + "; ".join(r["problems"]) if r["problems"] else "ok"])
         lines += _table(["source", "arch", "kernel", "regs", "spill", "stack", "static KB", "dynamic smem", "status"],
                         body)
+    ada = [r for r in report["triton"] if r["arch"] == 80 and (r.get("smem") or 0) > SMEM_LIMIT[89]]
+    ada += [r for r in report["cuda"] if r.get("arch") == 80 and r.get("dynamic_smem")
+            and max(d["bytes"] for d in r["dynamic_smem"]) + (r.get("static_smem") or 0) > SMEM_LIMIT[89]]
+    if ada:
+        lines += ["", f"over {SMEM_LIMIT[89] // 1024} KB of shared memory, the sm_86/sm_89 limit (these sm_80 "
+                      "configurations would not launch on those GPUs):"]
+        for r in ada:
+            if "dynamic_smem" in r:
+                lines.append(f"  CUDA {r['kernel']}: {r['dynamic_smem_note']}")
+            else:
+                lines.append(f"  {r['kernel']} {SHORT.get(r['dtype'], r['dtype'])} {r['config']}: "
+                             f"{r['smem'] / 1024:.1f} KB")
     s = report["summary"]
     lines += ["", f"summary: {s['compiled']} compiled, {s['errors']} errors, {s['over_limit']} over a limit, "
                   f"{s['spilling']} spilling ({s['spilling_target']} of them target configurations)"]
@@ -938,7 +950,7 @@ def main(argv=None) -> int:
     for job, res in results:
         row = {k: job[k] for k in ("kernel", "module", "dtype", "config", "ints", "constexprs", "int_spec",
                                    "num_warps", "num_stages", "target", "launches", "arch")}
-        row["labels"] = job["labels"][:12] + ([f"... {len(job['labels']) - 12} more"] if len(job["labels"]) > 12 else [])
+        row["labels"] = job["labels"][:6] + ([f"... {len(job['labels']) - 6} more"] if len(job["labels"]) > 6 else [])
         row.update(res)
         limit = args.smem_limit if args.smem_limit is not None else SMEM_LIMIT[job["arch"]]
         row["smem_limit"] = limit

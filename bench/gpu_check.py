@@ -280,15 +280,24 @@ def stage_build(st: Stage) -> str:
     if state.get("loaded") and not st.args.force:
         st.say("fastvision's CUDA C++ kernels already load here: nothing to build (--force rebuilds)")
         return st.finish(SKIP, dict(mode="present"))
+    mode = None
     if libs:
         st.say(f"carried libraries in {prebuilt}: {', '.join(l.name for l in libs)} -> fastvision/")
+        mode = "carried"
         if not st.dry:
             for lib in libs:
                 shutil.copy2(lib, ROOT / "fastvision" / lib.name)
-        mode = "carried"
-    else:
+            state = cuda_state()
+            if not state.get("loaded"):
+                st.say(f"the carried libraries do not load here ({state.get('error')}): removed; "
+                       "building from source instead")
+                for lib in libs:
+                    (ROOT / "fastvision" / lib.name).unlink(missing_ok=True)
+                mode = None
+    if mode is None:
         cc = st.info["cc"] or "<device cc>"
-        st.say(f"no carried libraries in {prebuilt}: building from source for sm_{cc}")
+        if not libs:
+            st.say(f"no carried libraries in {prebuilt}: building from source for sm_{cc}")
         rc = st.run([_py(), "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v",
                      "-e", "."], log="build.log", env={"FASTVISION_CUDA": "1", "CUDAARCHS": str(cc)})
         if rc is None:
