@@ -678,39 +678,39 @@ def compile_cuda(job: dict) -> dict:
 
 def cuda_dynamic_smem(source: str) -> dict:
     """Dynamic shared memory of the launches in a .cu file, from its own code:
-    {kernel: (function of (N, chunk) -> bytes, template argument for N)}.
+    {kernel: (per_warp(N, chunk) -> bytes, nper(N) -> template argument,
+    max_warps)}. The launcher gives a block as many warps as the device's
+    shared memory holds, up to max_warps.
 
-    Reads `constexpr int NAME = VALUE;` constants, the N -> template dispatch
-    (`if (N <= 32) Launch<1>...`), and in each `struct Launch... { ... }` the
-    kernel launched with a dynamic size `<<<grid, block, SIZE, s>>>` and
-    `const size_t SIZE = EXPR;`. Empty when the code no longer has that shape.
+    Reads `constexpr int NAME = VALUE;` constants, `int state_per_lane(...)
+    { return N <= 32 ? 1 : ... : 8; }` and `size_t KERNEL_smem_per_warp(...)
+    { return EXPR; }` (KERNEL_kernel is the kernel). Empty when the code no
+    longer has that shape.
     """
     consts = {k: int(v) for k, v in re.findall(r"constexpr int (\w+) = (\d+);", source)}
-    dispatch = [(int(n), int(t)) for n, t in re.findall(r"if \(N <= (\d+)\) Launch<(\d+)>", source)]
-    last = re.search(r"else Launch<(\d+)>", source)
-    if not dispatch or not last:
+    rule = re.search(r"int state_per_lane\(int64_t N\) \{ return ([^;]+);", source)
+    if not rule or "kWarpsPerBlock" not in consts:
         return {}
-    dispatch.append((1 << 30, int(last.group(1))))
+    steps = re.findall(r"N <= (\d+) \? (\d+) :", rule.group(1))
+    last = re.search(r": (\d+)$", rule.group(1).strip())
+    if not steps or not last:
+        return {}
+    dispatch = [(int(n), int(t)) for n, t in steps] + [(1 << 30, int(last.group(1)))]
 
     def nper(N):
         return next(t for limit, t in dispatch if N <= limit)
 
     result = {}
-    for body in re.findall(r"struct Launch\w+ \{(.*?)\n\};", source, re.S):
-        launch = re.search(r"(\w+)<NPER><<<[^,]+,[^,]+,\s*(\w+)\s*,\s*s>>>", body)
-        if not launch or launch.group(2) == "0":
-            continue
-        expr = re.search(rf"const size_t {launch.group(2)} = ([^;]+);", body)
-        if not expr:
-            continue
-        text = expr.group(1).replace("sizeof(float)", "4").replace("P.chunk", "chunk").replace("P.N", "N")
+    for name, expr in re.findall(r"size_t (\w+)_smem_per_warp\(int64_t chunk, int nper\) \{\s*return ([^;]+);",
+                                 source):
+        text = expr.replace("sizeof(float)", "4")
         if not re.fullmatch(r"[\w\s*+()/-]+", text):
             continue
         code = compile(text, "<cuda smem>", "eval")
 
-        def size(N, chunk, code=code):
-            return int(eval(code, {"__builtins__": {}}, {**consts, "NPER": nper(N), "chunk": chunk, "N": N}))
-        result[launch.group(1)] = (size, nper)
+        def per_warp(N, chunk, code=code):
+            return int(eval(code, {"__builtins__": {}}, {**consts, "nper": nper(N), "chunk": chunk}))
+        result[f"{name}_kernel"] = (per_warp, nper, consts["kWarpsPerBlock"])
     return result
 
 
@@ -836,7 +836,7 @@ def render_text(report: dict) -> str:
                         body)
     ada = [r for r in report["triton"] if r["arch"] == 80 and (r.get("smem") or 0) > SMEM_LIMIT[89]]
     ada += [r for r in report["cuda"] if r.get("arch") == 80 and r.get("dynamic_smem")
-            and max(d["bytes"] for d in r["dynamic_smem"]) + (r.get("static_smem") or 0) > SMEM_LIMIT[89]]
+            and max(d["per_warp"] for d in r["dynamic_smem"]) + (r.get("static_smem") or 0) > SMEM_LIMIT[89]]
     if ada:
         lines += ["", f"over {SMEM_LIMIT[89] // 1024} KB of shared memory, the sm_86/sm_89 limit (these sm_80 "
                       "configurations would not launch on those GPUs):"]
@@ -1077,17 +1077,20 @@ def main(argv=None) -> int:
                        smem_limit=limit, **k)
             row["problems"] = check_limits(dict(regs=k["regs"], smem=k["static_smem"]), job["arch"], limit)
             if base in dyn and tmpl:
-                size, nper = dyn[base]
-                uses = sorted((N, ch, size(N, ch)) for N, ch in scan_chunks if nper(N) == int(tmpl.group(1)))
-                row["dynamic_smem"] = [dict(N=N, chunk=ch, bytes=b) for N, ch, b in uses]
-                if uses:
-                    worst = max(b for *_, b in uses)
-                    row["dynamic_smem_note"] = ", ".join(f"N={N}/chunk {ch}: {b / 1024:.1f} KB" for N, ch, b in uses)
-                    total = worst + (k["static_smem"] or 0)
-                    if total > limit:
-                        row["problems"].append(f"shared memory {total} B (dynamic, worst case) > {limit} B (sm_{job['arch']})")
-                else:
-                    row["dynamic_smem_note"] = "no launch in the checked shapes"
+                per_warp, nper, max_warps = dyn[base]
+                uses = sorted((N, ch) for N, ch in scan_chunks if nper(N) == int(tmpl.group(1)))
+                room = limit - (k["static_smem"] or 0)
+                row["dynamic_smem"] = []
+                for N, ch in uses:
+                    warps = min(max_warps, room // per_warp(N, ch))
+                    row["dynamic_smem"].append(dict(N=N, chunk=ch, per_warp=per_warp(N, ch), warps=warps,
+                                                    bytes=warps * per_warp(N, ch)))
+                    if warps == 0:
+                        row["problems"].append(f"N={N}/chunk {ch}: one warp needs {per_warp(N, ch)} B of "
+                                               f"shared memory > {room} B (sm_{job['arch']})")
+                row["dynamic_smem_note"] = ", ".join(
+                    f"N={d['N']}/chunk {d['chunk']}: {d['warps']} x {d['per_warp'] / 1024:.1f} KB"
+                    for d in row["dynamic_smem"]) or "no launch in the checked shapes"
             elif base in dyn:
                 row["dynamic_smem_note"] = "dynamic (template argument not read)"
             cuda_rows.append(row)

@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -146,8 +147,9 @@ struct Grad {
 template <int NPER>
 __global__ void backward_kernel(Params P, Grad G, In dout, const float* dlast, const float* states) {
   extern __shared__ float smem[];
+  // Warps per block vary with the device's shared memory (backward_warps).
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   if (w >= P.batch * P.dim) return;
   const int64_t b = w / P.dim, d = w % P.dim, bd = b * P.dim + d;
   const int64_t T = P.chunk, NP = NPER * kWarp;
@@ -282,11 +284,26 @@ void check_grid(const char* op, const Params& P) {
            int64_t{0x7fffffff} * kWarpsPerBlock, ")");
 }
 
-// Dynamic shared memory of the backward kernel for state entries per lane `nper`.
-size_t backward_smem(const Params& P, int nper) {
-  return sizeof(float) * kWarpsPerBlock * (2 * P.chunk * nper * kWarp + P.chunk);
+// Dynamic shared memory one warp of the backward kernel needs: a chunk's
+// states and decay factors ([chunk][nper * 32] each) and its C . x ([chunk]).
+size_t backward_smem_per_warp(int64_t chunk, int nper) {
+  return sizeof(float) * (2 * chunk * nper * kWarp + chunk);
 }
 int state_per_lane(int64_t N) { return N <= 32 ? 1 : N <= 64 ? 2 : N <= 128 ? 4 : 8; }
+
+// Warps per block of the backward: as many as the device's shared memory per
+// block holds, up to kWarpsPerBlock (large N needs 3 on sm_86/sm_89's 99 KB).
+int backward_warps(const char* op, const Params& P, int device, int64_t chunk_len) {
+  const size_t per_warp = backward_smem_per_warp(P.chunk, state_per_lane(P.N));
+  const int max_smem = fastvision::cuda::device_attribute(op, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  FV_CHECK(per_warp <= static_cast<size_t>(max_smem), op, "chunk_len = ", chunk_len, " with state size N = ",
+           P.N, " needs ", per_warp, " bytes of shared memory per warp in the CUDA backward; cuda:", device,
+           " has ", max_smem, " per block (use a smaller chunk_len, as fastvision.ops.scan_chunk_len(N) picks)");
+  const int warps = static_cast<int>(std::min<size_t>(kWarpsPerBlock, max_smem / per_warp));
+  FV_CHECK(ceil_div(P.batch * P.dim, warps) <= 0x7fffffff, op, "batch * dim = ", P.batch * P.dim,
+           " is too large for the CUDA backward's grid (at most ", int64_t{0x7fffffff} * warps, ")");
+  return warps;
+}
 
 template <template <int> class Launch, typename... Args>
 void by_state_size(int64_t N, Args&&... args) {
@@ -312,13 +329,15 @@ struct LaunchBi {
 };
 template <int NPER>
 struct LaunchBackward {
-  static void run(const Params& P, const Grad& G, In dout, const float* dlast, const float* st, cudaStream_t s) {
-    const size_t smem = backward_smem(P, NPER);
+  static void run(const Params& P, int warps, const Grad& G, In dout, const float* dlast, const float* st,
+                  cudaStream_t s) {
+    const size_t smem = warps * backward_smem_per_warp(P.chunk, NPER);
     if (smem > 48 * 1024)
       FV_CUDA_CHECK("selective_scan_bwd", cudaFuncSetAttribute(backward_kernel<NPER>,
                                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                               static_cast<int>(smem)));
-    backward_kernel<NPER><<<blocks_for(P.batch * P.dim), kWarpsPerBlock * kWarp, smem, s>>>(P, G, dout, dlast, st);
+    const unsigned blocks = static_cast<unsigned>(ceil_div(P.batch * P.dim, warps));
+    backward_kernel<NPER><<<blocks, warps * kWarp, smem, s>>>(P, G, dout, dlast, st);
   }
 };
 
@@ -384,15 +403,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
   ScanSizes s;
   const Params P = make_params(op, "", u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk, &s);
   check_backward(op, Backend::CUDA, s, chunk, dout, dlast_state, chunk_states, u);
-  check_grid(op, P);
   const int device = u.get_device_index();
   DeviceGuard guard(op, device);
   // The backward keeps a chunk's states in shared memory: chunk_len bounds it.
-  const size_t smem = backward_smem(P, state_per_lane(P.N));
-  const int max_smem = fastvision::cuda::device_attribute(op, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  FV_CHECK(smem <= static_cast<size_t>(max_smem), op, "chunk_len = ", chunk_len, " with state size N = ", P.N,
-           " needs ", smem, " bytes of shared memory per block in the CUDA backward; cuda:", device, " has ",
-           max_smem, " (use a smaller chunk_len, as fastvision.ops.scan_chunk_len(N) picks)");
+  const int warps = backward_warps(op, P, device, chunk_len);
   const ScalarType f32 = ScalarType::Float;
   Tensor du = alloc_zeros(op, "du", u, sizes_of(u), u.scalar_type());
   Tensor ddelta = alloc_zeros(op, "ddelta", delta, sizes_of(delta), delta.scalar_type());
@@ -408,7 +422,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
            dA.mutable_data_ptr<float>(), dD.mutable_data_ptr<float>(), dbias.mutable_data_ptr<float>(),
            dB.mutable_data_ptr<float>(), dC.mutable_data_ptr<float>()};
     const float* dlast = dlast_state.has_value() ? dlast_state->const_data_ptr<float>() : nullptr;
-    by_state_size<LaunchBackward>(P.N, P, G, in(dout), dlast, chunk_states.const_data_ptr<float>(),
+    by_state_size<LaunchBackward>(P.N, P, warps, G, in(dout), dlast, chunk_states.const_data_ptr<float>(),
                                   current_stream(op, device));
     FV_CUDA_CHECK(op, cudaGetLastError());
   }
