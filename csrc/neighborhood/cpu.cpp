@@ -513,7 +513,17 @@ FV_CPU_CLONES void forward_task(const Problem& p, const FwdArgs<T>& a, int64_t b
     T* o = a.out + row * Dv;
 #pragma omp simd
     for (int64_t e = 0; e < Dv; ++e) o[e] = acc[e] * inv;
-    a.lse[row] = mx + std::log(sum);
+    T lse = mx + std::log(sum);
+    if (!(mx < std::numeric_limits<T>::infinity() && mx > -std::numeric_limits<T>::infinity())) {
+      // A +inf logit or an all -inf (or all NaN) window: logsumexp as torch
+      // computes it there, log(sum exp(S)) without the shift (+inf, -inf,
+      // or NaN when a logit is NaN), from the logits recomputed.
+      dots<T, KD>(a.q + row * D, kb, off, n, D, sc);
+      T total = 0;
+      for (int64_t m = 0; m < n; ++m) total += std::exp(logit(sc[m], scale, bias[m]));
+      lse = std::log(total);
+    }
+    a.lse[row] = lse;
   }
 }
 
