@@ -414,10 +414,11 @@ struct BlockGrads {
   std::vector<acc> xs, as;           // [T][N][W] recomputed states and decays
   std::vector<acc> dy, dz, du, ddt;  // [T][W]; dy: d y_t, ddt: d delta
   std::vector<acc> dA;               // [N][W]
+  std::vector<acc> carry_in;         // [N][W] the adjoint carried into a step (rare path)
   acc dD[W], dbias[W];
   explicit BlockGrads(const Geometry& g)
       : xs(g.chunk * g.N * W), as(g.chunk * g.N * W), dy(g.chunk * W), dz(g.chunk * W),
-        du(g.chunk * W), ddt(g.chunk * W), dA(g.N * W) {}
+        du(g.chunk * W), ddt(g.chunk * W), dA(g.N * W), carry_in(g.N * W) {}
 };
 
 // d y_t and d z_t of a block from d out_t, through the gate.
@@ -465,8 +466,13 @@ FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>
     const acc *dt = k.dt.data() + s * W, *u = k.u.data() + s * W, *dy = r.dy.data() + s * W;
     acc *dBs = dB.at(s), *dCs = dC.at(s);
     acc su[W], hB[W] = {}, hAx[W] = {};  // sum_n h B, sum_n A h exp(dt A) x_{t-1}
-#pragma omp simd
-    for (int64_t l = 0; l < W; ++l) su[l] = dt[l] * u[l];
+    int odd = 0;  // a lane with an infinite or NaN step (see below)
+#pragma omp simd reduction(| : odd)
+    for (int64_t l = 0; l < W; ++l) {
+      su[l] = dt[l] * u[l];
+      odd |= !(dt[l] - dt[l] == acc(0));
+    }
+    if (odd) std::copy(carry, carry + N * W, r.carry_in.data());
     for (int64_t n = 0; n < N; ++n) {
       const int64_t i = n * W;
 #pragma omp simd
@@ -490,6 +496,17 @@ FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>
       r.dbias[l] += ddt;
       r.dD[l] += dy[l] * u[l];
     }
+    // du is dt * sum_n h B above; with dt infinite the reference's
+    // sum_n h (dt B) is NaN where the terms' signs differ, so lanes with a
+    // non-finite step (rare) take that sum term by term.
+    if (odd)
+      for (int64_t l = 0; l < W; ++l) {
+        if (dt[l] - dt[l] == acc(0)) continue;
+        acc du = 0;
+        for (int64_t n = 0; n < N; ++n)
+          du += (dy[l] * Cs[n * W + l] + r.carry_in[n * W + l]) * (dt[l] * Bs[n * W + l]);
+        r.du[s * W + l] = du + dy[l] * k.D[l];
+      }
   }
 }
 
