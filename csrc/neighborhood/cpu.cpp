@@ -14,19 +14,34 @@
 // kept), then the weighted sum of value rows in registers. Only out and the
 // logsumexp (lse) are stored.
 //
-// Backward (recomputes from out and lse; Delta_i = rowsum(dout_i * out_i) - dlse_i,
-// P = exp(S - lse), dS = P * (dP - Delta)):
-//  1. query pass, tasks of (batch, head, run of queries): Delta, dquery =
+// Backward (recomputes P from the inputs and lse; dS = P * ((dP - Delta) + dlse),
+// Delta_i = sum_j P_ij dP_ij):
+//  1. query pass, tasks of (batch, head, run of queries): the window's
+//     weights exp(S_ij - lse_i), their sum (P = weight / sum; the normaliser
+//     is stored per row), dP, Delta (stored), dquery =
 //     scale * sum_j dS_ij k_j, and the rpb gradient (sum of dS by bias index)
 //     into per-slot partial buffers (a slot is a fixed group of tasks; memory
 //     slots * heads * prod(2k - 1), independent of the input size), summed
 //     at the end;
 //  2. key pass, tasks of (batch, kv head, run of keys): each key walks its
 //     inverse window for every query head sharing the kv head, recomputes
-//     P and dS there and accumulates dkey = scale * sum_i dS_ij q_i and
+//     P = exp(S_ij - lse_i) / sum_i and dS there and accumulates dkey = scale * sum_i dS_ij q_i and
 //     dvalue = sum_i P_ij dout_i. Each key row is written by exactly one
 //     task: no races, no atomics, no O(queries * window) buffers. (The price:
 //     the logits and dP are computed twice, once per pass.)
+//
+// Consistency at the edges. Every logit is dot(q, k) * scale + bias and every
+// dP is dot(dout, v), through one dot product whose rounding does not depend
+// on the call site or on which operand comes first (eight lane sums by
+// element index, one fixed reduction tree), so the forward, the query pass
+// and the key pass compute bit-identical S and dP. The backward uses lse
+// only as a shift: P = exp(S - lse) / sum_j exp(S_j - lse), renormalised by
+// the query pass (which stores the normaliser and Delta = sum_j P_j dP_j for
+// the key pass; out is not used), so lse's rounding (to the logits'
+// magnitude in fp32: 1e-4-1e-3 at logits ~1e3-1e4) cancels out of P. Where
+// the softmax saturates (one logit far above the rest) lse == S_max, P_max
+// is exactly 1, Delta == dP_max and dS_max == dlse exactly, as in autograd
+// through the reference.
 //
 // float and double kernels; half and bfloat16 are widened to float on entry
 // (fp32 accumulation; a float copy of the inputs) and outputs narrowed on exit.
@@ -221,15 +236,38 @@ FV_INLINE v8f reduce8(const v8f a[8]) {
 template <typename T, int KD>
 inline constexpr bool kVector = KD > 0 && KD % 8 == 0 && std::is_same_v<T, float>;
 
+// a . b in a fixed order: eight lane sums s_l = sum of a[e] * b[e] over
+// e = l (mod 8), each from zero, then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) +
+// (s6 + s7)). The rounding depends neither on the call site nor on which
+// operand is which (products commute), and it is the order of the vector
+// path of dots below, so every pass gets the same bits for one (query, key).
 template <typename T>
 FV_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t e = 0; e < n; ++e) s += a[e] * b[e];
-  return s;
+  T s[8] = {};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) s[l] += a[e + l] * b[e + l];
+  }
+  for (int l = 0; e + l < n; ++l) s[l] += a[e + l] * b[e + l];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-// out[m] = x . base[off[m] : off[m] + len] for m < n.
+// A logit from its raw dot product: every pass rounds it the same way
+// (bias is 0 without rpb, so the expression, and so its rounding, is the same).
+template <typename T>
+FV_INLINE T logit(T raw, T scale, T bias) {
+  return raw * scale + bias;
+}
+// The unnormalised softmax weight of a logit, exp(S - c) for a row's shift c.
+template <typename T>
+FV_INLINE T weight(T raw, T scale, T bias, T c) {
+  return exp_fast(logit(raw, scale, bias) - c);
+}
+
+// out[m] = x . base[off[m] : off[m] + len] for m < n, rounded as dot() does
+// (lane sums from zero, one fixed tree): a row gets the same bits whether it
+// falls in a full block of eight or in the tail, and whichever operand is x.
 template <typename T, int KD>
 FV_INLINE void dots(const T* __restrict x, const T* __restrict base, const int64_t* __restrict off,
                     int64_t n, int64_t len, T* __restrict out) {
@@ -244,9 +282,12 @@ FV_INLINE void dots(const T* __restrict x, const T* __restrict base, const int64
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
         const float* __restrict row = base + off[m + r];
-        acc[r] = xv[0] * load8(row);
+        // From zero, as the tail below: starting from the first product
+        // would let the compiler fuse a different multiply into the first
+        // add (x0 r0 + round(x1 r1) instead of round(x0 r0) + x1 r1).
+        acc[r] = v8f{};
 #pragma GCC unroll 16
-        for (int t = 1; t < V; ++t) acc[r] += xv[t] * load8(row + 8 * t);
+        for (int t = 0; t < V; ++t) acc[r] += xv[t] * load8(row + 8 * t);
       }
       store8(out + m, reduce8(acc));
     }
@@ -307,14 +348,16 @@ FV_INLINE void weighted_rows(const T* __restrict w, const int64_t* __restrict of
 }
 
 // Per-thread scratch of the task functions: window- (or inverse-window-)
-// sized rows and head_dim-sized accumulators.
+// sized rows and head_dim-sized accumulators. Zero-filled: without rpb,
+// `bias` stays zero (the logits are then dot * scale + 0, rounded as dot * scale).
 template <typename T>
 struct Scratch {
-  std::vector<T> s, dp, pr, bias, sub, qs, acc, acc2;
+  std::vector<T> s, dp, pr, bias, sub, shift, rinv, dl, acc, acc2;
   std::vector<int64_t> off, off2, ridx;
   Scratch(int64_t window, int64_t D, int64_t Dv)
-      : s(window), dp(window), pr(window), bias(window), sub(window), qs(D),
-        acc(std::max(D, Dv)), acc2(std::max(D, Dv)), off(window), off2(window), ridx(window) {}
+      : s(window), dp(window), pr(window), bias(window), sub(window), shift(window), rinv(window),
+        dl(window), acc(std::max(D, Dv)), acc2(std::max(D, Dv)), off(window), off2(window),
+        ridx(window) {}
 };
 
 // Walks the positions of the padded 3-D grid in visit order: row-major over
@@ -402,29 +445,25 @@ FV_CPU_CLONES void forward_task(const Problem& p, const FwdArgs<T>& a, int64_t b
   const T* vb = a.v + b * p.N * vs + hk * Dv;
   const T* rb = a.rpb ? a.rpb + h * p.R[0] * p.R[1] * p.R[2] : nullptr;
   const T scale = static_cast<T>(p.scale);
-  T *sc = w_.s.data(), *bias = w_.bias.data(), *qs = w_.qs.data(), *acc = w_.acc.data();
+  T *sc = w_.s.data(), *bias = w_.bias.data(), *acc = w_.acc.data();
   int64_t *off = w_.off.data(), *off2 = w_.off2.data();
   Cursor cur(p, i0);
   for (int64_t t = i0; t < i1; ++t, cur.next()) {
     const int64_t i = cur.pos, *c = cur.c;
     const AxisRun w[3] = {p.win[0][c[0]], p.win[1][c[1]], p.win[2][c[2]]};
     const int64_t row = (b * p.N + i) * p.H + h;
-    const T* qi = a.q + row * D;
-#pragma omp simd
-    for (int64_t e = 0; e < D; ++e) qs[e] = qi[e] * scale;
     const int64_t n = for_each(p, w, 1, [&](int64_t m, int64_t j, int64_t r) FV_LAMBDA_INLINE {
       off[m] = j * ks;
       off2[m] = j * vs;
-      if (rb) bias[m] = rb[r];
+      if (rb) bias[m] = rb[r];  // else the scratch's zeros
     });
-    dots<T, KD>(qs, kb, off, n, D, sc);
-    if (rb) {
-#pragma omp simd
-      for (int64_t m = 0; m < n; ++m) sc[m] += bias[m];
-    }
+    dots<T, KD>(a.q + row * D, kb, off, n, D, sc);
     T mx = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mx)
-    for (int64_t m = 0; m < n; ++m) mx = sc[m] > mx ? sc[m] : mx;
+    for (int64_t m = 0; m < n; ++m) {
+      sc[m] = logit(sc[m], scale, bias[m]);
+      mx = sc[m] > mx ? sc[m] : mx;
+    }
     // An all -inf window (only from -inf inputs) gives NaN, like the reference.
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -437,7 +476,17 @@ FV_CPU_CLONES void forward_task(const Problem& p, const FwdArgs<T>& a, int64_t b
     T* o = a.out + row * Dv;
 #pragma omp simd
     for (int64_t e = 0; e < Dv; ++e) o[e] = acc[e] * inv;
-    a.lse[row] = mx + std::log(sum);
+    T lse = mx + std::log(sum);
+    if (!(mx < std::numeric_limits<T>::infinity() && mx > -std::numeric_limits<T>::infinity())) {
+      // A +inf logit or an all -inf (or all NaN) window: logsumexp as torch
+      // computes it there, log(sum exp(S)) without the shift (+inf, -inf,
+      // or NaN when a logit is NaN), from the logits recomputed.
+      dots<T, KD>(a.q + row * D, kb, off, n, D, sc);
+      T total = 0;
+      for (int64_t m = 0; m < n; ++m) total += std::exp(logit(sc[m], scale, bias[m]));
+      lse = std::log(total);
+    }
+    a.lse[row] = lse;
   }
 }
 
@@ -470,14 +519,21 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const Tensor& q, const
 // ---------------------------------------------------------------------------
 // Backward.
 
+// Per query row, written by the query pass for the key pass, side by side
+// (one cache line per row): the shift c (the forward's lse), the normaliser
+// 1 / sum_j exp(S_j - c), Delta = sum_j P_j dP_j, and dlse (0 without it).
+enum RowStat { kShift, kInv, kDelta, kDlse, kRowStat };
+
 template <typename T>
 struct BwdArgs {
   const T *q, *k, *v, *rpb, *out, *dout, *lse, *dlse;
-  T *delta, *dq, *dk, *dv;
+  T *stat, *dq, *dk, *dv;  // stat: kRowStat values per row
 };
 
-// Query pass over queries [i0, i1) of (b, h): Delta, dquery, rpb gradient
-// (added into drpb, this slot's partial for head h).
+// Query pass over queries [i0, i1) of (b, h): the window's weights
+// exp(S - lse) and their sum (the row's normaliser), P, dP, Delta (stored
+// with the normaliser for the key pass), dquery, rpb gradient (added into
+// drpb, this slot's partial for head h).
 template <typename T, int KD>
 FV_CPU_CLONES void backward_query_task(const Problem& p, const BwdArgs<T>& a, int64_t b, int64_t h,
                                        int64_t i0, int64_t i1, T* drpb, Scratch<T>& w_) {
@@ -487,7 +543,7 @@ FV_CPU_CLONES void backward_query_task(const Problem& p, const BwdArgs<T>& a, in
   const T* vb = a.v + b * p.N * vs + hk * Dv;
   const T* rb = a.rpb ? a.rpb + h * p.R[0] * p.R[1] * p.R[2] : nullptr;
   const T scale = static_cast<T>(p.scale);
-  T *sc = w_.s.data(), *dp = w_.dp.data(), *bias = w_.bias.data(), *qs = w_.qs.data();
+  T *sc = w_.s.data(), *dp = w_.dp.data(), *bias = w_.bias.data();
   T* acc = w_.acc.data();
   int64_t *off = w_.off.data(), *off2 = w_.off2.data(), *ridx = w_.ridx.data();
   Cursor cur(p, i0);
@@ -496,25 +552,44 @@ FV_CPU_CLONES void backward_query_task(const Problem& p, const BwdArgs<T>& a, in
     const AxisRun w[3] = {p.win[0][c[0]], p.win[1][c[1]], p.win[2][c[2]]};
     const int64_t row = (b * p.N + i) * p.H + h;
     const T* go = a.dout + row * Dv;
-    const T delta = dot(go, a.out + row * Dv, Dv) - (a.dlse ? a.dlse[row] : T(0));
-    a.delta[row] = delta;
-    const T lse = a.lse[row];
-    const T* qi = a.q + row * D;
-#pragma omp simd
-    for (int64_t e = 0; e < D; ++e) qs[e] = qi[e] * scale;
     const int64_t n = for_each(p, w, 1, [&](int64_t m, int64_t j, int64_t r) FV_LAMBDA_INLINE {
       off[m] = j * ks;
       off2[m] = j * vs;
-      ridx[m] = r;
+      if (rb) {
+        ridx[m] = r;
+        bias[m] = rb[r];
+      }
     });
-    dots<T, KD>(qs, kb, off, n, D, sc);
+    dots<T, KD>(a.q + row * D, kb, off, n, D, sc);
     dots<T, KD>(go, vb, off2, n, Dv, dp);
-    if (rb)
-      for (int64_t m = 0; m < n; ++m) bias[m] = rb[ridx[m]] - lse;
-    else
-      std::fill(bias, bias + n, -lse);
+    // The lse is only a shift: the weights are renormalised by their own
+    // sum, so its rounding cancels out of P.
+    const T shift = a.lse[row];
+    T sum = 0, edp = 0;
+#pragma omp simd reduction(+ : sum, edp)
+    for (int64_t m = 0; m < n; ++m) {
+      sc[m] = weight(sc[m], scale, bias[m], shift);
+      sum += sc[m];
+      edp += sc[m] * dp[m];
+    }
+    const T inv = T(1) / sum;
+    const T delta = edp * inv;  // sum_j P_j dP_j
+    const T dl = a.dlse ? a.dlse[row] : T(0);
+    T* st = a.stat + row * kRowStat;
+    st[kShift] = shift;
+    st[kInv] = inv;
+    st[kDelta] = delta;
+    st[kDlse] = dl;
+    // dS = P (dP - Delta) + P dlse with P = weight / sum, as the key pass
+    // computes it: a saturated row (P = 1 and 0s, dP == Delta) gives
+    // exactly dlse and 0s.
+    if (a.dlse) {
 #pragma omp simd
-    for (int64_t m = 0; m < n; ++m) sc[m] = exp_fast(sc[m] + bias[m]) * (dp[m] - delta);  // dS
+      for (int64_t m = 0; m < n; ++m) sc[m] = (sc[m] * inv) * ((dp[m] - delta) + dl);
+    } else {
+#pragma omp simd
+      for (int64_t m = 0; m < n; ++m) sc[m] = (sc[m] * inv) * (dp[m] - delta);
+    }
     weighted_rows<T, KD>(sc, off, n, kb, D, acc, false);
     if (rb)
       for (int64_t m = 0; m < n; ++m) drpb[ridx[m]] += sc[m];
@@ -526,7 +601,8 @@ FV_CPU_CLONES void backward_query_task(const Problem& p, const BwdArgs<T>& a, in
 
 // Key pass over keys [j0, j1) of (b, kv head hk): dkey, dvalue from the
 // queries of every head sharing hk whose window holds the key. Per head: the
-// logits and dP of all those queries (dot products), then P and dS in one
+// logits and dP of all those queries (dot products), then P (with each
+// query row's shift and normaliser from the query pass) and dS in one
 // vectorised loop, then the weighted sums of their query and dout rows.
 template <typename T, int KD>
 FV_CPU_CLONES void backward_key_task(const Problem& p, const BwdArgs<T>& a, int64_t b, int64_t hk,
@@ -535,7 +611,8 @@ FV_CPU_CLONES void backward_key_task(const Problem& p, const BwdArgs<T>& a, int6
   const int64_t ks = p.Hkv * D, vs = p.Hkv * Dv;
   const T scale = static_cast<T>(p.scale);
   T *sc = w_.s.data(), *dp = w_.dp.data(), *pr = w_.pr.data(), *bias = w_.bias.data();
-  T *sub = w_.sub.data(), *dkacc = w_.acc.data(), *dvacc = w_.acc2.data();
+  T *sub = w_.sub.data(), *shift = w_.shift.data(), *rinv = w_.rinv.data(), *dl = w_.dl.data();
+  T *dkacc = w_.acc.data(), *dvacc = w_.acc2.data();
   int64_t *off = w_.off.data(), *off2 = w_.off2.data();
   Cursor cur(p, j0);
   for (int64_t t = j0; t < j1; ++t, cur.next()) {
@@ -548,17 +625,29 @@ FV_CPU_CLONES void backward_key_task(const Problem& p, const BwdArgs<T>& a, int6
       const T* rb = a.rpb ? a.rpb + h * p.R[0] * p.R[1] * p.R[2] : nullptr;
       const int64_t n = for_each(p, w, -1, [&](int64_t m, int64_t i, int64_t r) FV_LAMBDA_INLINE {
         const int64_t row = (b * p.N + i) * H + h;
+        const T* st = a.stat + row * kRowStat;
         off[m] = row * D;
         off2[m] = row * Dv;
-        bias[m] = (rb ? rb[r] : T(0)) - a.lse[row];
-        sub[m] = a.delta[row];
+        if (rb) bias[m] = rb[r];  // else the scratch's zeros
+        shift[m] = st[kShift];
+        rinv[m] = st[kInv];
+        sub[m] = st[kDelta];
+        if (a.dlse) dl[m] = st[kDlse];
       });
       dots<T, KD>(kj, a.q, off, n, D, sc);
       dots<T, KD>(vj, a.dout, off2, n, Dv, dp);
+      if (a.dlse) {
 #pragma omp simd
-      for (int64_t m = 0; m < n; ++m) {
-        pr[m] = exp_fast(sc[m] * scale + bias[m]);
-        sc[m] = pr[m] * (dp[m] - sub[m]);  // dS
+        for (int64_t m = 0; m < n; ++m) {
+          pr[m] = weight(sc[m], scale, bias[m], shift[m]) * rinv[m];
+          sc[m] = pr[m] * ((dp[m] - sub[m]) + dl[m]);  // dS
+        }
+      } else {
+#pragma omp simd
+        for (int64_t m = 0; m < n; ++m) {
+          pr[m] = weight(sc[m], scale, bias[m], shift[m]) * rinv[m];
+          sc[m] = pr[m] * (dp[m] - sub[m]);  // dS
+        }
       }
       weighted_rows<T, KD>(sc, off, n, a.q, D, dkacc, accumulate);
       weighted_rows<T, KD>(pr, off2, n, a.dout, Dv, dvacc, accumulate);
@@ -583,11 +672,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
   Tensor dq = alloc_empty(p.op, "dquery", q, sizes_of(q), t);
   Tensor dk = alloc_empty(p.op, "dkey", k, sizes_of(k), t);
   Tensor dv = alloc_empty(p.op, "dvalue", v, sizes_of(v), t);
-  Tensor delta = alloc_empty(p.op, "rowsum(dout * out) scratch", lse, sizes_of(lse), t);
+  std::vector<T> stat = host_vector<T>(p.op, "row statistics", lse.numel() * kRowStat, T(0));
   BwdArgs<T> a{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                rpb ? rpb->const_data_ptr<T>() : nullptr, out.const_data_ptr<T>(),
                dout.const_data_ptr<T>(), lse.const_data_ptr<T>(),
-               dlse ? dlse->const_data_ptr<T>() : nullptr, delta.mutable_data_ptr<T>(),
+               dlse ? dlse->const_data_ptr<T>() : nullptr, stat.data(),
                dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>()};
 
   // 1. Query pass. With rpb, tasks are grouped into a fixed number of slots,
@@ -601,7 +690,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
                                   : std::max<int64_t>(tasks, 1);
   std::vector<T> drpb_part = host_vector<T>(p.op, "drpb partial sums", p.has_rpb ? slots * p.H * R : 0, T(0));
   const int64_t active_slots = tasks > 0 ? slots : 0;
-  // 2. Key pass, after the query pass (it reads Delta).
+  // 2. Key pass, after the query pass (it reads each row's stats).
   const int64_t krun = run_length(p.B * p.Hkv, p.N), kruns = ceil_div(p.N, krun);
   with_head_dim<T>(p, [&](auto kd) {
     constexpr int KD = decltype(kd)::value;

@@ -325,10 +325,11 @@ struct BlockGrads {
   std::vector<acc> xs, as;           // [T][N][W] recomputed states and decays
   std::vector<acc> dy, dz, du, ddt;  // [T][W]; dy: d y_t, ddt: d delta
   std::vector<acc> dA;               // [N][W]
+  std::vector<acc> carry_in;         // [N][W] the adjoint carried into a step (rare path)
   acc dD[W], dbias[W];
   explicit BlockGrads(const Geometry& g)
       : xs(g.chunk * g.N * W), as(g.chunk * g.N * W), dy(g.chunk * W), dz(g.chunk * W),
-        du(g.chunk * W), ddt(g.chunk * W), dA(g.N * W) {}
+        du(g.chunk * W), ddt(g.chunk * W), dA(g.N * W), carry_in(g.N * W) {}
 };
 
 // d y_t and d z_t of a block from d out_t, through the gate.
@@ -355,10 +356,16 @@ FV_CPU_CLONES_512 void gate_block_grad(int64_t count, bool has_z, const Block<ac
 // The adjoint recurrence of one block over a chunk, steps in reverse. `carry`
 // ([N][W]) is the adjoint flowing into x_t from step t+1; the dB / dC rows
 // are accumulated (per step for a variable B/C, one row for a constant one).
+// x0 ([N][W]) is the state before the chunk's first step: the gradients of
+// exp(dt A) read the previous state itself, x_{t-1} (r.xs of the step before,
+// x0 for the first), never x_t - dt B u, which cancels catastrophically when
+// exp(dt A) x_{t-1} is small next to dt B u (large dt) and is NaN for every
+// later step once one u is NaN.
 template <typename acc>
 FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>& k,
-                                      StepRows<const acc> B, StepRows<const acc> C, acc* carry,
-                                      StepRows<acc> dB, StepRows<acc> dC, BlockGrads<acc>& r) {
+                                      StepRows<const acc> B, StepRows<const acc> C, const acc* x0,
+                                      acc* carry, StepRows<acc> dB, StepRows<acc> dC,
+                                      BlockGrads<acc>& r) {
   const acc* A = k.A.data();
   acc* dA = r.dA.data();
   std::fill(r.dA.begin(), r.dA.end(), acc(0));
@@ -366,17 +373,23 @@ FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>
   std::fill(r.dbias, r.dbias + W, acc(0));
   for (int64_t s = count - 1; s >= 0; --s) {
     const acc *Bs = B.at(s), *Cs = C.at(s), *xt = r.xs.data() + s * N * W, *at_ = r.as.data() + s * N * W;
+    const acc* xp = s > 0 ? xt - N * W : x0;  // x_{t-1}
     const acc *dt = k.dt.data() + s * W, *u = k.u.data() + s * W, *dy = r.dy.data() + s * W;
     acc *dBs = dB.at(s), *dCs = dC.at(s);
-    acc su[W], hB[W] = {}, hAx[W] = {};  // sum_n h B, sum_n h A x_decayed
-#pragma omp simd
-    for (int64_t l = 0; l < W; ++l) su[l] = dt[l] * u[l];
+    acc su[W], hB[W] = {}, hAx[W] = {};  // sum_n h B, sum_n A h exp(dt A) x_{t-1}
+    int odd = 0;  // a lane with an infinite or NaN step (see below)
+#pragma omp simd reduction(| : odd)
+    for (int64_t l = 0; l < W; ++l) {
+      su[l] = dt[l] * u[l];
+      odd |= !(dt[l] - dt[l] == acc(0));
+    }
+    if (odd) std::copy(carry, carry + N * W, r.carry_in.data());
     for (int64_t n = 0; n < N; ++n) {
       const int64_t i = n * W;
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
         const acc h = dy[l] * Cs[i + l] + carry[i + l];        // adjoint of x_t
-        const acc hx = h * (xt[i + l] - su[l] * Bs[i + l]);    // h * exp(dt A) x_{t-1}
+        const acc hx = (h * xp[i + l]) * at_[i + l];           // adjoint of dt A
         dCs[i + l] += dy[l] * xt[i + l];
         dBs[i + l] += h * su[l];
         dA[i + l] += dt[l] * hx;
@@ -394,6 +407,17 @@ FV_CPU_CLONES_512 void backward_block(int64_t N, int64_t count, const Block<acc>
       r.dbias[l] += ddt;
       r.dD[l] += dy[l] * u[l];
     }
+    // du is dt * sum_n h B above; with dt infinite the reference's
+    // sum_n h (dt B) is NaN where the terms' signs differ, so lanes with a
+    // non-finite step (rare) take that sum term by term.
+    if (odd)
+      for (int64_t l = 0; l < W; ++l) {
+        if (dt[l] - dt[l] == acc(0)) continue;
+        acc du = 0;
+        for (int64_t n = 0; n < N; ++n)
+          du += (dy[l] * Cs[n * W + l] + r.carry_in[n * W + l]) * (dt[l] * Bs[n * W + l]);
+        r.du[s * W + l] = du + dy[l] * k.D[l];
+      }
   }
 }
 
@@ -422,7 +446,7 @@ void backward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, 
       const int64_t d = t.d0 + blk * W;
       rows_to_lanes(dlast + (t.b * g.dim + d) * N, N, N, std::min(W, t.d1 - d), carry.data() + blk * NW);
     }
-  std::vector<acc> Bw(g.var_B ? T * NW : 0), Cw(g.var_C ? T * NW : 0), x(NW);
+  std::vector<acc> Bw(g.var_B ? T * NW : 0), Cw(g.var_C ? T * NW : 0), x(NW), x0(NW);
   // Gradients of B / C: per-lane partials, for the chunk when variable (summed
   // over lanes once per chunk), for the block when constant.
   std::vector<acc> dBw(g.var_B ? T * NW : NW), dCw(g.var_C ? T * NW : NW);
@@ -442,14 +466,15 @@ void backward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, 
       const int64_t d = t.d0 + blk * W, lanes = std::min(W, t.d1 - d), bd = t.b * g.dim + d;
       load_block(dir, g, t.b, d, lanes, p0, count, &dout, k);
       if (c > 0)
-        rows_to_lanes(states + (bd * g.nchunks + c - 1) * N, g.nchunks * N, N, lanes, x.data());
+        rows_to_lanes(states + (bd * g.nchunks + c - 1) * N, g.nchunks * N, N, lanes, x0.data());
       else
-        std::fill(x.begin(), x.end(), acc(0));
+        std::fill(x0.begin(), x0.end(), acc(0));
+      std::copy(x0.begin(), x0.end(), x.begin());
       scan_block<acc, true>(N, count, k, B, C, x.data(), r.xs.data(), r.as.data());
       gate_block_grad(count, dir.z != nullptr, k, r);
       if (!g.var_B) std::fill(dBw.begin(), dBw.end(), acc(0));
       if (!g.var_C) std::fill(dCw.begin(), dCw.end(), acc(0));
-      backward_block(N, count, k, B, C, carry.data() + blk * NW, dB, dC, r);
+      backward_block(N, count, k, B, C, x0.data(), carry.data() + blk * NW, dB, dC, r);
 
       const int64_t row = bd * g.L + g.time_of(p0, dir.reverse);
       store_rows(r.du.data(), count, lanes, gr.du + row, g.L, step, false);

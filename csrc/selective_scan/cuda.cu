@@ -168,11 +168,11 @@ __global__ void backward_kernel(Params P, Grad G, In dout, const float* dlast, c
   float dD = 0.f, dbias = 0.f;
   for (int64_t c = P.nchunks - 1; c >= 0; --c) {
     const int64_t p0 = c * T, count = min(T, P.L - p0);
-    float x[NPER];
+    float x[NPER], x0[NPER];  // x0: the state before the chunk
 #pragma unroll
     for (int j = 0; j < NPER; ++j) {
       const int64_t n = lane + j * kWarp;
-      x[j] = (c > 0 && n < P.N) ? states[(bd * P.nchunks + c - 1) * P.N + n] : 0.f;
+      x[j] = x0[j] = (c > 0 && n < P.N) ? states[(bd * P.nchunks + c - 1) * P.N + n] : 0.f;
     }
     for (int64_t s = 0; s < count; ++s) {  // recompute the chunk
       const int64_t t = P.reverse ? P.L - 1 - (p0 + s) : p0 + s;
@@ -214,14 +214,19 @@ __global__ void backward_kernel(Params P, Grad G, In dout, const float* dlast, c
           const int64_t ib = bc_index(P.var_B, P.groups_B, P, b, d, n, t);
           const int64_t ic = bc_index(P.var_C, P.groups_C, P, b, d, n, t);
           const float Bv = P.B[ib], Cv = P.C[ic], xt = xs[s * NP + n];
+          // x_{t-1} itself (not x_t - step u B, which cancels at large
+          // steps and is NaN after a NaN u): the previous step's state, or
+          // the chunk's start state for its first step.
+          const float xp = s > 0 ? xs[(s - 1) * NP + n] : x0[j];
+          const float a = as[s * NP + n];
           const float h = dy * Cv + k[j];
-          const float x_decayed = xt - step_u * Bv;
-          dstep += h * (A[j] * x_decayed + Bv * uu);
-          dA[j] += h * step * x_decayed;
+          const float hx = (h * xp) * a;  // adjoint of step * A
+          dstep += A[j] * hx + (h * uu) * Bv;
+          dA[j] += step * hx;
           du += h * step * Bv;
           if (P.var_B) atomicAdd(G.dB + ib, h * step_u); else dBc[j] += h * step_u;
           if (P.var_C) atomicAdd(G.dC + ic, dy * xt); else dCc[j] += dy * xt;
-          k[j] = h * as[s * NP + n];
+          k[j] = h * a;
         }
       }
       dstep = warp_sum(dstep);

@@ -26,18 +26,45 @@ Forward
     QK^T and PV with tl.dot (head dims padded to a power of two >= 16 with
     masks; Dv may differ from D). Writes out and the float32 logsumexp.
 
-Backward (recomputes P from out and lse; no k^d-sized tensor is stored)
-    ``_na_bwd_pre_kernel``: Dm_i = rowsum(dout_i * out_i) - dlse_i, so that
-    dS = P * (dP - Dm) covers both out's and lse's gradients.
-    ``_na_bwd_dq_kernel``: over query tiles, like the forward; dq = scale dS K.
-    drpb is accumulated there with atomic adds into a float32 buffer of
-    partials, one (H, R) table per batch element (summed by the launcher).
+Backward (recomputes P; no k^d-sized tensor is stored)
+    ``_na_bwd_dq_kernel``: over query tiles, like the forward, in two passes
+    over the key blocks. Pass 1 recomputes each row's max logit m, its
+    normaliser l and the key of the max (argmax), then Delta_i =
+    rowsum(dout_i * out_i) and dS at the argmax, P_max (dP_max - Delta +
+    dlse) with P_max = 1 / l and dP_max by the same rowsum over that key's
+    value row. Pass 2: P = exp2(S - m) / l, dS = P (dP - Delta + dlse) (the
+    argmax's from pass 1), dq = scale dS K; drpb is accumulated there with
+    atomic adds into a float32 buffer of partials, one (H, R) table per
+    batch element (summed by the launcher). The row statistics go to a
+    buffer for the next kernel.
     ``_na_bwd_dkdv_kernel``: over key tiles of one kv head. The queries whose
     windows meet a key tile form, per axis, the range [first i with
     end(i) > first key, first i with start(i) > last key), found by binary
     search on the (monotone) rule; the program walks that region in query
     blocks for every query head of its GQA group and owns its dk/dv rows, so
-    no atomics are needed for dk/dv.
+    no atomics are needed for dk/dv. P and dS come from the rows' statistics;
+    at each row's argmax it takes P_max and dS_max as the dq kernel stored
+    them.
+
+Saturated softmax (one logit far above the rest, e.g. logits ~1e3-1e4)
+    The exact gradient at the max key is then tiny, and autograd through the
+    reference gets it exactly (P_max == 1, dP_max == Delta). tl.dot in
+    different kernels or tile shapes rounds the logits differently (by
+    ~ulp(S): 1e-3 at 1e4), and the forward's lse is rounded too, so a P
+    recomputed as exp(S - lse) would be off by that much at the max key, and
+    dS there by that times dP. So the normaliser is recomputed from the dq
+    kernel's own logits (the max weight is exp2(0) = 1 exactly, and l == 1 in
+    a saturated row), Delta and dP_max are the same rowsum of equal rows
+    (out == v_max there), and the dk/dv kernel takes the max key's P and dS
+    from the dq kernel instead of its own logits. Where the other keys'
+    weights are not negligible, their P carry the usual ~ulp(S) rounding
+    (as the reference's do).
+
+inf and NaN in the inputs reach what they reach in the reference: masked
+logits are replaced by -inf before use, and the products whose left factor
+is a masked-out zero (P V, dS K, P^T dO, dS^T Q) go through _masked_dot,
+which keeps 0 * inf = NaN of a row of the tile the other row does not
+attend out of the sum (a block holding inf or NaN takes a slower path).
 
 Runs on CPU tensors under TRITON_INTERPRET=1 as well; nothing newer than
 triton 3.6 is used.
@@ -210,6 +237,42 @@ def _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2,
     return ks0 + bb0 * TK0 + lk0, ks1 + bb1 * TK1 + lk1, ks2 + bb2 * TK2 + lk2
 
 
+@triton.jit
+def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
+    """acc + a @ b over the attended pairs only (mask: a's shape), as the
+    reference's sums over each window are.
+
+    Outside the mask a is an exact 0, and a plain tl.dot would still
+    multiply it by b: an inf or NaN in a row of b that the row of a does not
+    attend would spread into it (0 * inf = NaN). So a block of b holding inf
+    or NaN (rare) is split: its finite part through tl.dot, and its inf / NaN
+    terms of attended pairs counted by sign with indicator dots and added as
+    +inf, -inf or NaN, which IEEE addition combines as the reference's sum
+    (x * inf is NaN for x == 0 or NaN, +-inf otherwise; +inf + -inf is NaN).
+    """
+    bad = (b != b) | (b == float("inf")) | (b == float("-inf"))
+    if tl.max(bad.to(tl.int32)) > 0:
+        acc += tl.dot(a.to(b.dtype), tl.where(bad, 0.0, b).to(b.dtype), input_precision=DOT_PREC)
+        b_nan = (b != b).to(tl.float32)
+        b_pinf = (b == float("inf")).to(tl.float32)
+        b_ninf = (b == float("-inf")).to(tl.float32)
+        a_zero = (mask & (a == 0.0)).to(tl.float32)
+        a_pos = (mask & (a > 0.0)).to(tl.float32)
+        a_neg = (mask & (a < 0.0)).to(tl.float32)
+        nan_hits = tl.dot(mask.to(tl.float32), b_nan, input_precision=DOT_PREC) + \
+            tl.dot(a_zero, b_pinf + b_ninf, input_precision=DOT_PREC)
+        pos_hits = tl.dot(a_pos, b_pinf, input_precision=DOT_PREC) + \
+            tl.dot(a_neg, b_ninf, input_precision=DOT_PREC)
+        neg_hits = tl.dot(a_pos, b_ninf, input_precision=DOT_PREC) + \
+            tl.dot(a_neg, b_pinf, input_precision=DOT_PREC)
+        acc += tl.where(nan_hits > 0.0, float("nan"), 0.0)
+        acc += tl.where(pos_hits > 0.0, float("inf"), 0.0)
+        acc += tl.where(neg_hits > 0.0, float("-inf"), 0.0)
+    else:
+        acc += tl.dot(a.to(b.dtype), b, input_precision=DOT_PREC)
+    return acc
+
+
 # --------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------
@@ -277,12 +340,16 @@ def _na_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
                      mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        acc = _masked_dot(acc * alpha[:, None], p, vt, mask, DOT_PREC)
         m_i = m_new
 
+    # As the reference: an all -inf window gives NaN (0 / 0) and lse -inf, a
+    # +inf logit NaN and lse +inf (torch.logsumexp), a NaN logit NaN.
+    out = acc / tl.where(q_valid, l_i, 1.0)[:, None]  # (padding rows: no 0 / 0)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(l_i != l_i, float("nan"), lse)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     row = q_pos * H + h
     tl.store(out_ptr + row[:, None] * DV + dv_[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (dv_ < DV)[None, :])
@@ -290,33 +357,32 @@ def _na_fwd_kernel(
 
 
 @triton.jit
-def _na_bwd_pre_kernel(dout_ptr, out_ptr, dlse_ptr, dm_ptr, M, DV,
-                       HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
-    """Dm = rowsum(dout * out) - dlse over M rows of length DV."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, DV_PAD)
-    m = (rows < M)[:, None] & (cols < DV)[None, :]
-    off = rows[:, None] * DV + cols[None, :]
-    do = tl.load(dout_ptr + off, mask=m, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + off, mask=m, other=0.0).to(tl.float32)
-    dm = tl.sum(do * o, 1)
-    if HAS_DLSE:
-        dm -= tl.load(dlse_ptr + rows, mask=rows < M, other=0.0)
-    tl.store(dm_ptr + rows, dm, mask=rows < M)
-
-
-@triton.jit
 def _na_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, dm_ptr, dq_ptr, drpb_ptr,
+        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, out_ptr, dlse_ptr, dq_ptr, drpb_ptr, stat_ptr, amax_ptr,
         H, HKV, n_tiles, scale, scale2,
         L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
-        HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, DOT_PREC: tl.constexpr,
+        D: tl.constexpr, DV: tl.constexpr,
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
-    """dq over query tiles (same walk as the forward); drpb by atomic adds into
-    this batch element's (H, R) table of partials."""
+    """Per query tile: the row statistics (pass 1), then dq and drpb (pass 2).
+
+    Pass 1 recomputes each row's max logit m and normaliser l (online, as the
+    forward) and the key of the max (argmax). Then, per row: Delta =
+    rowsum(dout * out), dP at the argmax by the same rowsum over that key's
+    value row, and dS at the argmax, P_max (dP_max - Delta) + P_max dlse
+    with P_max = 1 / l. In a saturated row l == 1 and out == v_max exactly,
+    so P_max == 1 and dS_max == dlse exactly, as autograd through the
+    reference gets. The statistics (m, 1 / l, Delta - dlse, dS_max; argmax)
+    are stored for the key-major kernel, whose tl.dot rounds the logits
+    differently: it takes P and dS at the argmax from here, and only the
+    small weights of the other keys from its own logits.
+    Pass 2: P = exp2(S - m) / l, dS = P (dP - Delta + dlse) (the stored dS at
+    the argmax), dq = scale dS K, drpb by atomic adds into this batch
+    element's (H, R) table of partials.
+    """
     pid = tl.program_id(0)
     tile = pid % n_tiles
     bh = pid // n_tiles
@@ -336,10 +402,8 @@ def _na_bwd_dq_kernel(
     dv_ = tl.arange(0, DV_PAD)
     q = tl.load(q_ptr + row[:, None] * D + dq_[None, :],
                 mask=q_valid[:, None] & (dq_ < D)[None, :], other=0.0)
-    do = tl.load(do_ptr + row[:, None] * DV + dv_[None, :],
-                 mask=q_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-    lse2 = tl.load(lse_ptr + row, mask=q_valid, other=0.0) * 1.4426950408889634
-    dm = tl.load(dm_ptr + row, mask=q_valid, other=0.0)
+    do_mask = q_valid[:, None] & (dv_ < DV)[None, :]
+    do = tl.load(do_ptr + row[:, None] * DV + dv_[None, :], mask=do_mask, other=0.0)
 
     c = tl.arange(0, TK0 * TK1 * TK2)
     lk0 = c // (TK1 * TK2)
@@ -351,6 +415,57 @@ def _na_bwd_dq_kernel(
     R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     drpb_row = drpb_ptr + (b.to(tl.int64) * H + h) * R
 
+    # ---- pass 1: row max, normaliser, argmax (as a key/value row index)
+    m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
+    l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
+    am = tl.full([TQ0 * TQ1 * TQ2], -1, tl.int64)
+    for blk in range(0, nb0 * nb1 * nb2):
+        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
+        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
+        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
+        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                             kg0, kg1, kg2, NDIM, True)
+        if HAS_RPB:
+            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
+            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        s = tl.where(mask, s, float("-inf"))
+        bm = tl.max(s, 1)
+        m_new = tl.maximum(m_i, bm)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        barg = tl.argmax(s, 1)
+        bkey = tl.sum(tl.where(c[None, :] == barg[:, None], kv_row[None, :], 0), 1)
+        am = tl.where(bm > m_i, bkey, am)  # strictly greater: the first of equal maxima
+        m_i = m_new
+
+    # ---- per row: Delta, dP and dS at the argmax, stored statistics
+    # P_max (the max weight is exp2(0) = 1); inf for an all -inf row. Rows
+    # past the tile's end get harmless values (no inf / NaN arithmetic).
+    inv = 1.0 / tl.where(q_valid, l_i, 1.0)
+    m_i = tl.where(q_valid, m_i, 0.0)
+    va = tl.load(v_ptr + am[:, None] * DV + dv_[None, :], mask=do_mask & (am >= 0)[:, None],
+                 other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + row[:, None] * DV + dv_[None, :], mask=do_mask, other=0.0).to(tl.float32)
+    dof = do.to(tl.float32)
+    delta = tl.sum(dof * o, 1)
+    dpm = tl.sum(dof * va, 1)  # same reduction as delta: equal when out == v_max
+    if HAS_DLSE:
+        dl = tl.load(dlse_ptr + row, mask=q_valid, other=0.0)
+    else:
+        dl = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
+    dm = delta - dl
+    dsmax = inv * ((dpm - delta) + dl)
+    st = stat_ptr + row * 4
+    tl.store(st, m_i, mask=q_valid)
+    tl.store(st + 1, inv, mask=q_valid)
+    tl.store(st + 2, dm, mask=q_valid)
+    tl.store(st + 3, dsmax, mask=q_valid)
+    tl.store(amax_ptr + row, am, mask=q_valid)
+
+    # ---- pass 2: dS, dq, drpb
     dq = tl.zeros([TQ0 * TQ1 * TQ2, D_PAD], tl.float32)
     for blk in range(0, nb0 * nb1 * nb2):
         kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
@@ -366,10 +481,11 @@ def _na_bwd_dq_kernel(
         if HAS_RPB:
             idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
             s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
-        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(mask, tl.exp2(s - m_i[:, None]) * inv[:, None], 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
-        ds = p * (dp - dm[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC)
+        ds = tl.where(mask, p * (dp - dm[:, None]), 0.0)
+        ds = tl.where(kv_row[None, :] == am[:, None], dsmax[:, None], ds)
+        dq = _masked_dot(dq, ds, kt, mask, DOT_PREC)
         if HAS_RPB:
             tl.atomic_add(drpb_row + idx, ds, mask=mask, sem="relaxed")
 
@@ -380,7 +496,7 @@ def _na_bwd_dq_kernel(
 
 @triton.jit
 def _na_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, dm_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, stat_ptr, amax_ptr, dk_ptr, dv_ptr,
         H, HKV, n_tiles, scale, scale2, n_iter,
         L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
@@ -389,7 +505,10 @@ def _na_bwd_dkdv_kernel(
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     """dk, dv over key tiles (TK box of one dilation group, one kv head); walks
-    the query region of the tile in TQ blocks for each query head of the group."""
+    the query region of the tile in TQ blocks for each query head of the group.
+    P = exp2(S - m) / l and dS = P (dP - Dm) from the query rows' statistics;
+    at each row's argmax key, P = 1 / l and dS = dS_max as the dq kernel
+    computed them (this kernel's logits round differently from its)."""
     pid = tl.program_id(0)
     tile = pid % n_tiles
     bh = pid // n_tiles
@@ -454,21 +573,28 @@ def _na_bwd_dkdv_kernel(
                     mask=q_valid[:, None] & (dq_ < D)[None, :], other=0.0)
         do = tl.load(do_ptr + row[:, None] * DV + dv_[None, :],
                      mask=q_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-        lse2 = tl.load(lse_ptr + row, mask=q_valid, other=0.0) * 1.4426950408889634
-        dm = tl.load(dm_ptr + row, mask=q_valid, other=0.0)
+        st = stat_ptr + row * 4
+        m = tl.load(st, mask=q_valid, other=0.0)
+        inv = tl.load(st + 1, mask=q_valid, other=0.0)
+        dm = tl.load(st + 2, mask=q_valid, other=0.0)
+        dsmax = tl.load(st + 3, mask=q_valid, other=0.0)
+        am = tl.load(amax_ptr + row, mask=q_valid, other=-1)
 
         # Transposed tiles: [keys, queries].
-        st = tl.dot(kt, tl.trans(q), input_precision=DOT_PREC) * scale2
+        s_t = tl.dot(kt, tl.trans(q), input_precision=DOT_PREC) * scale2
         mask = q_valid[None, :] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
                                              kg0, kg1, kg2, NDIM, False)
         if HAS_RPB:
             idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, False)
-            st += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
-        pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+            s_t += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        is_max = kv_row[:, None] == am[None, :]
+        pt = tl.where(mask, tl.exp2(s_t - m[None, :]) * inv[None, :], 0.0)
+        pt = tl.where(is_max, inv[None, :], pt)
         dpt = tl.dot(vt, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - dm[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+        dst = tl.where(mask, pt * (dpt - dm[None, :]), 0.0)
+        dst = tl.where(is_max, dsmax[None, :], dst)
+        dv = _masked_dot(dv, pt, do, mask, DOT_PREC)
+        dk = _masked_dot(dk, dst, q, mask, DOT_PREC)
 
     dk = dk * scale
     tl.store(dk_ptr + kv_row[:, None] * D + dq_[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -652,28 +778,29 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
         return dq.zero_(), dk.zero_(), dv.zero_(), drpb
     rpb_t, has_rpb = _rpb_arg(rpb, query, pb.H, pb.k)
 
-    M = lse.numel()
-    dm = torch.empty(lse.shape, device=dev, dtype=torch.float32)
+    # Per query row, from the dq kernel for the dk/dv kernel: max logit (base
+    # 2), 1 / normaliser, Delta - dlse, dS at the argmax; the argmax as a
+    # key/value row index.
+    stat = torch.empty(*lse.shape, 4, device=dev, dtype=torch.float32)
+    amax = torch.empty(lse.shape, device=dev, dtype=torch.int64)
     has_dlse = dlse is not None
-    _na_bwd_pre_kernel[(triton.cdiv(M, 64),)](
-        dout, out, dlse.float().contiguous() if has_dlse else lse, dm, M, pb.Dv,
-        HAS_DLSE=has_dlse, BLOCK=64, DV_PAD=pb.DV_PAD)
+    dlse_t = dlse.float().contiguous() if has_dlse else stat
 
     scale = float(scale)
     R = math.prod(2 * k - 1 for k in pb.k)
-    drpb_part = torch.zeros(pb.B, pb.H, R, device=dev, dtype=torch.float32) if has_rpb else dm
+    drpb_part = torch.zeros(pb.B, pb.H, R, device=dev, dtype=torch.float32) if has_rpb else stat
     tq, tk = pb.query_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tq, pb.H)
     _na_bwd_dq_kernel[(n_tiles * pb.B * pb.H,)](
-        query, key, value, rpb_t, dout, lse, dm, dq, drpb_part,
+        query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax,
         pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-        **pb.consts(has_rpb, tq, tk))
+        HAS_DLSE=has_dlse, **pb.consts(has_rpb, tq, tk))
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)
     n_iter = max(pb.ext).bit_length() + 1
     _na_bwd_dkdv_kernel[(n_tiles * pb.B * pb.Hkv,)](
-        query, key, value, rpb_t, dout, lse, dm, dk, dv,
+        query, key, value, rpb_t, dout, stat, amax, dk, dv,
         pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, n_iter, *axes,
         **pb.consts(has_rpb, tq, tk))
 

@@ -131,8 +131,11 @@ def _fwd_pass(u_row, dt_row, z_row, A_row, B_row, C_row, D, dbias,
         B = _load_bc(B_row, n, n_mask, n_off, t, t_mask, VAR_B, B_const)
         C = _load_bc(C_row, n, n_mask, n_off, t, t_mask, VAR_C, C_const)
 
-        dA = tl.exp(dt[None, :] * A[:, None])
-        dBu = B * (dt * u)[None, :]
+        # Padded rows (n >= N) have A = B = C = 0: keep them the identity
+        # step even when dt is inf (inf * 0 would make them NaN, and the sum
+        # over n would spread it into y).
+        dA = tl.where(n_mask[:, None], tl.exp(dt[None, :] * A[:, None]), 1.0)
+        dBu = tl.where(n_mask[:, None], B * (dt * u)[None, :], 0.0)
         # (a_cum, b_cum)[s] = composition of steps 0..s of the chunk, so the
         # state after step s is a_cum * x_carry + b_cum.
         a_cum, b_cum = tl.associative_scan((dA, dBu), axis=1, combine_fn=_affine_combine)
@@ -282,10 +285,29 @@ def _selective_scan_bwd_kernel(
         dt = _delta(dt_ptr + row, t, t_mask, dbias, SOFTPLUS)
         B = _load_bc(B_row, n, n_mask, n_off, t, t_mask, VAR_B, B_const)
         C = _load_bc(C_row, n, n_mask, n_off, t, t_mask, VAR_C, C_const)
-        dA = tl.exp(dt[None, :] * A[:, None])
-        dBu = B * (dt * u)[None, :]
-        a_cum, b_cum = tl.associative_scan((dA, dBu), axis=1, combine_fn=_affine_combine)
-        xs = a_cum * x0[:, None] + b_cum  # x_t
+        # Padded rows: identity steps, as in the forward.
+        dA = tl.where(n_mask[:, None], tl.exp(dt[None, :] * A[:, None]), 1.0)
+        dBu = tl.where(n_mask[:, None], B * (dt * u)[None, :], 0.0)
+        # The gradients need x_{t-1} itself: rebuilding it from x_t as
+        # x_t - dBu cancels when dA x_{t-1} is small next to dBu (large
+        # steps) and is NaN for every later step after one NaN u. So scan
+        # the chunk's steps shifted by one (the previous step's decay and
+        # input at each position, identity at the first), which gives
+        # x_{t-1} (x0 at the first step), then take one step to x_t.
+        pm = p - 1
+        tm_mask = (s > 0) & (pm < L)
+        if REVERSE:
+            tm = L - 1 - pm
+        else:
+            tm = pm
+        u_m = tl.load(u_ptr + row + tm, mask=tm_mask, other=0.0).to(tl.float32)
+        dt_m = _delta(dt_ptr + row, tm, tm_mask, dbias, SOFTPLUS)
+        B_m = _load_bc(B_row, n, n_mask, n_off, tm, tm_mask, VAR_B, B_const)
+        dA_m = tl.where(n_mask[:, None], tl.exp(dt_m[None, :] * A[:, None]), 1.0)
+        dBu_m = tl.where(n_mask[:, None] & tm_mask[None, :], B_m * (dt_m * u_m)[None, :], 0.0)
+        a_cum, b_cum = tl.associative_scan((dA_m, dBu_m), axis=1, combine_fn=_affine_combine)
+        x_prev = a_cum * x0[:, None] + b_cum  # x_{t-1}
+        xs = dA * x_prev + dBu  # x_t
 
         # ---- output gate
         dout = tl.load(dout_ptr + row + t, mask=t_mask, other=0.0).to(tl.float32)
@@ -310,7 +332,7 @@ def _selective_scan_bwd_kernel(
         else:
             t1 = p1
         dt1 = _delta(dt_ptr + row, t1, t1_mask, dbias, SOFTPLUS)
-        dA1 = tl.exp(dt1[None, :] * A[:, None])
+        dA1 = tl.where(n_mask[:, None], tl.exp(dt1[None, :] * A[:, None]), 1.0)
         a_rev, b_rev = tl.associative_scan((dA1, dy[None, :] * C), axis=1,
                                            combine_fn=_affine_combine, reverse=True)
         h = a_rev * h_carry[:, None] + b_rev
@@ -318,19 +340,21 @@ def _selective_scan_bwd_kernel(
         # chunk's last dA1 (the decay of this first step).
         h_carry = tl.sum(tl.where(s[None, :] == 0, h, 0.0), axis=1)
 
-        # ---- gradients
+        # ---- gradients (masked steps past L add nothing, even where the
+        # carried state is NaN or inf)
         hdt = h * dt[None, :]
-        x_decayed = xs - dBu  # dA_t x_{t-1}, without a shifted x
-        du = dy * D + tl.sum(hdt * B, axis=0)
-        ddt = tl.sum(h * (A[:, None] * x_decayed + B * u[None, :]), axis=0)
-        dA_acc += tl.sum(hdt * x_decayed, axis=1)
+        hx = (h * x_prev) * dA  # adjoint of dt A
+        # Sums over n skip the padded rows (0 * inf there would be NaN).
+        du = dy * D + tl.sum(tl.where(n_mask[:, None], hdt * B, 0.0), axis=0)
+        ddt = tl.sum(tl.where(n_mask[:, None], A[:, None] * hx + (h * u[None, :]) * B, 0.0), axis=0)
+        dA_acc += tl.sum(tl.where(t_mask[None, :], dt[None, :] * hx, 0.0), axis=1)
         dB_t = hdt * u[None, :]
-        dC_t = dy[None, :] * xs
+        dC_t = tl.where(t_mask[None, :], dy[None, :] * xs, 0.0)
         if VAR_B:
             tl.atomic_add(dB_row + n_off[:, None] + t[None, :], dB_t,
                           mask=n_mask[:, None] & t_mask[None, :], sem="relaxed")
         else:
-            dB_acc += tl.sum(dB_t, axis=1)
+            dB_acc += tl.sum(tl.where(t_mask[None, :], dB_t, 0.0), axis=1)
         if VAR_C:
             tl.atomic_add(dC_row + n_off[:, None] + t[None, :], dC_t,
                           mask=n_mask[:, None] & t_mask[None, :], sem="relaxed")
