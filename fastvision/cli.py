@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     bench.add_argument("--quick", action="store_true",
                        help="the quick cases, fewer samples; slow baselines timed once or skipped, "
-                            "with the reason in the table (about a minute on 2 CPU cores)")
+                            "with the reason in the table; within a minute on 2 CPU cores (past "
+                            "its time budget the rest is timed once)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON ('-': stdout)")
     bench.add_argument("--plot", metavar="FILE", help="write a speedup bar chart (needs matplotlib)")
     bench.add_argument("--repeats", type=int, metavar="N",

@@ -280,6 +280,28 @@ def test_quick_run_times_slow_baseline_once_and_reports_skips(toy):
     assert slow_row.split()[1].endswith("*")
 
 
+def test_quick_past_its_time_budget_times_once_and_skips_slow(toy, monkeypatch):
+    monkeypatch.setattr(core, "QUICK_DEADLINE_S", 0.0)
+    records = bench.run(["toy_square"], device="cpu", quick=True, repeats=3, budget_s=10.0, progress=False)
+    by_name = {r["implementation"]: r for r in records}
+    assert by_name["cpu"]["sampling"] == "once" and by_name["cpu"]["fwd_samples"] == 1
+    assert "budget was spent" in by_name["cpu"]["sampling_why"]
+    assert "budget was spent" in by_name["slow_loop"]["skipped"]
+    full = bench.run(["toy_square"], device="cpu", repeats=3, budget_s=10.0, progress=False)
+    assert {r["implementation"]: r["sampling"] for r in full}["cpu"] == "median"  # no budget without --quick
+
+
+def test_busy_machine_warning(monkeypatch):
+    monkeypatch.setattr(core, "_load_average", lambda: 7.5)
+    monkeypatch.setattr(core.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    warning = core.busy_warning("cpu")
+    assert "load average 7.5 on 2 CPUs" in warning and "--threads 1" in warning
+    assert core.busy_warning("cuda") == ""
+    monkeypatch.setattr(core, "_load_average", lambda: 0.5)
+    assert core.busy_warning("cpu") == ""
+
+
 def test_setup_runs_once_per_case_outside_timing(toy):
     records = bench.run(["toy_square"], device="cpu", repeats=4, budget_s=10.0, progress=False)
     indexed = next(r for r in records if r["implementation"] == "indexed")

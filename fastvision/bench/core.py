@@ -55,6 +55,9 @@ QUICK_REPEATS = 5
 QUICK_BUDGET_S = 0.25
 # --quick times an implementation once (not marked slow, but one fwd+bwd took this long).
 QUICK_ONCE_S = 1.0
+# --quick's time budget (after start-up): past it, what is left is timed once and
+# the slow baselines left are skipped, so a busy machine still ends the run soon.
+QUICK_DEADLINE_S = 40.0
 REFERENCE = "reference"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -429,6 +432,27 @@ def validate(ops: list[str] | None, device: str, dtype: str) -> list[str]:
     return list(ops) if ops else list(SUITES)
 
 
+def _past_deadline(item: Planned) -> Planned:
+    """What --quick does with an implementation once its time budget is spent."""
+    spent = f"--quick's {QUICK_DEADLINE_S:g} s budget was spent (a slow or busy machine)"
+    if item.sampling == "once":
+        return replace(item, sampling="skip", why=f"not timed: {spent}")
+    if item.sampling == "median":
+        return replace(item, sampling="once", why=f"timed once: {spent}")
+    return item
+
+
+def busy_warning(device: str) -> str:
+    """A warning when other processes keep the CPUs busy (timings slow and noisy), else ''."""
+    load, cpus, threads = _load_average(), os.cpu_count() or 1, torch.get_num_threads()
+    if device != "cpu" or load is None or load < cpus:
+        return ""
+    hint = (f"; with {threads} torch threads each call also waits for descheduled threads: "
+            "--threads 1 avoids that" if threads > 1 else "")
+    return (f"fastvision bench: warning: load average {load:.1f} on {cpus} CPUs: other processes are "
+            f"using them, so this run is slow and its timings noisy{hint}")
+
+
 def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs, dout: torch.Tensor,
              device: str, repeats: int, budget_s: float, quick: bool, traffic: dict, peak_bw,
              step: Progress) -> None:
@@ -480,7 +504,12 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", dtype: str = "floa
 
     env = environment(device)
     peak_bw = peak_bandwidth(env["device"]) if device == "cuda" else None
+    started = time.perf_counter()
     planned_cases = plan(ops, device, quick)
+    if progress:
+        busy = busy_warning(device)
+        if busy:
+            print(busy, file=sys.stderr, flush=True)
     if device == "cpu":  # the profiler's one-time start-up stays out of the first measurement
         peak_memory(lambda: torch.ones(1) + 1, device)
     step = Progress(3 * sum(p.sampling != "skip" for *_, items in planned_cases for p in items), progress)
@@ -492,10 +521,12 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", dtype: str = "floa
         traffic = {"fwd": read + dout.nbytes, "fwd_bwd": 3 * read + 2 * dout.nbytes}
         case_records = []
         for item in items:
+            if quick and time.perf_counter() - started > QUICK_DEADLINE_S:
+                item = _past_deadline(item)
             rec = {"op": suite.op, "fused_op": suite.fused_op, "case": case.name, "shape": dict(case.shape),
-                   "config": suite.config, "bandwidth_bound": suite.bandwidth, "dtype": dtype, **env, "implementation": item.name,
-                   "note": item.impl.note, "sampling": item.sampling, "quick": quick, "tiny": tiny_mode(),
-                   "load_avg_1m": _load_average()}
+                   "config": suite.config, "bandwidth_bound": suite.bandwidth, "dtype": dtype, **env,
+                   "implementation": item.name, "note": item.impl.note, "sampling": item.sampling,
+                   "quick": quick, "tiny": tiny_mode(), "load_avg_1m": _load_average()}
             if item.why:
                 rec["sampling_why"] = item.why
             if item.sampling == "skip":

@@ -44,7 +44,7 @@ def _header_lines(records: list[dict]) -> list[str]:
            f"python {first['python']} | {first['device_type']}: {first['device']}"
            + (f", torch threads: {first['threads']}" if first["device_type"] == "cpu" else ""),
            "fwd: forward with autograd recording; fwd+bwd: forward + gradients of every input; "
-           "median ms (* timed once: one sample, no warm-up call beyond the peak-memory one).",
+           "median ms (* one sample: the implementation is timed once, or one call outlasted the time budget).",
            "Set-up an implementation needs once per case (masks, index tables) runs before timing, "
            "outside these times; its cost is listed under the table.",
            f"peak MiB: {MEMORY_METHOD[first['device_type']]}."]
@@ -79,7 +79,7 @@ def _op_notes(recs: list[dict]) -> list[str]:
 
 def _ms_cell(r: dict, key: str) -> str:
     text = _fmt_ms(r.get(f"{key}_ms"))
-    return text + "*" if r.get("sampling") == "once" else text
+    return text + "*" if r.get(f"{key}_samples") == 1 and not r.get("tiny") else text
 
 
 def _case_table(recs: list[dict]) -> list[str]:
