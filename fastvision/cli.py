@@ -163,10 +163,16 @@ def cmd_bench(args) -> int:
         except RuntimeError as err:
             print(f"fastvision bench: error: --plot: {err}", file=sys.stderr)
             return 2
+    threads_why = ""
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.quick:  # the one-minute promise on a machine other jobs share
+        threads_why = bench.busy_threads(device)
+        if threads_why:
+            torch.set_num_threads(1)
+            print(f"fastvision bench: {threads_why}", file=sys.stderr, flush=True)
     records = bench.run(ops, device=device, dtype=args.dtype, quick=args.quick,
-                            repeats=args.repeats, budget_s=args.budget)
+                        repeats=args.repeats, budget_s=args.budget, threads_why=threads_why)
     # With --json - stdout carries only the JSON, so the table goes to stderr.
     print(bench.format_tables(records), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:

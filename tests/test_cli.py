@@ -28,6 +28,14 @@ def tiny(monkeypatch):
     monkeypatch.setenv(bench.TINY_ENV, "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`fastvision bench` sets torch's thread count (--threads, or --quick on a busy machine)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------
 # fastvision info
 
@@ -114,12 +122,7 @@ def test_bench_tiny_table_and_json(tiny, tmp_path, capsys):
 
 
 def test_bench_json_to_stdout_is_clean(tiny, capsys):
-    threads = torch.get_num_threads()
-    try:
-        assert main(["bench", "bi_selective_scan", "--quick", "--device", "cpu", "--json", "-",
-                     "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["bench", "bi_selective_scan", "--quick", "--device", "cpu", "--json", "-", "--threads", "1"]) == 0
     captured = capsys.readouterr()
     records = json.loads(captured.out)
     assert {r["implementation"] for r in records} == {"reference", "cpu", "cpu (2 scans+flips)"}
@@ -285,10 +288,26 @@ def test_quick_past_its_time_budget_times_once_and_skips_slow(toy, monkeypatch):
     records = bench.run(["toy_square"], device="cpu", quick=True, repeats=3, budget_s=10.0, progress=False)
     by_name = {r["implementation"]: r for r in records}
     assert by_name["cpu"]["sampling"] == "once" and by_name["cpu"]["fwd_samples"] == 1
-    assert "budget was spent" in by_name["cpu"]["sampling_why"]
+    assert "budget was spent" in by_name["cpu"]["sampling_why"] and by_name["cpu"]["peak_mem_bytes"] is None
     assert "budget was spent" in by_name["slow_loop"]["skipped"]
     full = bench.run(["toy_square"], device="cpu", repeats=3, budget_s=10.0, progress=False)
     assert {r["implementation"]: r["sampling"] for r in full}["cpu"] == "median"  # no budget without --quick
+
+
+def test_quick_on_a_busy_machine_uses_one_thread(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(core, "_load_average", lambda: 9.0)
+    monkeypatch.setattr(core.os, "cpu_count", lambda: 2)
+    torch.set_num_threads(2)
+    assert main(["bench", "na1d", "--quick", "--device", "cpu", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)
+    assert all(r["threads"] == 1 and "1 torch thread instead of 2" in r["threads_why"] for r in records)
+    assert "--quick uses 1 torch thread" in captured.err
+    torch.set_num_threads(2)  # an explicit --threads wins; without --quick nothing changes
+    assert main(["bench", "na1d", "--quick", "--device", "cpu", "--json", "-", "--threads", "2"]) == 0
+    assert all(r["threads"] == 2 and "threads_why" not in r for r in json.loads(capsys.readouterr().out))
+    assert main(["bench", "na1d", "--device", "cpu", "--json", "-"]) == 0
+    assert all(r["threads"] == 2 for r in json.loads(capsys.readouterr().out))
 
 
 def test_busy_machine_warning(monkeypatch):

@@ -355,6 +355,7 @@ class Planned:
     impl: Impl
     sampling: str = "median"
     why: str = ""
+    memory: bool = True  # measure peak memory (one more fwd+bwd call, also the warm-up)
 
 
 class Progress:
@@ -438,8 +439,19 @@ def _past_deadline(item: Planned) -> Planned:
     if item.sampling == "once":
         return replace(item, sampling="skip", why=f"not timed: {spent}")
     if item.sampling == "median":
-        return replace(item, sampling="once", why=f"timed once: {spent}")
+        return replace(item, sampling="once", why=f"timed once, no peak memory: {spent}", memory=False)
     return item
+
+
+def busy_threads(device: str) -> str:
+    """Why --quick should run on one torch thread here ('' if it should not): other
+    processes keep every CPU busy, and then each call of a multi-threaded op waits for
+    its descheduled threads, which can make a call tens of times slower."""
+    load, cpus, threads = _load_average(), os.cpu_count() or 1, torch.get_num_threads()
+    if device != "cpu" or load is None or load < cpus or threads == 1:
+        return ""
+    return (f"load average {load:.1f} on {cpus} CPUs: --quick uses 1 torch thread instead of {threads} "
+            "(other processes hold the CPUs; pass --threads to choose)")
 
 
 def busy_warning(device: str) -> str:
@@ -463,11 +475,15 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
         rec["setup_bytes"] = held
     fwd_fn = forward_only(item.impl.run, inputs, extra)
     both_fn = fwd_bwd(item.impl.run, inputs, dout, extra)
-    step(*label, "peak memory")
-    t0 = time.perf_counter()
-    rec["peak_mem_bytes"] = peak_memory(both_fn, device)
-    rec["memory_method"] = MEMORY_METHOD[device]
     sampling = item.sampling
+    t0 = time.perf_counter()
+    if item.memory:
+        step(*label, "peak memory")
+        rec["peak_mem_bytes"] = peak_memory(both_fn, device)
+        rec["memory_method"] = MEMORY_METHOD[device]
+    else:
+        rec["peak_mem_bytes"] = None
+        step(*label, "(no peak memory)")
     if quick and sampling == "median" and time.perf_counter() - t0 > QUICK_ONCE_S:
         # Not marked slow, but one fwd+bwd took over QUICK_ONCE_S on this machine.
         sampling = "once"
@@ -475,7 +491,7 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
     rec["sampling"] = sampling
     for key, fn, title in (("fwd", fwd_fn, "fwd"), ("fwd_bwd", both_fn, "fwd+bwd")):
         step(*label, title)
-        if sampling == "once":  # the peak-memory call above was the warm-up
+        if sampling == "once":  # the peak-memory call above (if any) was the warm-up
             seconds, n = median_time(fn, device, 1, 0.0, warmup=False)
         else:
             seconds, n = median_time(fn, device, repeats, budget_s)
@@ -493,9 +509,10 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
 
 def run(ops: list[str] | None = None, *, device: str = "cpu", dtype: str = "float32",
         quick: bool = False, repeats: int | None = None, budget_s: float | None = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, threads_why: str = "") -> list[dict]:
     """Runs the suites of `ops` (all when None) and returns one record per
-    implementation and case (skipped ones included, with the reason)."""
+    implementation and case (skipped ones included, with the reason).
+    `threads_why` records why the thread count was chosen (see busy_threads)."""
     ops = validate(ops, device, dtype)
     if tiny_mode():
         repeats, budget_s = 1, 0.0
@@ -527,6 +544,8 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", dtype: str = "floa
                    "config": suite.config, "bandwidth_bound": suite.bandwidth, "dtype": dtype, **env,
                    "implementation": item.name, "note": item.impl.note, "sampling": item.sampling,
                    "quick": quick, "tiny": tiny_mode(), "load_avg_1m": _load_average()}
+            if threads_why:
+                rec["threads_why"] = threads_why
             if item.why:
                 rec["sampling_why"] = item.why
             if item.sampling == "skip":

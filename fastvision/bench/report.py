@@ -48,13 +48,15 @@ def _header_lines(records: list[dict]) -> list[str]:
            "Set-up an implementation needs once per case (masks, index tables) runs before timing, "
            "outside these times; its cost is listed under the table.",
            f"peak MiB: {MEMORY_METHOD[first['device_type']]}."]
+    if first.get("threads_why"):
+        out.append(f"threads: {first['threads_why']}.")
     if first["dtype"] != "float32" and first["device_type"] == "cpu":
         out.append(f"note: the CPU kernels take {first['dtype']} inputs and outputs but compute in float32.")
     loads = [r["load_avg_1m"] for r in records if r.get("load_avg_1m") is not None]
     if first["device_type"] == "cpu" and loads and max(loads) > 1.5 * (first["cpu_count"] or 1):
         out.append(f"warning: load average up to {max(loads):.1f} on {first['cpu_count']} CPUs during this run: "
-                   "other processes competed for the CPUs, so these timings are noisy "
-                   "(--threads 1 steadies them).")
+                   "other processes competed for the CPUs, so these timings are noisy"
+                   + (" (--threads 1 steadies them)." if first["threads"] > 1 else "."))
     if first["device_type"] == "cuda":
         if any(r.get("bandwidth_bound") for r in records):
             out.append("GB/s: the op's minimal traffic (inputs read once, output written once; backward "
