@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop sampling a measurement after this long; at least one sample is "
                             "always taken (default: 2; --quick: 0.25)")
     bench.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads for torch and the CPU kernels (default: torch's choice); "
-                            "1 keeps timings steady on a machine other jobs share")
+                       help="CPU threads for torch and the CPU kernels (default: torch's choice; --quick "
+                            "takes 1 when other jobs keep every CPU busy); 1 keeps timings steady on "
+                            "a machine other jobs share")
     bench.set_defaults(func=cmd_bench)
     return parser
 
