@@ -4,7 +4,7 @@
 // CPU-only torch would fail with an undefined symbol.
 #include <Python.h>
 
-extern "C" PyObject* PyInit__C_cuda(void) {
+PyMODINIT_FUNC PyInit__C_cuda(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }

@@ -52,7 +52,7 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
 
 // `import fastvision._C` loads the schemas and CPU kernels (static
 // registration); the module itself is empty. Limited API: one file per ABI.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }

@@ -148,20 +148,22 @@ class OpArgs:
         self.sizes: dict[str, int] = {}
         self.device: torch.device | None = None
 
-    def fail(self, message: str, exc: type = ValueError):
-        raise exc(f"fastvision.{self.op}: {message}")
+    def fail(self, message: str):
+        # ValueError for every kind of bad argument, as the C++ kernels' checks raise.
+        raise ValueError(f"fastvision.{self.op}: {message}")
 
     def tensor(self, name: str, t, shape: Sequence, dtypes: Sequence[torch.dtype],
                optional: bool = False) -> torch.Tensor | None:
         if t is None:
             if not optional:
-                self.fail(f"{name} is required; got None", TypeError)
+                self.fail(f"{name} is required; got None")
             return None
         if not isinstance(t, torch.Tensor):
-            self.fail(f"{name} must be a Tensor; got {type(t).__name__}", TypeError)
+            self.fail(f"{name} must be a Tensor; got {type(t).__name__}")
         if t.dtype not in dtypes:
-            self.fail(f"{name} must have dtype {' or '.join(dtype_name(d) for d in dtypes)}; "
-                      f"got {dtype_name(t.dtype)}", TypeError)
+            names = [dtype_name(d) for d in dtypes]
+            expected = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            self.fail(f"{name} must be {expected}; got {dtype_name(t.dtype)}")
         if self.device is None:
             self.device = t.device
         elif t.device != self.device:
@@ -182,7 +184,7 @@ class OpArgs:
 
     def integer(self, name: str, value, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(f"{name} must be an int; got {value!r}", TypeError)
+            self.fail(f"{name} must be an int; got {value!r}")
         if not lo <= value <= hi:
             self.fail(f"{name} must be in [{lo}, {hi}]; got {value}")
         return value

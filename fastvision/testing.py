@@ -8,8 +8,10 @@
 - :class:`OpSpec`: what an op contributes to the conformance suite
   (``tests/test_conformance.py`` runs every generic check on every spec), with
   :class:`Sample`, :class:`BadInput` and :class:`KnownFailure`.
-- :class:`CallRecorder` and :func:`recorded_calls`: the direct calls of the
-  registered ``fastvision::*`` ops that a public op makes (for opcheck and fuzzing).
+- :func:`record_direct_calls`, :func:`fuzz_direct_calls`: capture the
+  ``torch.ops.fastvision.*`` calls some code makes, then replay each with one
+  argument mutated in child processes (no crash, no hang, clear errors);
+  :func:`recorded_calls` records those of a spec's public op (for opcheck and fuzzing).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import inspect
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -205,7 +207,11 @@ class OpSpec:
     * ``triton_cases``: backend="triton" under the Triton interpreter on CPU
       tensors (tiny: the interpreter is slow);
     * ``gpu_cases``: every backend usable on CUDA, float32/16/bf16, vs the
-      float32 reference.
+      float32 reference;
+    * ``fuzz_cases``: (case, dtype) pairs whose direct calls, with those of
+      ``opcheck_cases`` in float32, are replayed with one argument mutated
+      (:func:`fuzz_direct_calls`): give every layout and dtype the wrappers
+      pass to the registered ops (small shapes: each call is replayed ~100 times).
 
     ``reference`` takes the public op's arguments (without ``backend``).
     ``outputs`` names the op's outputs in order (an op returning one tensor
@@ -232,6 +238,7 @@ class OpSpec:
     triton_cases: Sequence[dict]
     gpu_cases: Sequence[dict]
     bad_inputs: Callable[[], Iterable[BadInput]]
+    fuzz_cases: Sequence[tuple[dict, torch.dtype]] = ()
     facts: Callable[[Sample], dict] = lambda sample: {}
     known_failures: Sequence[KnownFailure] = ()
     differentiable_outputs: tuple[str, ...] | None = None
@@ -321,39 +328,11 @@ class OpSpec:
         return outs, dict(zip(leaves, grads))
 
 
-class RecordedCall(NamedTuple):
-    """One direct call of a registered op: ``op(*args, **kwargs)``."""
-    op: torch._ops.OpOverload
-    args: tuple
-    kwargs: dict
-
-
-class CallRecorder(TorchDispatchMode):
-    """Records the calls of registered ops in `namespace` (default ``fastvision``) made
-    while active, forward and backward, with detached copies of their tensors::
-
-        with CallRecorder() as rec:
-            na2d(q, k, v, 3).sum().backward()
-        rec.calls  # [RecordedCall(torch.ops.fastvision.na_fwd.default, ...), ...na_bwd...]
-    """
-
-    def __init__(self, namespace: str = "fastvision"):
-        super().__init__()
-        self.namespace = namespace
-        self.calls: list[RecordedCall] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "namespace", None) == self.namespace:
-            copy = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
-            self.calls.append(RecordedCall(func, tuple(copy[0]), dict(copy[1])))
-        return func(*args, **kwargs)
-
-
 def recorded_calls(spec: OpSpec, cases: Sequence[dict] | None = None, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu", backend: str = "auto") -> list[RecordedCall]:
+                   device: torch.device | str = "cpu", backend: str = "auto", dedupe: bool = False) -> list[OpCall]:
     """The direct calls of ``fastvision::*`` ops that `spec`'s public op makes, forward
-    and backward, on `cases` (default: ``spec.opcheck_cases``), in order.
+    and backward, on `cases` (default: ``spec.opcheck_cases``), in order
+    (:func:`record_direct_calls`).
 
     Inputs for opcheck and for fuzzing the registered ops with realistic arguments.
     (backend="triton" calls the Triton kernels directly: nothing to record.)
@@ -361,10 +340,17 @@ def recorded_calls(spec: OpSpec, cases: Sequence[dict] | None = None, dtype: tor
     calls = []
     for seed, case in enumerate(spec.opcheck_cases if cases is None else cases):
         sample = spec.sample(case, dtype, seed).to(device)
-        with CallRecorder() as recorder:
-            spec.forward_backward(sample, backend)
-        calls.extend(recorder.calls)
-    return calls
+        calls.extend(record_direct_calls(lambda: spec.forward_backward(sample, backend), dedupe=False))
+    return unique_calls(calls) if dedupe else calls
+
+
+def fuzz_calls(spec: OpSpec) -> list[OpCall]:
+    """The calls the direct-call fuzz replays for `spec`: those of its
+    ``opcheck_cases`` (float32) and ``fuzz_cases``, one per signature."""
+    calls = recorded_calls(spec)
+    for case, dtype in spec.fuzz_cases:
+        calls += recorded_calls(spec, [case], dtype)
+    return unique_calls(calls)
 
 
 # --------------------------------------------------------------------------
@@ -463,3 +449,418 @@ def import_triton_kernels_interpreted(module_name: str):
         pytest.skip(f"{module_name} was imported before TRITON_INTERPRET=1 was set",
                     allow_module_level=True)
     return module
+
+
+# --------------------------------------------------------------------------
+# Direct calls of the registered ops: record valid ones, replay them mutated.
+#
+# torch.compile, torch.export and users call torch.ops.fastvision.* without
+# the Python wrappers' checks, so the compiled entry points must reject any
+# argument they cannot handle with a Python exception: never a crash, a hang
+# or a read out of bounds. record_direct_calls() captures the op calls a
+# piece of code makes (e.g. public API calls, forward and backward);
+# fuzz_direct_calls() replays each with ONE argument mutated (a wrong dtype,
+# a dropped or extra dim, each size +-1, non-contiguous, empty, None,
+# out-of-range integers and list entries) in child processes, so that a crash
+# or hang is recorded against the mutation that caused it instead of killing
+# the test run.
+
+_FUZZ_INTS = (0, -1, 1, 2**31, 2**62, 2**63 - 1, -(2**63))
+_FUZZ_LIST_INTS = (0, -1, 2**62, 2**63 - 1)
+_FUZZ_FLOATS = (float("nan"), float("inf"), -float("inf"), 0.0, -1.0)
+# Exception types a rejected direct call may raise.
+_FUZZ_ALLOWED = ("ValueError", "TypeError", "RuntimeError", "MemoryError", "IndexError", "NotImplementedError",
+                 "OverflowError")
+
+
+@dataclass
+class OpCall:
+    """One call of a registered op: ``torch.ops.<op>.<overload>(*args, **kwargs)``.
+
+    `op` is the qualified name, e.g. ``"fastvision::na_fwd"``.
+    """
+    op: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    overload: str = "default"
+
+    def resolve(self):
+        namespace, name = self.op.split("::")
+        return getattr(getattr(getattr(torch.ops, namespace), name), self.overload)
+
+    def signature(self) -> str:
+        """Shapes, dtypes, strides and scalar values: calls with equal signatures are duplicates."""
+        return f"{self.op}({', '.join(_describe(a) for a in self.args)})"
+
+    def __call__(self):
+        return self.resolve()(*self.args, **self.kwargs)
+
+
+def _describe(a) -> str:
+    if isinstance(a, torch.Tensor):
+        return f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}" + ("" if a.is_contiguous() else f"@{a.stride()}")
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_describe(x) for x in a) + "]"
+    return repr(a)
+
+
+def _clone_arg(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().clone()  # preserve_format: same strides for dense tensors
+    if isinstance(a, (list, tuple)):
+        return type(a)(_clone_arg(x) for x in a)
+    return a
+
+
+def as_op_call(call) -> OpCall:
+    """An OpCall from an OpCall or an ``(op, args[, kwargs])`` tuple, op an OpOverload,
+    an OpOverloadPacket or a qualified name such as ``"fastvision::na_fwd"``."""
+    if isinstance(call, OpCall):
+        return call
+    op, args, *rest = call
+    kwargs = rest[0] if rest else {}
+    overload = "default"
+    if isinstance(op, torch._ops.OpOverload):
+        overload = op._overloadname
+        op = op.name()
+    elif isinstance(op, torch._ops.OpOverloadPacket):
+        op = op._qualified_op_name
+    return OpCall(str(op), tuple(args), dict(kwargs), overload)
+
+
+def record_direct_calls(fn: Callable[[], Any], namespace: str = "fastvision", dedupe: bool = True) -> list[OpCall]:
+    """Runs ``fn()`` and returns the calls of ``torch.ops.<namespace>.*`` it made.
+
+    Calls are captured below autograd (a TorchDispatchMode), so the backward
+    ops that ``.backward()`` runs inside `fn` are recorded too. Tensor
+    arguments are cloned (same strides). With `dedupe`, calls with equal
+    signatures (shapes, dtypes, strides, scalars) are kept once.
+    """
+
+    calls: list[OpCall] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "namespace", None) == namespace:
+                calls.append(OpCall(func.name(), _clone_arg(tuple(args)), _clone_arg(dict(kwargs)),
+                                    func._overloadname))
+            return func(*args, **kwargs)
+
+    with _Recorder():
+        fn()
+    return unique_calls(calls) if dedupe else calls
+
+
+def unique_calls(calls: Iterable[OpCall]) -> list[OpCall]:
+    """`calls` without repeated signatures (the first of each kept, in order)."""
+    seen, unique = set(), []
+    for c in calls:
+        if c.signature() not in seen:
+            seen.add(c.signature())
+            unique.append(c)
+    return unique
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One argument of a call changed: `arg` its index, `kind` and `value` what was done."""
+    arg: int
+    kind: str
+    value: Any = None
+    must_raise: bool = False  # e.g. an integer or bool dtype: the op must reject it
+
+    def describe(self, call: OpCall) -> str:
+        schema = call.resolve()._schema.arguments
+        name = schema[self.arg].name if self.arg < len(schema) else f"arg{self.arg}"
+        return f"{name}: {self.kind}" + ("" if self.value is None else f" {self.value!r}")
+
+
+def _schema_types(call: OpCall) -> list[str]:
+    return [str(a.type) for a in call.resolve()._schema.arguments]
+
+
+def fuzz_mutations(call: OpCall) -> list[Mutation]:
+    """Every one-argument mutation of `call` (the first, Mutation(-1, "none"), replays it unchanged)."""
+    muts = [Mutation(-1, "none")]
+    types = _schema_types(call)
+    for i, a in enumerate(call.args):
+        t = types[i] if i < len(types) else ""
+        if isinstance(a, torch.Tensor):
+            for dt in ("int32", "int64", "bool"):
+                muts.append(Mutation(i, "dtype", dt, must_raise=True))
+            other = "float32" if a.dtype == torch.float64 else "float64"
+            muts += [Mutation(i, "dtype", other), Mutation(i, "dtype", "float16")]
+            if a.dim() >= 1:
+                muts += [Mutation(i, "drop dim", 0), Mutation(i, "drop dim", -1)]
+            muts += [Mutation(i, "extra dim", 0), Mutation(i, "extra dim", -1)]
+            for d in range(a.dim()):
+                muts.append(Mutation(i, "size+1", d))
+                if a.shape[d] > 0:
+                    muts.append(Mutation(i, "size-1", d))
+            if a.dim() >= 2:
+                muts += [Mutation(i, "transposed"), Mutation(i, "permuted storage")]
+            if a.dim() >= 1 and a.shape[-1] > 1:
+                muts += [Mutation(i, "strided"), Mutation(i, "expanded")]
+            muts += [Mutation(i, "empty"), Mutation(i, "empty batch")]
+            if t.startswith("Optional"):
+                muts.append(Mutation(i, "None"))
+        elif a is None and t.startswith("Optional"):
+            muts.append(Mutation(i, "tensor for None"))
+        elif isinstance(a, bool):
+            muts.append(Mutation(i, "flip"))
+        elif isinstance(a, int):
+            muts += [Mutation(i, "int", v) for v in _FUZZ_INTS if v != a]
+        elif isinstance(a, float):
+            muts += [Mutation(i, "float", v) for v in _FUZZ_FLOATS]
+        elif isinstance(a, (list, tuple)):
+            muts += [Mutation(i, "list drop last"), Mutation(i, "list append"), Mutation(i, "list empty")]
+            if a and all(isinstance(x, int) and not isinstance(x, bool) for x in a):
+                for j in range(len(a)):
+                    muts += [Mutation(i, f"list[{j}]", v) for v in _FUZZ_LIST_INTS]
+    return muts
+
+
+def _resized(t: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of `shape` holding t's values where they overlap, zeros elsewhere."""
+    out = t.new_zeros(shape)
+    if out.numel() and t.numel() and out.dim() == t.dim():
+        region = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, t.shape))
+        out[region] = t[region]
+    return out
+
+
+def apply_mutation(call: OpCall, m: Mutation) -> OpCall:
+    """`call` with mutation `m` applied (new argument objects; `call` is unchanged)."""
+    if m.arg < 0:
+        return call
+    args = list(call.args)
+    a = args[m.arg]
+    k = m.kind
+    if k == "dtype":
+        new = a.to(getattr(torch, m.value))
+    elif k == "drop dim":
+        new = (a.select(m.value, 0) if a.shape[m.value] > 0 else a.sum(m.value)).contiguous()
+    elif k == "extra dim":
+        new = a.unsqueeze(m.value).contiguous()
+    elif k in ("size+1", "size-1"):
+        shape = list(a.shape)
+        shape[m.value] += 1 if k == "size+1" else -1
+        new = _resized(a, shape)
+    elif k == "transposed":
+        new = a.transpose(-1, -2)
+    elif k == "permuted storage":  # same shape and values, reversed memory order
+        dims = list(range(a.dim()))[::-1]
+        new = a.new_empty([a.shape[d] for d in dims]).permute(*dims)
+        new.copy_(a)
+    elif k == "strided":  # same shape and values, every other element of the last dim
+        new = a.new_empty(*a.shape[:-1], 2 * a.shape[-1])[..., ::2]
+        new.copy_(a)
+    elif k == "expanded":  # same shape, stride 0 along the last dim
+        new = a[..., :1].expand(a.shape)
+    elif k == "empty":
+        new = a.new_empty(0)
+    elif k == "empty batch":
+        new = a.new_empty((0, *a.shape[1:]) if a.dim() else (0,))
+    elif k == "None":
+        new = None
+    elif k == "tensor for None":
+        new = next((x.clone() for x in call.args if isinstance(x, torch.Tensor)), torch.zeros(1))
+    elif k == "flip":
+        new = not a
+    elif k in ("int", "float"):
+        new = m.value
+    elif k == "list drop last":
+        new = list(a[:-1])
+    elif k == "list append":
+        new = list(a) + [a[-1] if a else 1]
+    elif k == "list empty":
+        new = []
+    elif k.startswith("list["):
+        new = list(a)
+        new[int(k[5:-1])] = m.value
+    else:
+        raise ValueError(f"unknown mutation {k!r}")
+    args[m.arg] = new
+    return OpCall(call.op, tuple(args), call.kwargs, call.overload)
+
+
+@dataclass
+class FuzzReport:
+    """What fuzz_direct_calls found. `failures`: one line per crash, hang, accepted wrong
+    dtype, unexpected exception type or message that leaks a source path."""
+    replays: int = 0
+    raised: int = 0
+    ran: int = 0
+    children: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    exceptions: dict[str, int] = field(default_factory=dict)
+
+    def assert_ok(self) -> None:
+        assert not self.failures, (f"{len(self.failures)} direct-call fuzz failure(s) in {self.replays} replays:\n"
+                                   + "\n".join(self.failures[:50]))
+
+
+def _fuzz_child() -> None:
+    """Child process of fuzz_direct_calls: replays items [start, end) of the job file, one
+    line per step on stdout: 'S i' before replay i, 'R i ok' or 'R i err <type> <message>' after."""
+    import sys
+
+    path, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    job = torch.load(path, weights_only=False)
+    import importlib
+
+    for module in job["imports"]:
+        importlib.import_module(module)
+    for code in job["preamble"]:
+        exec(code, {})
+    calls, items = job["calls"], job["items"]
+    out = sys.stdout
+    for i in range(start, end):
+        ci, m = items[i]
+        out.write(f"S {i}\n")
+        out.flush()
+        try:
+            call = apply_mutation(calls[ci], m)
+            call()
+            status = "ok"
+        except Exception as e:  # noqa: BLE001 - every exception is a result here
+            msg = str(e).replace("\n", " ")[:400]
+            status = f"err {type(e).__name__} {msg}"
+        out.write(f"R {i} {status}\n")
+        out.flush()
+
+
+def _leaks_source_path(msg: str) -> bool:
+    return "API call failed" in msg or "/csrc/" in msg or ".cpp:" in msg or "CHECK FAILED" in msg
+
+
+def fuzz_direct_calls(calls: Sequence[Any], *, jobs: int = 2, timeout: float = 20.0, batch: int | None = None,
+                      mutations: Callable[[OpCall], list[Mutation]] = fuzz_mutations,
+                      imports: Sequence[str] = ("fastvision.ops",), preamble: Sequence[str] = (),
+                      env: dict | None = None) -> FuzzReport:
+    """Replays every call of `calls` (OpCall or ``(op, args[, kwargs])``) with each of its
+    one-argument `mutations`, in child processes (`jobs` at a time, `batch` replays each).
+
+    A child that dies (signal, abort, sanitizer report) or spends more than `timeout`
+    seconds on one replay is recorded against that mutation, and the batch continues in a
+    new child. Checked: no crash, no hang; a mutation marked must_raise (integer or bool
+    dtypes) raises; an exception is one of the usual Python types, a ValueError or
+    MemoryError from the op says "fastvision.<op>: ..." and no message names a source
+    path. A mutation that is still valid may just run. The unmutated call must run.
+    Each child imports `imports` (the modules that register the ops), then runs the
+    Python sources in `preamble` (e.g. registering test ops); `env` adds environment
+    variables.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    t0 = time.monotonic()
+    calls = [as_op_call(c) for c in calls]
+    items = [(ci, m) for ci, c in enumerate(calls) for m in mutations(c)]
+    report = FuzzReport()
+    if not items:
+        return report
+    if batch is None:
+        batch = -(-len(items) // max(jobs, 1))
+    lock = threading.Lock()
+
+    def label(i):
+        ci, m = items[i]
+        return f"{calls[ci].signature()} with {m.describe(calls[ci]) if m.arg >= 0 else 'no mutation'}"
+
+    def judge(i, status):
+        ci, m = items[i]
+        with lock:
+            report.replays += 1
+            if status == "ok":
+                report.ran += 1
+                if m.must_raise:
+                    report.failures.append(f"accepted (must raise): {label(i)}")
+                return
+            report.raised += 1
+            _, etype, *rest = status.split(" ", 2)
+            msg = rest[0] if rest else ""
+            report.exceptions[etype] = report.exceptions.get(etype, 0) + 1
+            if m.arg < 0:
+                report.failures.append(f"the unmutated call raised {etype}: {msg} [{label(i)}]")
+            elif etype not in _FUZZ_ALLOWED:
+                report.failures.append(f"unexpected {etype}: {msg} [{label(i)}]")
+            elif _leaks_source_path(msg):
+                report.failures.append(f"message names a source path: {etype}: {msg} [{label(i)}]")
+            elif etype in ("ValueError", "MemoryError") and calls[ci].op.startswith("fastvision::") \
+                    and not msg.startswith("fastvision."):
+                report.failures.append(f"{etype} without the 'fastvision.<op>: ' prefix: {msg} [{label(i)}]")
+
+    child_env = dict(os.environ, **(env or {}))
+    child_env.setdefault("PYTHONFAULTHANDLER", "1")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fuzz_job.pt")
+        torch.save({"calls": calls, "items": items, "imports": list(imports), "preamble": list(preamble)}, path)
+
+        def run_range(start: int, end: int) -> None:
+            import selectors
+
+            while start < end:
+                with lock:
+                    report.children += 1
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", "from fastvision.testing import _fuzz_child; _fuzz_child()",
+                     path, str(start), str(end)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env, text=True, bufsize=1)
+                # stderr drained by a thread so a chatty child never blocks on a full pipe.
+                err_chunks: list[str] = []
+                drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+                drain.start()
+                sel = selectors.DefaultSelector()
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                current, hung = None, False
+                deadline = time.monotonic() + timeout + 60.0  # the first one includes start-up
+                while True:
+                    if not sel.select(timeout=max(deadline - time.monotonic(), 0.0)):
+                        hung = True
+                        proc.kill()
+                        break
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    kind, idx, *rest = line.rstrip("\n").split(" ", 2)
+                    if kind == "S":
+                        current = int(idx)
+                        deadline = time.monotonic() + timeout
+                    elif kind == "R":
+                        judge(int(idx), rest[0] if rest else "ok")
+                        current = None
+                sel.close()
+                proc.wait()
+                drain.join(timeout=10)
+                if current is None and not hung and proc.returncode == 0:
+                    return  # finished its range
+                failed_at = current if current is not None else start
+                tail = "".join(err_chunks)[-1500:].strip()
+                what = (f"hung (> {timeout:.0f} s)" if hung else
+                        f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else
+                        f"died (exit status {proc.returncode})")
+                with lock:
+                    report.replays += 1
+                    report.failures.append(f"{what}: {label(failed_at)}\n    child stderr: {tail}")
+                start = failed_at + 1
+
+        threads = [threading.Thread(target=run_range, args=(s, min(s + batch, len(items))))
+                   for s in range(0, len(items), batch)]
+        running: list[threading.Thread] = []
+        for th in threads:  # at most `jobs` children at a time
+            while len([r for r in running if r.is_alive()]) >= max(jobs, 1):
+                time.sleep(0.05)
+            th.start()
+            running.append(th)
+        for th in running:
+            th.join()
+    report.seconds = time.monotonic() - t0
+    return report

@@ -18,6 +18,8 @@ outputs, tolerances and the fused op it runs. The checks:
   reference; backend="reference" is the reference, bit for bit;
 * non-contiguous inputs give the contiguous inputs' results and gradients;
 * bad inputs raise the stated exception with the stated message;
+* direct-call fuzz: the recorded direct calls replayed with one argument
+  mutated, in child processes (:func:`fastvision.testing.fuzz_direct_calls`);
 * Triton kernels under the interpreter (``-m triton``): backend="triton" in float32 and
   float16 vs the float32 reference;
 * GPU (``-m gpu``, skipped without CUDA): every backend usable on CUDA vs the
@@ -31,8 +33,9 @@ import torch
 from conformance import all_specs
 
 from fastvision.ops._library import AUTO_ORDER, FUSED_OPS
-from fastvision.testing import (assert_close, case_id, check_compile, check_gradcheck,
-                                import_triton_kernels_interpreted, recorded_calls)
+from fastvision.testing import (assert_close, case_id, check_compile, check_gradcheck, fuzz_calls,
+                                fuzz_direct_calls, fuzz_mutations, import_triton_kernels_interpreted,
+                                recorded_calls)
 
 SPECS = all_specs()
 HALF = [torch.float16, torch.bfloat16]
@@ -169,14 +172,14 @@ def test_gradcheck_float64(spec, case, seed):
 def test_opcheck_recorded_calls(spec, case, seed):
     calls = recorded_calls(spec, [case])
     fused = spec.fused
-    names = {c.op._schema.name for c in calls}
+    names = {c.op for c in calls}
     assert {fused.forward.qualname, fused.backward.qualname} <= names, f"recorded only {sorted(names)}"
     for call in calls:
         args = call.args
-        if call.op._schema.name == fused.forward.qualname:  # autograd registration: inputs that need grad
+        if call.op == fused.forward.qualname:  # autograd registration: inputs that need grad
             args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                          for a in args)
-        result = torch.library.opcheck(call.op, args, call.kwargs)
+        result = torch.library.opcheck(call.resolve(), args, call.kwargs)
         failed = {k: v for k, v in result.items() if v != "SUCCESS"}
         assert not failed, f"opcheck of {call.op}: {failed}"
 
@@ -261,6 +264,19 @@ def test_noncontiguous_inputs(spec, case, seed):
 def test_bad_inputs_raise_clear_errors(spec, bad):
     with pytest.raises(bad.error, match=re.escape(bad.match)):
         spec.call(bad.sample)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_direct_call_fuzz(spec):
+    """Each recorded direct call replayed with one argument mutated, in child
+    processes: no crash, no hang, wrong dtypes raise, clear "fastvision.<op>: " errors."""
+    calls = fuzz_calls(spec)
+    report = fuzz_direct_calls(calls, jobs=2, timeout=60.0)
+    print(f"\n{spec.name}: {report.replays} replays of {len(calls)} calls ({report.raised} raised) in "
+          f"{report.seconds:.1f} s; exceptions {report.exceptions}")
+    report.assert_ok()
+    assert report.replays == sum(len(fuzz_mutations(c)) for c in calls)
+    assert report.raised > report.replays // 2  # most mutations are invalid: the checks do run
 
 
 def test_every_fused_op_has_a_spec():

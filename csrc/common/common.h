@@ -1,10 +1,12 @@
-// Helpers shared by every op family: host/device qualifiers, accumulate
-// types, loads that widen to the accumulate type, argument checks.
+// Helpers shared by every op family, host and device: qualifiers, accumulate
+// types, ceil division. The host-only pieces live beside it: check.h (argument
+// checks, FV_CHECK), alloc.h (allocation with out-of-memory messages),
+// dtype.h (dtype dispatch, gather / scatter), parallel.h (the parallel-for),
+// cuda.h (CUDA error checks, device guard, current stream, device views).
 #pragma once
 
 #include <cstdint>
 #include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
 #if defined(__CUDACC__)
@@ -34,11 +36,8 @@ template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };
 template <typename T> using acc_t = typename AccType<T>::type;
 
-// Ceil division for sizes.
-FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Ceil division for sizes (a >= 0, b > 0), without forming a + b - 1, which
+// overflows for a near 2^63 (an empty batch allows such axis lengths).
+FV_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace fastvision
-
-// A failed check in a kernel entry point; reaches Python as RuntimeError.
-// Argument errors a caller can make are raised earlier, in the Python wrapper.
-#define FV_CHECK(cond, ...) STD_TORCH_CHECK(cond, __VA_ARGS__)

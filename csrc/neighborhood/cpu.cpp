@@ -44,6 +44,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/alloc.h"
+#include "../common/check.h"
+#include "../common/dtype.h"
+#include "../common/parallel.h"
+#include "checks.h"
 #include "neighborhood.h"
 
 #define FV_INLINE inline __attribute__((always_inline))
@@ -62,6 +67,7 @@ struct Axis {
 
 // Sizes, rule parameters and per-axis tables of one call.
 struct Problem {
+  const char* op = "na_fwd";  // the entry point, for error messages
   int64_t B = 0, N = 1, H = 1, Hkv = 1, D = 1, Dv = 1;
   Axis ax[3];
   int64_t R[3] = {1, 1, 1};  // rpb extents per (padded) axis
@@ -100,83 +106,40 @@ void tabulate(Problem& p, bool inverse) {
   }
 }
 
-bool is_float_type(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
-         t == ScalarType::BFloat16;
-}
-
-// Validates what a direct torch.ops call could get wrong in a way that would
-// touch memory out of bounds (the Python wrapper raises the user-facing
-// errors earlier) and fills the problem description.
-Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
-                     const std::optional<Tensor>& rpb, const std::vector<int64_t>& kernel_size,
-                     const std::vector<int64_t>& dilation, const std::vector<int64_t>& stride,
-                     const std::vector<int64_t>& is_causal, double scale, bool backward) {
-  const int64_t nd = q.dim() - 3;
-  FV_CHECK(nd >= 1 && nd <= 3, "na: query must be (batch, *spatial, heads, head_dim) with 1-3 spatial axes");
-  FV_CHECK(k.dim() == q.dim() && v.dim() == q.dim(), "na: key and value must have query's rank");
-  FV_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-           "na: query, key and value must be contiguous");
-  FV_CHECK(is_float_type(q.scalar_type()) && k.scalar_type() == q.scalar_type() &&
-               v.scalar_type() == q.scalar_type(),
-           "na: query, key and value must share one floating dtype");
-  FV_CHECK(static_cast<int64_t>(kernel_size.size()) == nd && static_cast<int64_t>(dilation.size()) == nd &&
-               static_cast<int64_t>(stride.size()) == nd && static_cast<int64_t>(is_causal.size()) == nd,
-           "na: kernel_size, dilation, stride and is_causal need one entry per spatial axis");
+// Fills the problem description from arguments checked by check_na_inputs.
+Problem make_problem(const char* op, const NaSizes& n, double scale, bool backward) {
   Problem p;
-  p.B = q.size(0);
-  p.H = q.size(q.dim() - 2);
-  p.D = q.size(q.dim() - 1);
-  p.Hkv = k.size(k.dim() - 2);
-  p.Dv = v.size(v.dim() - 1);
+  p.op = op;
+  p.B = n.B;
+  p.H = n.H;
+  p.D = n.D;
+  p.Hkv = n.Hkv;
+  p.Dv = n.Dv;
   p.scale = scale;
-  FV_CHECK(k.size(0) == p.B && v.size(0) == p.B, "na: batch sizes differ");
-  FV_CHECK(p.Hkv >= 1 && p.H % p.Hkv == 0 && v.size(v.dim() - 2) == p.Hkv,
-           "na: key/value heads must be equal and divide query heads");
-  FV_CHECK(k.size(k.dim() - 1) == p.D, "na: key head_dim must equal query head_dim");
-  FV_CHECK(p.D >= 1 && p.Dv >= 1, "na: head dims must be positive");
-  bool causal_any = false, strided = false;
-  for (int64_t a = 0; a < nd; ++a) {
-    Axis& x = p.ax[3 - nd + a];
-    x.L = q.size(1 + a);
-    x.k = kernel_size[a];
-    x.d = dilation[a];
-    x.s = stride[a];
-    x.causal = is_causal[a] != 0;
-    FV_CHECK(k.size(1 + a) == x.L && v.size(1 + a) == x.L, "na: key/value spatial sizes differ from query's");
-    FV_CHECK(x.k >= 1 && x.d >= 1 && x.s >= 1 && x.s <= x.k,
-             "na: need kernel_size >= 1, dilation >= 1 and 1 <= stride <= kernel_size");
-    FV_CHECK(x.k * x.d <= x.L, "na: kernel_size * dilation must not exceed the axis length");
-    causal_any |= x.causal;
-    strided |= x.s > 1;
+  for (int64_t a = 0; a < n.nd; ++a) {
+    Axis& x = p.ax[3 - n.nd + a];
+    x.L = n.L[a];
+    x.k = n.k[a];
+    x.d = n.d[a];
+    x.s = n.s[a];
+    x.causal = n.causal[a];
     p.N *= x.L;
+    if (n.has_rpb) p.R[3 - n.nd + a] = 2 * x.k - 1;
   }
-  if (rpb.has_value()) {
-    const Tensor& r = *rpb;
-    FV_CHECK(!causal_any && !strided, "na: rpb needs stride 1 and no causal axis");
-    FV_CHECK(r.dim() == nd + 1 && r.size(0) == p.H && r.is_contiguous() && is_float_type(r.scalar_type()),
-             "na: rpb must be a contiguous (heads, 2k-1, ...) tensor");
-    for (int64_t a = 0; a < nd; ++a) {
-      p.R[3 - nd + a] = 2 * p.ax[3 - nd + a].k - 1;
-      FV_CHECK(r.size(1 + a) == p.R[3 - nd + a], "na: rpb must have shape (heads, 2k-1, ...)");
-    }
-    p.has_rpb = true;
+  p.has_rpb = n.has_rpb;
+  try {
+    // An empty batch has no tasks: no tables (its axes may be huge).
+    if (p.B > 0) tabulate(p, backward);
+  } catch (const std::bad_alloc&) {
+    throw_oom(op, "window tables", "one entry per position of each spatial axis");
   }
-  tabulate(p, backward);
   return p;
 }
 
-ScalarType acc_dtype(ScalarType t) {
-  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-}
-
-// The tensor in the kernel's dtype (a no-op for float and double).
-Tensor widen(const Tensor& t) {
-  const ScalarType a = acc_dtype(t.scalar_type());
-  return t.scalar_type() == a ? t : torch::stable::to(t, a);
-}
-Tensor narrow_to(const Tensor& t, ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+// The tensor in the kernel's dtype `acc` (the accumulate dtype of query's;
+// a no-op when it has it already).
+Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
+  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
 }
 
 // Runs body(scratch, id) for id in [0, count): one worker per thread, each
@@ -192,7 +155,7 @@ void run_tasks(const Problem& p, int64_t count, MakeScratch&& make_scratch, Body
   const int64_t threads = work < 2.0e5 ? 1 : static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t workers = std::clamp<int64_t>(threads, 1, count);
   std::atomic<int64_t> next{0};
-  torch::stable::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(p.op, 0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       auto scratch = make_scratch();
       for (int64_t id = next.fetch_add(1, std::memory_order_relaxed); id < count;
@@ -485,8 +448,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const Tensor& q, const
   out_shape.back() = p.Dv;
   std::vector<int64_t> lse_shape(q.sizes().begin(), q.sizes().end() - 1);
   const ScalarType t = acc_dtype(q.scalar_type());
-  Tensor out = torch::stable::new_empty(q, out_shape, t);
-  Tensor lse = torch::stable::new_empty(q, lse_shape, t);
+  Tensor out = alloc_empty(p.op, "out", q, out_shape, t);
+  Tensor lse = alloc_empty(p.op, "lse", q, lse_shape, t);
   FwdArgs<T> a{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                rpb ? rpb->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
                lse.mutable_data_ptr<T>()};
@@ -617,10 +580,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
                                                          const Tensor& v, const std::optional<Tensor>& rpb,
                                                          const Tensor& out, const Tensor& lse) {
   const ScalarType t = acc_dtype(q.scalar_type());
-  Tensor dq = torch::stable::new_empty(q, q.sizes(), t);
-  Tensor dk = torch::stable::new_empty(k, k.sizes(), t);
-  Tensor dv = torch::stable::new_empty(v, v.sizes(), t);
-  Tensor delta = torch::stable::new_empty(lse, lse.sizes(), t);
+  Tensor dq = alloc_empty(p.op, "dquery", q, sizes_of(q), t);
+  Tensor dk = alloc_empty(p.op, "dkey", k, sizes_of(k), t);
+  Tensor dv = alloc_empty(p.op, "dvalue", v, sizes_of(v), t);
+  Tensor delta = alloc_empty(p.op, "rowsum(dout * out) scratch", lse, sizes_of(lse), t);
   BwdArgs<T> a{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                rpb ? rpb->const_data_ptr<T>() : nullptr, out.const_data_ptr<T>(),
                dout.const_data_ptr<T>(), lse.const_data_ptr<T>(),
@@ -636,7 +599,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
   const int64_t slots = p.has_rpb ? std::clamp<int64_t>(4 * torch::stable::get_num_threads(), 1,
                                                         std::max<int64_t>(tasks, 1))
                                   : std::max<int64_t>(tasks, 1);
-  std::vector<T> drpb_part(p.has_rpb ? slots * p.H * R : 0, T(0));
+  std::vector<T> drpb_part = host_vector<T>(p.op, "drpb partial sums", p.has_rpb ? slots * p.H * R : 0, T(0));
   const int64_t active_slots = tasks > 0 ? slots : 0;
   // 2. Key pass, after the query pass (it reads Delta).
   const int64_t krun = run_length(p.B * p.Hkv, p.N), kruns = ceil_div(p.N, krun);
@@ -662,9 +625,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
         });
   });
 
-  Tensor drpb = torch::stable::new_empty(q, {0}, t);
+  Tensor drpb = alloc_empty(p.op, "drpb", q, {0}, t);
   if (p.has_rpb) {
-    drpb = torch::stable::new_zeros(*rpb, rpb->sizes(), t);
+    drpb = alloc_zeros(p.op, "drpb", *rpb, sizes_of(*rpb), t);
     T* d = drpb.mutable_data_ptr<T>();
     for (int64_t s = 0; s < active_slots; ++s) {
       const T* src = drpb_part.data() + s * p.H * R;
@@ -677,20 +640,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const
 // ---------------------------------------------------------------------------
 // Op entry points (schemas in csrc/registration.cpp).
 
-std::vector<int64_t> bools(const std::vector<bool>& b) { return {b.begin(), b.end()}; }
-
 std::tuple<Tensor, Tensor> na_fwd_cpu(Tensor query, Tensor key, Tensor value, std::optional<Tensor> rpb,
                                       std::vector<int64_t> kernel_size, std::vector<int64_t> dilation,
                                       std::vector<int64_t> stride, std::vector<bool> is_causal,
                                       double scale) {
-  const Problem p = make_problem(query, key, value, rpb, kernel_size, dilation, stride, bools(is_causal), scale, false);
-  const ScalarType dtype = query.scalar_type();
-  const Tensor q = widen(query), k = widen(key), v = widen(value);
+  constexpr const char* op = "na_fwd";
+  const NaSizes n = check_na_inputs(op, query, key, value, rpb, kernel_size, dilation, stride, is_causal);
+  const Problem p = make_problem(op, n, scale, false);
+  const ScalarType dtype = query.scalar_type(), acc = n.acc;
+  const Tensor q = widen(op, "query", query, acc), k = widen(op, "key", key, acc), v = widen(op, "value", value, acc);
   std::optional<Tensor> r;
-  if (rpb) r = torch::stable::to(*rpb, acc_dtype(dtype));
+  if (rpb) r = widen(op, "rpb", *rpb, acc);
   auto [out, lse] = dtype == ScalarType::Double ? forward_impl<double>(p, q, k, v, r)
                                                 : forward_impl<float>(p, q, k, v, r);
-  return {narrow_to(out, dtype), narrow_to(lse, acc_dtype(dtype))};
+  return {alloc_cast(op, "out", out, dtype), lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> na_bwd_cpu(
@@ -698,30 +661,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_bwd_cpu(
     std::optional<Tensor> rpb, Tensor out, Tensor lse, std::vector<int64_t> kernel_size,
     std::vector<int64_t> dilation, std::vector<int64_t> stride, std::vector<bool> is_causal,
     double scale) {
-  const Problem p = make_problem(query, key, value, rpb, kernel_size, dilation, stride, bools(is_causal), scale, true);
-  const ScalarType dtype = query.scalar_type(), acc = acc_dtype(dtype);
-  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
-  out_shape.back() = p.Dv;
-  std::vector<int64_t> lse_shape(query.sizes().begin(), query.sizes().end() - 1);
-  auto same = [](const Tensor& t, const std::vector<int64_t>& shape) {
-    return static_cast<int64_t>(shape.size()) == t.dim() &&
-           std::equal(shape.begin(), shape.end(), t.sizes().begin());
-  };
-  FV_CHECK(same(out, out_shape) && same(dout, out_shape) && out.is_contiguous() && dout.is_contiguous() &&
-               out.scalar_type() == dtype && dout.scalar_type() == dtype,
-           "na_bwd: out and dout must be contiguous (batch, *spatial, heads, head_dim_v) tensors of query's dtype");
-  FV_CHECK(same(lse, lse_shape) && lse.is_contiguous() && lse.scalar_type() == acc,
-           "na_bwd: lse must be a contiguous (batch, *spatial, heads) tensor, float32 (float64 for float64 inputs)");
-  FV_CHECK(!dlse || (same(*dlse, lse_shape) && dlse->is_contiguous() && dlse->scalar_type() == acc),
-           "na_bwd: dlse must have lse's shape and dtype");
+  constexpr const char* op = "na_bwd";
+  const NaSizes n = check_na_inputs(op, query, key, value, rpb, kernel_size, dilation, stride, is_causal);
+  check_na_backward(op, n, dout, dlse, out, lse, query);
+  const Problem p = make_problem(op, n, scale, true);
+  const ScalarType dtype = query.scalar_type(), acc = n.acc;
   std::optional<Tensor> r;
-  if (rpb) r = torch::stable::to(*rpb, acc);
-  const Tensor q = widen(query), k = widen(key), v = widen(value), o = widen(out), go = widen(dout);
+  if (rpb) r = widen(op, "rpb", *rpb, acc);
+  const Tensor q = widen(op, "query", query, acc), k = widen(op, "key", key, acc), v = widen(op, "value", value, acc);
+  const Tensor o = widen(op, "out", out, acc), go = widen(op, "dout", dout, acc);
   auto [dq, dk, dv, drpb] = dtype == ScalarType::Double
                                 ? backward_impl<double>(p, go, dlse, q, k, v, r, o, lse)
                                 : backward_impl<float>(p, go, dlse, q, k, v, r, o, lse);
-  drpb = narrow_to(drpb, rpb ? rpb->scalar_type() : dtype);
-  return {narrow_to(dq, dtype), narrow_to(dk, dtype), narrow_to(dv, dtype), drpb};
+  drpb = alloc_cast(op, "drpb", drpb, rpb ? rpb->scalar_type() : dtype);
+  return {alloc_cast(op, "dquery", dq, dtype), alloc_cast(op, "dkey", dk, dtype), alloc_cast(op, "dvalue", dv, dtype),
+          drpb};
 }
 
 }  // namespace

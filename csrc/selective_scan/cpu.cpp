@@ -23,6 +23,11 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/alloc.h"
+#include "../common/check.h"
+#include "../common/dtype.h"
+#include "../common/parallel.h"
+#include "checks.h"
 #include "selective_scan.h"
 
 namespace fastvision::scan {
@@ -37,90 +42,6 @@ using torch::stable::Tensor;
 constexpr int64_t W = 16;
 
 // ---------------------------------------------------------------------------
-// Strided loads and stores that widen to / narrow from the accumulate type.
-// The dtype switch runs once per row, not per element.
-
-template <typename acc, typename src_t>
-void gather_typed(const src_t* src, int64_t step, int64_t count, acc* dst, int64_t dst_stride) {
-  for (int64_t j = 0; j < count; ++j) dst[j * dst_stride] = static_cast<acc>(src[j * step]);
-}
-
-// dst[j * dst_stride] = src[j * step] for j < count, src of dtype `dtype`.
-template <typename acc>
-void gather(const void* src, ScalarType dtype, int64_t step, int64_t count, acc* dst,
-            int64_t dst_stride = 1) {
-  switch (dtype) {
-    case ScalarType::Float:
-      return gather_typed(static_cast<const float*>(src), step, count, dst, dst_stride);
-    case ScalarType::Double:
-      return gather_typed(static_cast<const double*>(src), step, count, dst, dst_stride);
-    case ScalarType::Half:
-      return gather_typed(static_cast<const torch::headeronly::Half*>(src), step, count, dst,
-                          dst_stride);
-    case ScalarType::BFloat16:
-      return gather_typed(static_cast<const torch::headeronly::BFloat16*>(src), step, count, dst,
-                          dst_stride);
-    default:
-      FV_CHECK(false, "fastvision: unsupported dtype in selective_scan");
-  }
-}
-
-template <typename acc, typename dst_t>
-void scatter_typed(const acc* src, int64_t count, dst_t* dst) {
-  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(src[j]);
-}
-
-// dst[j] = src[j] for j < count, dst of dtype `dtype`.
-template <typename acc>
-void scatter(const acc* src, int64_t count, void* dst, ScalarType dtype) {
-  switch (dtype) {
-    case ScalarType::Float:
-      return scatter_typed(src, count, static_cast<float*>(dst));
-    case ScalarType::Double:
-      return scatter_typed(src, count, static_cast<double*>(dst));
-    case ScalarType::Half:
-      return scatter_typed(src, count, static_cast<torch::headeronly::Half*>(dst));
-    case ScalarType::BFloat16:
-      return scatter_typed(src, count, static_cast<torch::headeronly::BFloat16*>(dst));
-    default:
-      FV_CHECK(false, "fastvision: unsupported dtype in selective_scan");
-  }
-}
-
-// Byte address of element `index` of a tensor's storage.
-inline const void* at(const Tensor& t, int64_t index) {
-  return static_cast<const char*>(t.const_data_ptr()) + index * static_cast<int64_t>(t.element_size());
-}
-
-template <typename acc>
-constexpr ScalarType acc_scalar_type() {
-  return sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float;
-}
-
-// A kernel output of dtype `dtype` that the kernel writes in acc: straight
-// into the tensor when the dtypes agree, else into an uninitialised buffer
-// that finish() narrows. Either way nothing is zero-filled.
-template <typename acc>
-struct AccOut {
-  Tensor tensor;
-  std::unique_ptr<acc[]> buffer;
-  acc* data;
-  AccOut(const Tensor& like, ScalarType dtype)
-      : tensor(torch::stable::new_empty(like, like.sizes(), dtype)) {
-    if (dtype == acc_scalar_type<acc>()) {
-      data = tensor.mutable_data_ptr<acc>();
-    } else {
-      buffer.reset(new acc[tensor.numel()]);
-      data = buffer.get();
-    }
-  }
-  Tensor finish() {
-    if (buffer) scatter(data, tensor.numel(), tensor.mutable_data_ptr(), tensor.scalar_type());
-    return tensor;
-  }
-};
-
-// ---------------------------------------------------------------------------
 // Problem geometry shared by forward and backward.
 
 struct Geometry {
@@ -132,15 +53,17 @@ struct Geometry {
   int64_t parts;               // tasks per segment
   int64_t tasks() const { return batch * (dim / seg) * parts; }
 
+  // chunk_len: as check_chunk_len returns it (>= 1, at most max(L, 1)).
   Geometry(const Tensor& u, const Tensor& A, const Tensor& B, const Tensor& C, int64_t chunk_len)
       : batch(u.size(0)), dim(u.size(1)), L(u.size(2)), N(A.size(1)), chunk(chunk_len) {
-    FV_CHECK(chunk > 0, "selective_scan: chunk_len must be positive");
+    FV_INTERNAL_CHECK(chunk > 0, "selective_scan: chunk_len must be positive");
     nchunks = ceil_div(L, chunk);
     var_B = B.dim() == 4;
     var_C = C.dim() == 4;
     groups_B = var_B ? B.size(1) : 1;
     groups_C = var_C ? C.size(1) : 1;
-    seg = std::max<int64_t>(dim / std::lcm(groups_B, groups_C), 1);  // dim == 0: no tasks
+    // dim == 0: no tasks (and no lcm of unchecked group counts, which could overflow).
+    seg = dim > 0 ? std::max<int64_t>(dim / std::lcm(groups_B, groups_C), 1) : 1;
     // Enough tasks to keep every thread busy, few enough that the per-task
     // partial sums of a shared B/C stay small; whole blocks of W channels
     // where the segment has them.
@@ -355,9 +278,7 @@ void forward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, a
     }
 }
 
-ScalarType acc_dtype(const Tensor& u) {
-  return u.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-}
+ScalarType acc_dtype(const Tensor& u) { return fastvision::acc_dtype(u.scalar_type()); }
 
 template <typename acc>
 Direction<acc> make_direction(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
@@ -368,28 +289,18 @@ Direction<acc> make_direction(const Tensor& u, const Tensor& delta, const Tensor
                         softplus, reverse};
 }
 
-void check_inputs(const Tensor& u, const Tensor& A, const Tensor& D, const Tensor& delta_bias) {
-  // The Python wrapper validates shapes and makes inputs contiguous; these
-  // checks only guard direct torch.ops calls against memory errors.
-  FV_CHECK(u.dim() == 3 && u.is_contiguous(), "selective_scan: u must be a contiguous (batch, dim, L) tensor");
-  const ScalarType a = acc_dtype(u);
-  FV_CHECK(A.scalar_type() == a && D.scalar_type() == a && delta_bias.scalar_type() == a,
-           "selective_scan: A, D and delta_bias must be float32 (float64 for float64 inputs)");
-  FV_CHECK(A.is_contiguous() && A.dim() == 2 && A.size(0) == u.size(1),
-           "selective_scan: A must be a contiguous (dim, N) tensor");
-}
-
 template <typename acc>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Direction<acc>& dir, const Tensor& u,
                                                 const Tensor& A, const Tensor& B, const Tensor& C,
                                                 int64_t chunk_len) {
+  constexpr const char* op = "selective_scan_fwd";
   const Geometry g(u, A, B, C, chunk_len);
-  AccOut<acc> out(u, u.scalar_type());
-  Tensor states = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
-  Tensor last = torch::stable::new_empty(u, {g.batch, g.dim, g.N}, acc_dtype(u));
+  AccOut<acc> out(op, "out", u, u.scalar_type());
+  Tensor states = alloc_empty(op, "chunk_states", u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
+  Tensor last = alloc_empty(op, "last_state", u, {g.batch, g.dim, g.N}, acc_dtype(u));
   acc* st = states.mutable_data_ptr<acc>();
   acc* ls = last.mutable_data_ptr<acc>();
-  torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(op, 0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t id = begin; id < end; ++id) forward_task(dir, g, Task(g, id), out.data, false, st, ls);
   });
   return {out.finish(), last, states};
@@ -562,25 +473,25 @@ void backward_task(const Direction<acc>& dir, const Geometry& g, const Task& t, 
 // Per-task partials [batch][segments][parts][N][L] of a variable B or C,
 // written by the tasks; reduce_var sums them into the (batch, G, N, L)
 // gradient (each group is a run of consecutive segments).
-Tensor var_partials(const Tensor& like, const Geometry& g, int64_t groups, ScalarType acc) {
+constexpr const char* kBwd = "selective_scan_bwd";
+
+Tensor var_partials(const Tensor& like, const Geometry& g, int64_t groups, ScalarType acc, const char* what) {
   const int64_t per_group = g.tasks() / std::max<int64_t>(g.batch * groups, 1);  // 0 for batch 0
-  return torch::stable::new_empty(like, {g.batch, groups, per_group, g.N, g.L}, acc);
+  return alloc_empty(kBwd, what, like, {g.batch, groups, per_group, g.N, g.L}, acc);
 }
-Tensor reduce_var(const Tensor& like, const Tensor& partials) {
-  std::vector<int64_t> dims{2};
-  return torch::stable::to(torch::stable::sum(partials, dims), like.scalar_type());
+Tensor reduce_var(const Tensor& like, const Tensor& partials, const char* what) {
+  return alloc_sum(kBwd, what, partials, 2, like.scalar_type());
 }
 
 // Sums per-(batch, channel) partials over batch into a tensor of shape `shape`.
 template <typename acc>
 Tensor reduce_batch(const Tensor& like, const std::vector<acc>& part, int64_t batch,
-                    std::vector<int64_t> shape, ScalarType dtype) {
+                    std::vector<int64_t> shape, ScalarType dtype, const char* what) {
   std::vector<int64_t> full_shape{batch};
   full_shape.insert(full_shape.end(), shape.begin(), shape.end());
-  Tensor full = torch::stable::new_empty(like, full_shape, acc_scalar_type<acc>());
+  Tensor full = alloc_empty(kBwd, what, like, full_shape, acc_scalar_type<acc>());
   std::copy(part.begin(), part.end(), full.mutable_data_ptr<acc>());
-  std::vector<int64_t> dims{0};
-  return torch::stable::to(torch::stable::sum(full, dims), dtype);
+  return alloc_sum(kBwd, what, full, 0, dtype);
 }
 
 template <typename acc>
@@ -588,82 +499,91 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     const Direction<acc>& dir, const Tensor& dout, const std::optional<Tensor>& dlast_state,
     const Tensor& u, const Tensor& A, const Tensor& B, const Tensor& C, const Tensor& chunk_states,
     int64_t chunk_len) {
+  const char* op = kBwd;
   const Geometry g(u, A, B, C, chunk_len);
-  FV_CHECK(chunk_states.is_contiguous() && chunk_states.dim() == 4 && chunk_states.size(2) == g.nchunks &&
-               chunk_states.scalar_type() == acc_dtype(u),
-           "selective_scan_bwd: chunk_states does not match the forward's chunking");
-  FV_CHECK(dout.is_contiguous(), "selective_scan_bwd: dout must be contiguous");
   const ScalarType a = acc_dtype(u);
   const int64_t BD = g.batch * g.dim;
-  AccOut<acc> du(u, u.scalar_type()), ddelta(u, dir.delta->scalar_type());
+  AccOut<acc> du(op, "du", u, u.scalar_type()), ddelta(op, "ddelta", u, dir.delta->scalar_type());
   std::optional<AccOut<acc>> dz;
-  if (dir.z) dz.emplace(*dir.z, dir.z->scalar_type());
-  Tensor dB_part = g.var_B ? var_partials(B, g, g.groups_B, a) : Tensor();
-  Tensor dC_part = g.var_C ? var_partials(C, g, g.groups_C, a) : Tensor();
+  if (dir.z) dz.emplace(op, "dz", *dir.z, dir.z->scalar_type());
+  Tensor dB_part = g.var_B ? var_partials(B, g, g.groups_B, a, "dB partial sums") : Tensor();
+  Tensor dC_part = g.var_C ? var_partials(C, g, g.groups_C, a, "dC partial sums") : Tensor();
   Grads<acc> gr{du.data, ddelta.data, dz ? dz->data : nullptr,
                 g.var_B ? dB_part.mutable_data_ptr<acc>() : nullptr,
                 g.var_C ? dC_part.mutable_data_ptr<acc>() : nullptr};
-  gr.dA.assign(BD * g.N, 0);
-  gr.dD.assign(BD, 0);
-  gr.dbias.assign(BD, 0);
-  if (!g.var_B) gr.dB_const.assign(BD * g.N, 0);
-  if (!g.var_C) gr.dC_const.assign(BD * g.N, 0);
-  const acc* dlast = nullptr;
-  if (dlast_state.has_value()) {
-    FV_CHECK(dlast_state->is_contiguous() && dlast_state->scalar_type() == acc_dtype(u),
-             "selective_scan_bwd: dlast_state must be contiguous in the accumulate dtype");
-    dlast = dlast_state->const_data_ptr<acc>();
-  }
+  gr.dA = host_vector<acc>(op, "dA partial sums", BD * g.N, 0);
+  gr.dD = host_vector<acc>(op, "dD partial sums", BD, 0);
+  gr.dbias = host_vector<acc>(op, "ddelta_bias partial sums", BD, 0);
+  if (!g.var_B) gr.dB_const = host_vector<acc>(op, "dB partial sums", BD * g.N, 0);
+  if (!g.var_C) gr.dC_const = host_vector<acc>(op, "dC partial sums", BD * g.N, 0);
+  const acc* dlast = dlast_state.has_value() ? dlast_state->const_data_ptr<acc>() : nullptr;
   const acc* st = chunk_states.const_data_ptr<acc>();
-  torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(op, 0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t id = begin; id < end; ++id) backward_task(dir, g, Task(g, id), id, dout, dlast, st, gr);
   });
-  Tensor dA = reduce_batch(u, gr.dA, g.batch, {g.dim, g.N}, a);
-  Tensor dD = reduce_batch(u, gr.dD, g.batch, {g.dim}, a);
-  Tensor dbias = reduce_batch(u, gr.dbias, g.batch, {g.dim}, a);
-  Tensor dB = g.var_B ? reduce_var(B, dB_part)
-                      : reduce_batch(u, gr.dB_const, g.batch, {g.dim, g.N}, B.scalar_type());
-  Tensor dC = g.var_C ? reduce_var(C, dC_part)
-                      : reduce_batch(u, gr.dC_const, g.batch, {g.dim, g.N}, C.scalar_type());
-  Tensor dz_out = dz ? dz->finish() : torch::stable::new_empty(u, {0}, u.scalar_type());
+  Tensor dA = reduce_batch(u, gr.dA, g.batch, {g.dim, g.N}, a, "dA");
+  Tensor dD = reduce_batch(u, gr.dD, g.batch, {g.dim}, a, "dD");
+  Tensor dbias = reduce_batch(u, gr.dbias, g.batch, {g.dim}, a, "ddelta_bias");
+  Tensor dB = g.var_B ? reduce_var(B, dB_part, "dB")
+                      : reduce_batch(u, gr.dB_const, g.batch, {g.dim, g.N}, B.scalar_type(), "dB");
+  Tensor dC = g.var_C ? reduce_var(C, dC_part, "dC")
+                      : reduce_batch(u, gr.dC_const, g.batch, {g.dim, g.N}, C.scalar_type(), "dC");
+  Tensor dz_out = dz ? dz->finish() : alloc_empty(op, "dz", u, {0}, u.scalar_type());
   return {du.finish(), ddelta.finish(), dA, dB, dC, dD, dz_out, dbias};
 }
 
 // ---------------------------------------------------------------------------
-// Op entry points (schemas in csrc/registration.cpp).
+// Op entry points (schemas in csrc/registration.cpp). Each checks every
+// tensor and integer it reads (checks.h) before touching memory.
+
+// Per-task scratch grows with chunk * N (the backward keeps [chunk][N][W]
+// states and decays): sizes whose byte counts overflow are refused before
+// any worker tries to allocate them.
+void check_scratch(const char* op, const ScanSizes& s, int64_t chunk) {
+  if (s.batch == 0 || s.dim == 0) return;  // no tasks, no scratch
+  int64_t bytes = 0;
+  if (!mul_fits(chunk, s.N, &bytes) || !mul_fits(bytes, 8 * W * static_cast<int64_t>(sizeof(double)), &bytes))
+    throw_oom(op, "per-thread scratch",
+              "chunk " + std::to_string(chunk) + " x N " + std::to_string(s.N) + " (more than 2^63 bytes)");
+}
 
 std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, std::optional<Tensor> z,
     Tensor delta_bias, bool delta_softplus, bool reverse, int64_t chunk_len) {
-  check_inputs(u, A, D, delta_bias);
-  if (u.scalar_type() == ScalarType::Double) {
-    auto dir = make_direction<double>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
-    return forward_impl<double>(dir, u, A, B, C, chunk_len);
-  }
-  auto dir = make_direction<float>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
-  return forward_impl<float>(dir, u, A, B, C, chunk_len);
+  constexpr const char* op = "selective_scan_fwd";
+  const ScanSizes s = check_direction(op, Backend::CPU, "", u, delta, A, B, C, D, z, delta_bias);
+  const int64_t chunk = check_chunk_len(op, chunk_len, s.L);
+  check_scratch(op, s, chunk);
+  return dispatch_acc(s.dtype, [&](auto tag) {
+    using acc = decltype(tag);
+    auto dir = make_direction<acc>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+    return forward_impl<acc>(dir, u, A, B, C, chunk);
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> bi_selective_scan_fwd_cpu(
     Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, std::optional<Tensor> z,
     Tensor delta_bias, Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor D_b,
     Tensor delta_bias_b, bool delta_softplus, int64_t chunk_len) {
-  check_inputs(u, A, D, delta_bias);
-  check_inputs(u_b, A_b, D_b, delta_bias_b);
-  FV_CHECK(B.dim() == B_b.dim() && C.dim() == C_b.dim() && (B.dim() != 4 || B.size(1) == B_b.size(1)) &&
-               (C.dim() != 4 || C.size(1) == C_b.size(1)),
-           "bi_selective_scan: B/C and B_b/C_b must have the same layout");
-  auto run = [&](auto tag) {
+  constexpr const char* op = "bi_selective_scan_fwd";
+  const ScanSizes s = check_direction(op, Backend::CPU, "", u, delta, A, B, C, D, z, delta_bias);
+  // z is shared: checked against u above; u_b must have u's shape and dtype.
+  const ScanSizes sb =
+      check_direction(op, Backend::CPU, "_b", u_b, delta_b, A_b, B_b, C_b, D_b, std::nullopt, delta_bias_b);
+  check_mirror(op, s, sb, A, A_b, B, B_b, C, C_b);
+  const int64_t chunk = check_chunk_len(op, chunk_len, s.L);
+  check_scratch(op, s, chunk);
+  return dispatch_acc(s.dtype, [&](auto tag) {
     using acc = decltype(tag);
     auto f = make_direction<acc>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, false);
     auto r = make_direction<acc>(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, delta_softplus, true);
-    const Geometry g(u, A, B, C, chunk_len);
-    AccOut<acc> out(u, u.scalar_type());
-    Tensor st_f = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
-    Tensor st_r = torch::stable::new_empty(u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
+    const Geometry g(u, A, B, C, chunk);
+    AccOut<acc> out(op, "out", u, u.scalar_type());
+    Tensor st_f = alloc_empty(op, "chunk_states", u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
+    Tensor st_r = alloc_empty(op, "chunk_states_b", u, {g.batch, g.dim, g.nchunks, g.N}, acc_dtype(u));
     // One pass over the tasks runs both directions, so each task's output
     // rows stay in cache between them.
-    torch::stable::parallel_for(0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
+    parallel_for(op, 0, g.tasks(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t id = begin; id < end; ++id) {
         const Task t(g, id);
         forward_task(f, g, t, out.data, false, st_f.mutable_data_ptr<acc>(), static_cast<acc*>(nullptr));
@@ -671,22 +591,23 @@ std::tuple<Tensor, Tensor, Tensor> bi_selective_scan_fwd_cpu(
       }
     });
     return std::make_tuple(out.finish(), st_f, st_r);
-  };
-  if (u.scalar_type() == ScalarType::Double) return run(double{});
-  return run(float{});
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selective_scan_bwd_cpu(
     Tensor dout, std::optional<Tensor> dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B,
     Tensor C, Tensor D, std::optional<Tensor> z, Tensor delta_bias, Tensor chunk_states,
     bool delta_softplus, bool reverse, int64_t chunk_len) {
-  check_inputs(u, A, D, delta_bias);
-  if (u.scalar_type() == ScalarType::Double) {
-    auto dir = make_direction<double>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
-    return backward_impl<double>(dir, dout, dlast_state, u, A, B, C, chunk_states, chunk_len);
-  }
-  auto dir = make_direction<float>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
-  return backward_impl<float>(dir, dout, dlast_state, u, A, B, C, chunk_states, chunk_len);
+  constexpr const char* op = "selective_scan_bwd";
+  const ScanSizes s = check_direction(op, Backend::CPU, "", u, delta, A, B, C, D, z, delta_bias);
+  const int64_t chunk = check_chunk_len(op, chunk_len, s.L);
+  check_backward(op, Backend::CPU, s, chunk, dout, dlast_state, chunk_states, u);
+  check_scratch(op, s, chunk);
+  return dispatch_acc(s.dtype, [&](auto tag) {
+    using acc = decltype(tag);
+    auto dir = make_direction<acc>(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
+    return backward_impl<acc>(dir, dout, dlast_state, u, A, B, C, chunk_states, chunk);
+  });
 }
 
 }  // namespace

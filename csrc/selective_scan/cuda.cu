@@ -7,21 +7,23 @@
 // The forward stores the state after every chunk; the backward recomputes a
 // chunk from its checkpoint into shared memory and walks it backwards.
 
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "../common/alloc.h"
+#include "../common/check.h"
+#include "../common/cuda.h"
+#include "checks.h"
 #include "selective_scan.h"
 
 namespace fastvision::scan::cuda {
@@ -34,48 +36,12 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxState = 256;
 
-#define FV_CUDA_CHECK(expr)                                                          \
-  do {                                                                               \
-    cudaError_t err_ = (expr);                                                       \
-    FV_CHECK(err_ == cudaSuccess, "fastvision CUDA error: ", cudaGetErrorString(err_)); \
-  } while (0)
-
-// A read-only view of a tensor whose dtype is known only at run time; the
-// switch is uniform across the warp, so it costs no divergence.
-struct In {
-  const void* p = nullptr;
-  int dtype = 0;  // 0 float, 1 half, 2 bfloat16
-  __device__ float operator[](int64_t i) const {
-    switch (dtype) {
-      case 1: return __half2float(static_cast<const __half*>(p)[i]);
-      case 2: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-      default: return static_cast<const float*>(p)[i];
-    }
-  }
-};
-struct Out {
-  void* p = nullptr;
-  int dtype = 0;
-  __device__ void set(int64_t i, float v) const {
-    switch (dtype) {
-      case 1: static_cast<__half*>(p)[i] = __float2half(v); break;
-      case 2: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v); break;
-      default: static_cast<float*>(p)[i] = v;
-    }
-  }
-};
-
-int dtype_code(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return 0;
-    case ScalarType::Half: return 1;
-    case ScalarType::BFloat16: return 2;
-    default: FV_CHECK(false, "selective_scan (cuda): inputs must be float32, float16 or bfloat16");
-  }
-  return 0;
-}
-In in(const Tensor& t) { return In{t.const_data_ptr(), dtype_code(t.scalar_type())}; }
-Out out(const Tensor& t) { return Out{t.mutable_data_ptr(), dtype_code(t.scalar_type())}; }
+using fastvision::cuda::current_stream;
+using fastvision::cuda::DeviceGuard;
+using fastvision::cuda::In;
+using fastvision::cuda::in;
+using fastvision::cuda::Out;
+using fastvision::cuda::out;
 
 struct Params {
   int64_t batch, dim, L, N, chunk, nchunks, groups_B, groups_C;
@@ -181,8 +147,9 @@ struct Grad {
 template <int NPER>
 __global__ void backward_kernel(Params P, Grad G, In dout, const float* dlast, const float* states) {
   extern __shared__ float smem[];
+  // Warps per block vary with the device's shared memory (backward_warps).
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   if (w >= P.batch * P.dim) return;
   const int64_t b = w / P.dim, d = w % P.dim, bd = b * P.dim + d;
   const int64_t T = P.chunk, NP = NPER * kWarp;
@@ -287,32 +254,55 @@ __global__ void backward_kernel(Params P, Grad G, In dout, const float* dlast, c
 // ---------------------------------------------------------------------------
 // Host side.
 
-cudaStream_t current_stream(const Tensor& t) {
-  void* stream = nullptr;
-  FV_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
-           "fastvision: could not get the current CUDA stream");
-  return static_cast<cudaStream_t>(stream);
-}
-
-Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
-                   const Tensor& D, const std::optional<Tensor>& z, const Tensor& bias, bool softplus,
-                   bool reverse, int64_t chunk_len) {
-  FV_CHECK(u.is_cuda() && u.is_contiguous() && u.dim() == 3, "selective_scan (cuda): u must be a contiguous CUDA (batch, dim, L) tensor");
-  FV_CHECK(A.scalar_type() == ScalarType::Float && D.scalar_type() == ScalarType::Float &&
-               bias.scalar_type() == ScalarType::Float,
-           "selective_scan (cuda): A, D and delta_bias must be float32");
-  FV_CHECK(A.size(1) <= kMaxState, "selective_scan (cuda): d_state N must be <= 256");
-  FV_CHECK(chunk_len > 0, "selective_scan (cuda): chunk_len must be positive");
+// Checks every tensor and integer argument of one direction (checks.h; the
+// CUDA kernels read float32 / float16 / bfloat16 and keep up to kMaxState
+// state entries per channel) and fills the kernel parameters. `chunk` is
+// check_chunk_len's.
+Params make_params(const char* op, const std::string& sfx, const Tensor& u, const Tensor& delta, const Tensor& A,
+                   const Tensor& B, const Tensor& C, const Tensor& D, const std::optional<Tensor>& z,
+                   const Tensor& bias, bool softplus, bool reverse, int64_t chunk, ScanSizes* sizes = nullptr) {
+  const ScanSizes s = check_direction(op, Backend::CUDA, sfx, u, delta, A, B, C, D, z, bias);
+  FV_CHECK(s.N <= kMaxState, op, "the CUDA kernel supports a state size N = A", sfx, ".size(1) <= ", kMaxState,
+           "; got ", s.N);
+  if (sizes) *sizes = s;
   Params P{};
-  P.batch = u.size(0); P.dim = u.size(1); P.L = u.size(2); P.N = A.size(1);
-  P.chunk = chunk_len; P.nchunks = ceil_div(P.L, chunk_len);
-  P.var_B = B.dim() == 4; P.var_C = C.dim() == 4;
-  P.groups_B = P.var_B ? B.size(1) : 1; P.groups_C = P.var_C ? C.size(1) : 1;
+  P.batch = s.batch; P.dim = s.dim; P.L = s.L; P.N = s.N;
+  P.chunk = chunk; P.nchunks = ceil_div(P.L, chunk);
+  P.var_B = s.var_B; P.var_C = s.var_C;
+  P.groups_B = s.groups_B; P.groups_C = s.groups_C;
   P.has_z = z.has_value(); P.softplus = softplus; P.reverse = reverse;
   P.u = in(u); P.delta = in(delta); P.B = in(B); P.C = in(C);
   if (P.has_z) P.z = in(*z);
   P.A = A.const_data_ptr<float>(); P.D = D.const_data_ptr<float>(); P.bias = bias.const_data_ptr<float>();
   return P;
+}
+
+// One warp per (batch, channel): the grid must fit in gridDim.x.
+void check_grid(const char* op, const Params& P) {
+  FV_CHECK(ceil_div(P.batch * P.dim, kWarpsPerBlock) <= 0x7fffffff, op,
+           "batch * dim = ", P.batch * P.dim, " is too large for the CUDA kernel's grid (at most ",
+           int64_t{0x7fffffff} * kWarpsPerBlock, ")");
+}
+
+// Dynamic shared memory one warp of the backward kernel needs: a chunk's
+// states and decay factors ([chunk][nper * 32] each) and its C . x ([chunk]).
+size_t backward_smem_per_warp(int64_t chunk, int nper) {
+  return sizeof(float) * (2 * chunk * nper * kWarp + chunk);
+}
+int state_per_lane(int64_t N) { return N <= 32 ? 1 : N <= 64 ? 2 : N <= 128 ? 4 : 8; }
+
+// Warps per block of the backward: as many as the device's shared memory per
+// block holds, up to kWarpsPerBlock (large N needs 3 on sm_86/sm_89's 99 KB).
+int backward_warps(const char* op, const Params& P, int device, int64_t chunk_len) {
+  const size_t per_warp = backward_smem_per_warp(P.chunk, state_per_lane(P.N));
+  const int max_smem = fastvision::cuda::device_attribute(op, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  FV_CHECK(per_warp <= static_cast<size_t>(max_smem), op, "chunk_len = ", chunk_len, " with state size N = ",
+           P.N, " needs ", per_warp, " bytes of shared memory per warp in the CUDA backward; cuda:", device,
+           " has ", max_smem, " per block (use a smaller chunk_len, as fastvision.ops.scan_chunk_len(N) picks)");
+  const int warps = static_cast<int>(std::min<size_t>(kWarpsPerBlock, max_smem / per_warp));
+  FV_CHECK(ceil_div(P.batch * P.dim, warps) <= 0x7fffffff, op, "batch * dim = ", P.batch * P.dim,
+           " is too large for the CUDA backward's grid (at most ", int64_t{0x7fffffff} * warps, ")");
+  return warps;
 }
 
 template <template <int> class Launch, typename... Args>
@@ -339,27 +329,34 @@ struct LaunchBi {
 };
 template <int NPER>
 struct LaunchBackward {
-  static void run(const Params& P, const Grad& G, In dout, const float* dlast, const float* st, cudaStream_t s) {
-    const size_t smem = sizeof(float) * kWarpsPerBlock * (2 * P.chunk * NPER * kWarp + P.chunk);
+  static void run(const Params& P, int warps, const Grad& G, In dout, const float* dlast, const float* st,
+                  cudaStream_t s) {
+    const size_t smem = warps * backward_smem_per_warp(P.chunk, NPER);
     if (smem > 48 * 1024)
-      FV_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<NPER>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
-    backward_kernel<NPER><<<blocks_for(P.batch * P.dim), kWarpsPerBlock * kWarp, smem, s>>>(P, G, dout, dlast, st);
+      FV_CUDA_CHECK("selective_scan_bwd", cudaFuncSetAttribute(backward_kernel<NPER>,
+                                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                              static_cast<int>(smem)));
+    const unsigned blocks = static_cast<unsigned>(ceil_div(P.batch * P.dim, warps));
+    backward_kernel<NPER><<<blocks, warps * kWarp, smem, s>>>(P, G, dout, dlast, st);
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(
     Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, std::optional<Tensor> z,
     Tensor delta_bias, bool delta_softplus, bool reverse, int64_t chunk_len) {
-  const Params P = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_len);
-  torch::stable::accelerator::DeviceGuard guard(u.get_device_index());
-  Tensor o = torch::stable::new_empty(u, u.sizes());
-  Tensor last = torch::stable::new_zeros(u, {P.batch, P.dim, P.N}, ScalarType::Float);
-  Tensor st = torch::stable::new_empty(u, {P.batch, P.dim, P.nchunks, P.N}, ScalarType::Float);
+  constexpr const char* op = "selective_scan_fwd";
+  const int64_t chunk = check_chunk_len(op, chunk_len, u.dim() == 3 ? u.size(2) : 1);
+  const Params P = make_params(op, "", u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk);
+  check_grid(op, P);
+  const int device = u.get_device_index();
+  DeviceGuard guard(op, device);
+  Tensor o = alloc_empty(op, "out", u, sizes_of(u), u.scalar_type());
+  Tensor last = alloc_zeros(op, "last_state", u, {P.batch, P.dim, P.N}, ScalarType::Float);
+  Tensor st = alloc_empty(op, "chunk_states", u, {P.batch, P.dim, P.nchunks, P.N}, ScalarType::Float);
   if (P.batch * P.dim > 0 && P.L > 0) {
     by_state_size<LaunchForward>(P.N, P, st.mutable_data_ptr<float>(), last.mutable_data_ptr<float>(),
-                                 static_cast<float*>(nullptr), out(o), current_stream(u));
-    FV_CUDA_CHECK(cudaGetLastError());
+                                 static_cast<float*>(nullptr), out(o), current_stream(op, device));
+    FV_CUDA_CHECK(op, cudaGetLastError());
   }
   return {o, last, st};
 }
@@ -368,54 +365,73 @@ std::tuple<Tensor, Tensor, Tensor> bi_selective_scan_fwd_cuda(
     Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, std::optional<Tensor> z,
     Tensor delta_bias, Tensor u_b, Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor D_b,
     Tensor delta_bias_b, bool delta_softplus, int64_t chunk_len) {
-  const Params F = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, false, chunk_len);
-  const Params R = make_params(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, delta_softplus, true, chunk_len);
-  torch::stable::accelerator::DeviceGuard guard(u.get_device_index());
-  Tensor o = torch::stable::new_empty(u, u.sizes());
+  constexpr const char* op = "bi_selective_scan_fwd";
+  const int64_t chunk = check_chunk_len(op, chunk_len, u.dim() == 3 ? u.size(2) : 1);
+  ScanSizes sf, sr;
+  const Params F = make_params(op, "", u, delta, A, B, C, D, z, delta_bias, delta_softplus, false, chunk, &sf);
+  // z is shared: checked against u above.
+  const Params R =
+      make_params(op, "_b", u_b, delta_b, A_b, B_b, C_b, D_b, std::nullopt, delta_bias_b, delta_softplus, true, chunk, &sr);
+  check_mirror(op, sf, sr, A, A_b, B, B_b, C, C_b);
+  check_same_cuda_device(op, "u_b", u_b, "u", u);
+  Params Rz = R;
+  Rz.has_z = F.has_z;
+  Rz.z = F.z;
+  check_grid(op, F);
+  const int device = u.get_device_index();
+  DeviceGuard guard(op, device);
+  Tensor o = alloc_empty(op, "out", u, sizes_of(u), u.scalar_type());
   // Sum the two directions in float: in the output itself when it is float.
-  Tensor acc = u.scalar_type() == ScalarType::Float ? o : torch::stable::new_empty(u, u.sizes(), ScalarType::Float);
-  Tensor sf = torch::stable::new_empty(u, {F.batch, F.dim, F.nchunks, F.N}, ScalarType::Float);
-  Tensor sr = torch::stable::new_empty(u, {F.batch, F.dim, F.nchunks, F.N}, ScalarType::Float);
+  Tensor acc = u.scalar_type() == ScalarType::Float ? o
+                                                    : alloc_empty(op, "out (float32 sum)", u, sizes_of(u), ScalarType::Float);
+  Tensor sfw = alloc_empty(op, "chunk_states", u, {F.batch, F.dim, F.nchunks, F.N}, ScalarType::Float);
+  Tensor srv = alloc_empty(op, "chunk_states_b", u, {F.batch, F.dim, F.nchunks, F.N}, ScalarType::Float);
   if (F.batch * F.dim > 0 && F.L > 0) {
-    by_state_size<LaunchBi>(F.N, F, R, sf.mutable_data_ptr<float>(), sr.mutable_data_ptr<float>(),
-                            acc.mutable_data_ptr<float>(), out(o), current_stream(u));
-    FV_CUDA_CHECK(cudaGetLastError());
+    by_state_size<LaunchBi>(F.N, F, Rz, sfw.mutable_data_ptr<float>(), srv.mutable_data_ptr<float>(),
+                            acc.mutable_data_ptr<float>(), out(o), current_stream(op, device));
+    FV_CUDA_CHECK(op, cudaGetLastError());
   }
-  return {o, sf, sr};
+  return {o, sfw, srv};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selective_scan_bwd_cuda(
     Tensor dout, std::optional<Tensor> dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B,
     Tensor C, Tensor D, std::optional<Tensor> z, Tensor delta_bias, Tensor chunk_states,
     bool delta_softplus, bool reverse, int64_t chunk_len) {
-  const Params P = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk_len);
-  FV_CHECK(dout.is_contiguous() && chunk_states.is_contiguous() && chunk_states.size(2) == P.nchunks,
-           "selective_scan_bwd (cuda): dout and chunk_states must be contiguous, from the same chunking");
-  torch::stable::accelerator::DeviceGuard guard(u.get_device_index());
+  constexpr const char* op = "selective_scan_bwd";
+  const int64_t chunk = check_chunk_len(op, chunk_len, u.dim() == 3 ? u.size(2) : 1);
+  ScanSizes s;
+  const Params P = make_params(op, "", u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk, &s);
+  check_backward(op, Backend::CUDA, s, chunk, dout, dlast_state, chunk_states, u);
+  const int device = u.get_device_index();
+  DeviceGuard guard(op, device);
+  // The backward keeps a chunk's states in shared memory: chunk_len bounds it.
+  const int warps = backward_warps(op, P, device, chunk_len);
   const ScalarType f32 = ScalarType::Float;
-  Tensor du = torch::stable::new_zeros(u, u.sizes());
-  Tensor ddelta = torch::stable::new_zeros(delta, delta.sizes());
-  Tensor dz = P.has_z ? torch::stable::new_zeros(*z, z->sizes()) : torch::stable::new_empty(u, {0});
-  Tensor dA = torch::stable::new_zeros(u, {P.batch, P.dim, P.N}, f32);
-  Tensor dD = torch::stable::new_zeros(u, {P.batch, P.dim}, f32);
-  Tensor dbias = torch::stable::new_zeros(u, {P.batch, P.dim}, f32);
-  Tensor dB = P.var_B ? torch::stable::new_zeros(u, B.sizes(), f32) : torch::stable::new_zeros(u, {P.batch, P.dim, P.N}, f32);
-  Tensor dC = P.var_C ? torch::stable::new_zeros(u, C.sizes(), f32) : torch::stable::new_zeros(u, {P.batch, P.dim, P.N}, f32);
+  Tensor du = alloc_zeros(op, "du", u, sizes_of(u), u.scalar_type());
+  Tensor ddelta = alloc_zeros(op, "ddelta", delta, sizes_of(delta), delta.scalar_type());
+  Tensor dz = P.has_z ? alloc_zeros(op, "dz", *z, sizes_of(*z), z->scalar_type())
+                      : alloc_empty(op, "dz", u, {0}, u.scalar_type());
+  Tensor dA = alloc_zeros(op, "dA partial sums", u, {P.batch, P.dim, P.N}, f32);
+  Tensor dD = alloc_zeros(op, "dD partial sums", u, {P.batch, P.dim}, f32);
+  Tensor dbias = alloc_zeros(op, "ddelta_bias partial sums", u, {P.batch, P.dim}, f32);
+  Tensor dB = P.var_B ? alloc_zeros(op, "dB", u, sizes_of(B), f32) : alloc_zeros(op, "dB partial sums", u, {P.batch, P.dim, P.N}, f32);
+  Tensor dC = P.var_C ? alloc_zeros(op, "dC", u, sizes_of(C), f32) : alloc_zeros(op, "dC partial sums", u, {P.batch, P.dim, P.N}, f32);
   if (P.batch * P.dim > 0 && P.L > 0) {
     Grad G{out(du), out(ddelta), P.has_z ? out(dz) : Out{},
            dA.mutable_data_ptr<float>(), dD.mutable_data_ptr<float>(), dbias.mutable_data_ptr<float>(),
            dB.mutable_data_ptr<float>(), dC.mutable_data_ptr<float>()};
     const float* dlast = dlast_state.has_value() ? dlast_state->const_data_ptr<float>() : nullptr;
-    by_state_size<LaunchBackward>(P.N, P, G, in(dout), dlast, chunk_states.const_data_ptr<float>(),
-                                  current_stream(u));
-    FV_CUDA_CHECK(cudaGetLastError());
+    by_state_size<LaunchBackward>(P.N, P, warps, G, in(dout), dlast, chunk_states.const_data_ptr<float>(),
+                                  current_stream(op, device));
+    FV_CUDA_CHECK(op, cudaGetLastError());
   }
-  const std::vector<int64_t> batch_dim{0};
-  auto finish = [&](const Tensor& t, bool variable, ScalarType dt) {
-    return torch::stable::to(variable ? t : torch::stable::sum(t, batch_dim), dt);
+  auto finish = [&](const Tensor& t, bool variable, ScalarType dt, const char* what) {
+    return variable ? alloc_cast(op, what, t, dt) : alloc_sum(op, what, t, 0, dt);
   };
-  return {du, ddelta, finish(dA, false, f32), finish(dB, P.var_B, B.scalar_type()),
-          finish(dC, P.var_C, C.scalar_type()), finish(dD, false, f32), dz, finish(dbias, false, f32)};
+  return {du, ddelta, finish(dA, false, f32, "dA"), finish(dB, P.var_B, B.scalar_type(), "dB"),
+          finish(dC, P.var_C, C.scalar_type(), "dC"), finish(dD, false, f32, "dD"), dz,
+          finish(dbias, false, f32, "ddelta_bias")};
 }
 
 }  // namespace

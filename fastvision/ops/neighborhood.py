@@ -142,7 +142,7 @@ def _check_na(op: str, query, key, value, rpb, kernel_size, dilation, stride, is
     ss = a.ints("stride", stride, nd, 1, max(ks))
     if not isinstance(is_causal, (list, tuple)) or len(is_causal) != nd or \
             not all(isinstance(c, bool) for c in is_causal):
-        a.fail(f"is_causal must be a list of {nd} bools; got {is_causal!r}", TypeError)
+        a.fail(f"is_causal must be a list of {nd} bools; got {is_causal!r}")
     for i in range(nd):
         a.require(ks[i] * ds[i] <= lengths[i], f"kernel_size * dilation must not exceed the length of "
                   f"spatial axis {i}: {ks[i]} * {ds[i]} > {lengths[i]}")
@@ -151,7 +151,7 @@ def _check_na(op: str, query, key, value, rpb, kernel_size, dilation, stride, is
         a.require(not any(is_causal) and all(s == 1 for s in ss), "rpb needs stride 1 and no causal axis")
         a.tensor("rpb", rpb, ("heads", *(2 * k - 1 for k in ks)), FLOAT_DTYPES)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        a.fail(f"scale must be a float; got {scale!r}", TypeError)
+        a.fail(f"scale must be a float; got {scale!r}")
     return a
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, OpArgs, acc_dtype, as_bool, check_same_device, check_tensor
 from ..reference.selective_scan import bi_selective_scan_ref, selective_scan_ref
@@ -157,6 +158,9 @@ def _check_bi_fwd(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C
     a = OpArgs("bi_selective_scan_fwd")
     _check_direction(a, u, delta, A, B, C, D, z, delta_bias)
     _check_direction(a, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, "_b")
+    for name, X, X_b in (("B", B, B_b), ("C", C, C_b)):  # one task geometry serves both directions
+        a.require(X.shape[:2] == X_b.shape[:2] if X.dim() == 4 else X_b.dim() == 2,
+                  f"{name}_b must have {name}'s layout {tuple(X.shape)}; got {tuple(X_b.shape)}")
     _check_chunk_len(a, chunk_len)
 
 
@@ -238,8 +242,10 @@ _BI_SCAN = FusedOp(
 # Public API
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, reverse=False, backend="auto"):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, reverse: bool = False,
+                   backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan (S6), drop-in for mamba_ssm's ``selective_scan_fn``.
 
     Args:
@@ -257,6 +263,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         out (batch, dim, L) in u's dtype, and last_state when return_last_state.
         State and accumulation are float32 (float64 for float64 inputs).
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import selective_scan
+        >>> u, delta = torch.randn(2, 64, 100), torch.rand(2, 64, 100)
+        >>> A = -torch.rand(64, 16)
+        >>> B, C = torch.randn(2, 16, 100), torch.randn(2, 16, 100)
+        >>> selective_scan(u, delta, A, B, C, D=torch.ones(64), delta_softplus=True).shape
+        torch.Size([2, 64, 100])
     """
     s = _prepare(u, delta, A, B, C, D, z, delta_bias)
     softplus, reverse = as_bool(delta_softplus, "delta_softplus"), as_bool(reverse, "reverse")
@@ -268,8 +284,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if as_bool(return_last_state, "return_last_state") else out
 
 
-def bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b, C_b, D_b,
-                      delta_bias_b, delta_softplus=True, *, backend="auto"):
+def bi_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                      z: Tensor | None, delta_bias: Tensor | None, u_b: Tensor, delta_b: Tensor, A_b: Tensor,
+                      B_b: Tensor, C_b: Tensor, D_b: Tensor | None, delta_bias_b: Tensor | None,
+                      delta_softplus: bool = True, *, backend: str = "auto") -> Tensor:
     """Vim's bidirectional ("v2") selective scan in one fused kernel launch.
 
     Equals ``scan(u, delta, A, B, C, D, z) + flip(scan(flip(u_b), flip(delta_b), A_b,
@@ -277,6 +295,19 @@ def bi_selective_scan(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_
     to 0 over the tensors as given, so no flipped copies are made. Both
     directions are gated by silu(z) and summed in float32. Shapes as in
     :func:`selective_scan`; the *_b tensors mirror the forward ones.
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import bi_selective_scan
+        >>> def direction():
+        ...     return (torch.randn(2, 64, 100), torch.rand(2, 64, 100), -torch.rand(64, 16),
+        ...             torch.randn(2, 16, 100), torch.randn(2, 16, 100), torch.ones(64))
+        >>> u, delta, A, B, C, D = direction()
+        >>> u_b, delta_b, A_b, B_b, C_b, D_b = direction()
+        >>> z, bias = torch.randn(2, 64, 100), torch.zeros(64)
+        >>> bi_selective_scan(u, delta, A, B, C, D, z, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias).shape
+        torch.Size([2, 64, 100])
     """
     forward = _prepare(u, delta, A, B, C, D, z, delta_bias)
     pairs = (("u", u, u_b), ("delta", delta, delta_b), ("A", A, A_b), ("B", B, B_b), ("C", C, C_b))

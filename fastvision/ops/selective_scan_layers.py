@@ -94,9 +94,16 @@ class RMSNorm(nn.Module):
 
     ``forward(x, residual=None, prenorm=False, residual_in_fp32=False)`` mirrors
     mamba's RMSNorm, including the optional fused residual add.
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import RMSNorm
+        >>> RMSNorm(192)(torch.randn(2, 197, 192)).shape
+        torch.Size([2, 197, 192])
     """
 
-    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
@@ -106,7 +113,8 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
-    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False,
+                residual_in_fp32: bool = False):
         return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps,
                            prenorm=prenorm, residual_in_fp32=residual_in_fp32)
 
@@ -151,29 +159,37 @@ class Mamba(nn.Module):
     branches) and ``init_layer_scale`` (learned ``gamma`` output scale).
     ``use_fast_path`` is accepted for compatibility and ignored.  Step-wise
     decoding (``inference_params`` with ``seqlen_offset > 0``) is not supported.
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import Mamba
+        >>> block = Mamba(d_model=192, d_state=16, bimamba_type="v2")  # Vim-T's mixer
+        >>> block(torch.randn(2, 197, 192)).shape
+        torch.Size([2, 197, 192])
     """
 
     def __init__(
         self,
-        d_model,
-        d_state=16,
-        d_conv=4,
-        expand=2,
-        dt_rank="auto",
-        dt_min=0.001,
-        dt_max=0.1,
-        dt_init="random",
-        dt_scale=1.0,
-        dt_init_floor=1e-4,
-        conv_bias=True,
-        bias=False,
-        use_fast_path=True,
-        layer_idx=None,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
         device=None,
         dtype=None,
-        bimamba_type="none",
-        if_divide_out=False,
-        init_layer_scale=None,
+        bimamba_type: str = "none",
+        if_divide_out: bool = False,
+        init_layer_scale: float | None = None,
     ):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -260,7 +276,7 @@ class Mamba(nn.Module):
         delta = torch.matmul(dt_proj.weight, dt)  # bias is added (in fp32) by the scan
         return delta, B.contiguous(), C.contiguous()
 
-    def forward(self, hidden_states, inference_params=None):
+    def forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
         if inference_params is not None and getattr(inference_params, "seqlen_offset", 0) > 0:
             raise NotImplementedError("Mamba: step-wise decoding (seqlen_offset > 0) is not supported")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:

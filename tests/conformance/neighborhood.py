@@ -290,6 +290,22 @@ def _bad_rank_and_window(nd):
     ]
 
 
+# Every option the wrappers pass to na_fwd / na_bwd, in every input dtype, on small shapes.
+FUZZ = {
+    1: [(edge(1, (9,), (3,), (2,), rpb=True, head_dim=4, head_dim_v=4), torch.float32),
+        (edge(1, (8,), (3,), is_causal=(True,), heads=4, kv_heads=2, head_dim=4, head_dim_v=6), torch.float32),
+        (edge(1, (8,), (4,), stride=(2,), head_dim=4, head_dim_v=4, lse=False), torch.float64),
+        (edge(1, (8,), (3,), head_dim=4, head_dim_v=4, n_extra=2, extra_heads=1, heads=2, kv_heads=2),
+         torch.float16)],
+    2: [(edge(2, (5, 6), (3, 2), (1, 2), rpb=True, head_dim=4, head_dim_v=4), torch.float32),
+        (edge(2, (5, 4), (3, 3), stride=(2, 1), is_causal=(True, False), kv_heads=1, head_dim=4, head_dim_v=4),
+         torch.bfloat16)],
+    3: [(edge(3, (3, 4, 3), (3, 3, 3), rpb=True, head_dim=4, head_dim_v=4), torch.float32),
+        (edge(3, (3, 4, 4), (2, 3, 2), (1, 1, 2), is_causal=(False, True, False), head_dim=16, head_dim_v=16),
+         torch.float32)],
+}
+
+
 def _spec(nd, bad_inputs):
     return OpSpec(
         name=f"na{nd}d",
@@ -308,6 +324,7 @@ def _spec(nd, bad_inputs):
         triton_cases=TRITON[nd],
         gpu_cases=GPU[nd],
         bad_inputs=bad_inputs,
+        fuzz_cases=FUZZ[nd],
         facts=_head_dims,
         known_failures=[KnownFailure(check, COMPILE_NUMPY[nd], NUMPY_COMPILE_BUG)
                         for check in ("test_torch_compile_fullgraph", "test_gpu_torch_compile_fullgraph")],

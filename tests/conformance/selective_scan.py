@@ -201,6 +201,14 @@ SCAN = OpSpec(
                for bc, N, L in [("var", 16, 197), ("const", 16, 300), ("group", 64, 129), ("var", 256, 40),
                                 ("var", 5, 1)] for r in (False, True)],
     bad_inputs=_bad_scan,
+    fuzz_cases=[({"L": 7, "N": 3, "bc": "const", "z": False, "reverse": True}, torch.float32),
+                ({"L": 7, "N": 3, "bc": "group", "reverse": True}, torch.float64),
+                ({"L": 7, "N": 3, "z": False}, torch.bfloat16),
+                ({"L": 7, "N": 3, "bc": "group", "bc_fp32": True}, torch.float16),
+                # a wide grouped case: partial SIMD blocks, two groups of 10 channels
+                ({"batch": 1, "dim": 20, "L": 5, "N": 3, "bc": "group", "groups": 2}, torch.float32),
+                # two chunks (chunk_len 128 at N = 16): the backward's checkpoints
+                ({"batch": 1, "dim": 2, "L": 130, "N": 16, "bc": "group", "groups": 1}, torch.float32)],
     facts=_d_state,
     known_failures=_numpy_compile_failures(),
 )
@@ -229,6 +237,7 @@ BI_SCAN = OpSpec(
     triton_cases=[{"batch": 1, "dim": 2, "L": 7, "N": 3, "bc": "group", "groups": 1}],
     gpu_cases=[{"batch": 2, "dim": 16, "L": 197, "N": 16}, {"batch": 2, "dim": 8, "L": 64, "N": 64, "bc": "group"}],
     bad_inputs=_bad_bi_scan,
+    fuzz_cases=[({"L": 7, "N": 3}, torch.float32), ({"L": 7, "N": 3, "bc": "group", "z": False}, torch.bfloat16)],
     facts=_d_state,
     known_failures=_numpy_compile_failures(),
 )

@@ -1,0 +1,214 @@
+"""GPU smoke test: every kernel once per dtype, forward and backward, against
+the float32 reference. The first thing to run on a GPU machine
+(``bash bench/gpu_check.sh --stage smoke``).
+
+Covers selective_scan (constant, variable and grouped B/C; reverse; with and
+without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
+backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
+causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
+not a power of two, additional_keys/values) in float32, float16 and bfloat16.
+
+The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
+on any device: ``bench/compile_check.py`` runs the fast path of every case on
+meta tensors to list the Triton configurations it launches (and compiles them
+in parallel before the smoke run), and :func:`test_smoke_on_cpu_interpreter`
+runs the float32 cases on CPU tensors under TRITON_INTERPRET=1, so the test's
+own logic is checked on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from fastvision import _extension
+from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
+from fastvision.testing import assert_close
+
+import test_neighborhood as tn
+import test_selective_scan as tss
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NA = {1: na1d, 2: na2d, 3: na3d}
+
+
+@dataclass(frozen=True)
+class SmokeCase:
+    """One configuration. kind: 'scan', 'bi_scan' or 'na'; params: the
+    tests' make_inputs arguments plus the op's flags; backends: the fast
+    backends to check (each against backend='reference')."""
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict)
+    backends: tuple = ("triton",)
+
+
+def _scan(name, backends=("triton", "cuda"), **kw):
+    p = dict(batch=2, dim=8, L=100, N=16, bc="var", groups=2, z=True, D=True, bias=True,
+             softplus=True, reverse=False)
+    p.update(kw)
+    return SmokeCase(name, "scan", p, backends)
+
+
+def _na(name, nd, spatial, kernel_size, dilation=None, stride=None, is_causal=None, n_extra=0, **kw):
+    c = tn.edge(nd, spatial, kernel_size, dilation, stride, is_causal, **kw)
+    c["n_extra"] = n_extra
+    return SmokeCase(name, "na", c)
+
+
+CASES = [
+    # L 300 with N 16: chunks of 128, the last one partial.
+    _scan("scan-var-N16-L300", L=300),
+    _scan("scan-const-N16-reverse", bc="const", L=130, reverse=True),
+    _scan("scan-group-N64", bc="group", groups=2, N=64, L=129),
+    _scan("scan-var-N5-reverse-plain", N=5, L=70, reverse=True, z=False, D=False, bias=False, softplus=False),
+    _scan("scan-var-N256", N=256, L=40, dim=4),
+    SmokeCase("bi-var-N16", "bi_scan", dict(batch=2, dim=8, L=197, N=16, bc="var", bc_b="var"),
+              ("triton", "cuda")),
+    SmokeCase("bi-group-N32", "bi_scan", dict(batch=2, dim=8, L=65, N=32, bc="group", bc_b="group"),
+              ("triton", "cuda")),
+    _na("na1d-rpb-dilation", 1, (40,), (7,), (2,), rpb=True, head_dim=32, head_dim_v=32),
+    _na("na1d-causal-stride-mqa-extra", 1, (37,), (5,), (3,), (2,), (True,), heads=4, kv_heads=1,
+        head_dim=64, head_dim_v=64, n_extra=3),
+    _na("na2d-rpb-dilation", 2, (14, 15), (5, 3), (2, 1), rpb=True, head_dim=32, head_dim_v=32),
+    _na("na2d-causal-stride-gqa-d128", 2, (12, 13), (3, 5), (1, 2), (2, 1), (True, False), heads=4,
+        kv_heads=2, head_dim=128, head_dim_v=128),
+    _na("na2d-extra-keys-d48", 2, (10, 9), (3, 3), head_dim=48, head_dim_v=48, n_extra=5),
+    _na("na3d-rpb-dilation", 3, (5, 6, 7), (3, 3, 3), (1, 2, 1), rpb=True, head_dim=32, head_dim_v=32),
+    _na("na3d-causal-stride-gqa-dv", 3, (6, 5, 8), (2, 3, 4), (1, 1, 2), (2, 1, 3), (True, False, False),
+        heads=4, kv_heads=2, head_dim=16, head_dim_v=32),
+]
+
+
+# --------------------------------------------------------------------------
+# Inputs, fast path, reference
+
+
+def _scan_direction(p, bc, device, dtype, seed):
+    t = tss.make_inputs(p["batch"], p["dim"], p["L"], p["N"], bc, p.get("groups", 2), z=p.get("z", True),
+                        D=p.get("D", True), bias=p.get("bias", True), dtype=dtype, seed=seed)
+    return [x.to(device) if x is not None else None for x in t]
+
+
+def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
+    """The case's differentiable inputs by name (leaves, requires_grad set)."""
+    p = case.params
+    if case.kind == "scan":
+        t = _scan_direction(p, p["bc"], device, dtype, seed)
+        x = dict(zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), t))
+    elif case.kind == "bi_scan":
+        f = _scan_direction(p, p["bc"], device, dtype, seed)
+        b = _scan_direction(p, p["bc_b"], device, dtype, seed + 1)
+        names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+        x = dict(zip(names, f))
+        x.update({n + "_b": v for n, v in zip(names, b) if n != "z"})
+    else:
+        q, k, v, rpb = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
+        x = dict(q=q, k=k, v=v, rpb=rpb)
+        if p["n_extra"]:
+            g = torch.Generator().manual_seed(seed + 1)
+            shape = (p["batch"], p["n_extra"], p["kv_heads"])
+            x["additional_keys"] = torch.randn(*shape, p["head_dim"], generator=g).to(device, dtype)
+            x["additional_values"] = torch.randn(*shape, p["head_dim_v"], generator=g).to(device, dtype)
+    return {n: t.requires_grad_() for n, t in x.items() if t is not None}
+
+
+def run(case: SmokeCase, x: dict, backend: str) -> dict:
+    """The op on inputs `x` with `backend`: its outputs by name."""
+    p = case.params
+    if case.kind == "scan":
+        out, last = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), x.get("z"),
+                                   x.get("delta_bias"), p["softplus"], True, reverse=p["reverse"],
+                                   backend=backend)
+        return {"out": out, "last_state": last}
+    if case.kind == "bi_scan":
+        f = [x.get(n) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        b = [x.get(n + "_b") for n in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
+        return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
+    out, lse = NA[p["nd"]](x["q"], x["k"], x["v"], p["kernel_size"], p["stride"], p["dilation"],
+                           p["is_causal"], None, x.get("additional_keys"), x.get("additional_values"),
+                           rpb=x.get("rpb"), return_lse=True, backend=backend)
+    return {"out": out, "lse": lse}
+
+
+def loss(outputs: dict) -> torch.Tensor:
+    """A float64 loss whose gradient differs at every output element."""
+    total = 0
+    for i, t in enumerate(outputs.values()):
+        w = torch.linspace(-1.5 + i, 2.0 - i, t.numel(), dtype=torch.float64, device=t.device).view_as(t)
+        total = total + (t.double() * w).sum()
+    return total
+
+
+def run_fast_path(case: SmokeCase, device, dtype, backend: str = "triton") -> None:
+    """Forward and backward of the fast path only (no reference): what
+    bench/compile_check.py runs on meta tensors to list the kernel launches."""
+    x = make_inputs(case, device, dtype)
+    torch.autograd.grad(loss(run(case, x, backend)), list(x.values()))
+
+
+def check_case(case: SmokeCase, device, backend: str, dtype) -> None:
+    """Forward and backward of `backend` against the reference on float32 copies of the inputs."""
+    x = make_inputs(case, device, dtype)
+    outs = run(case, x, backend)
+    x32 = {n: t.detach().float().requires_grad_() for n, t in x.items()}
+    refs = run(case, x32, "reference")
+    grads = torch.autograd.grad(loss(outs), list(x.values()))
+    ref_grads = torch.autograd.grad(loss(refs), list(x32.values()))
+    where = f"{case.name} {backend} {dtype}"
+    for name, t in outs.items():
+        assert t.device == x[next(iter(x))].device, f"{where}: {name} on {t.device}"
+        assert torch.isfinite(t).all(), f"{where}: {name} has NaN/inf"
+        same = {"out": dtype}.get(name, torch.float32)
+        assert t.dtype == same, f"{where}: {name} is {t.dtype}, expected {same}"
+        # As the GPU tests: the state after L steps accumulates half-precision input rounding.
+        scale = {"out": 2, "lse": 1}.get(name, 50 if dtype != torch.float32 else 1)
+        assert_close(t.float(), refs[name].float(), dtype, scale=scale, msg=f"{where}: {name}")
+    for (name, xt), g, rg in zip(x.items(), grads, ref_grads):
+        assert g.dtype == xt.dtype, f"{where}: grad of {name} is {g.dtype}, expected {xt.dtype}"
+        assert torch.isfinite(g).all(), f"{where}: grad of {name} has NaN/inf"
+        assert_close(g.float(), rg, dtype, scale=20 if dtype == torch.float32 else 4,
+                     msg=f"{where}: grad of {name}")
+
+
+# --------------------------------------------------------------------------
+# Tests
+
+GPU_PARAMS = [pytest.param(c, b, id=f"{c.name}-{b}") for c in CASES for b in c.backends]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case, backend", GPU_PARAMS)
+def test_smoke(case, backend, dtype):
+    if backend == "cuda" and not _extension.CUDA_LOADED:
+        pytest.fail("the CUDA C++ kernels are not loaded ("
+                    + (_extension.CUDA_ERROR or "fastvision was built without nvcc or torch has no CUDA")
+                    + "): run `bash bench/gpu_check.sh --stage build` first")
+    check_case(case, "cuda", backend, dtype)
+
+
+def shrunk(case: SmokeCase) -> SmokeCase:
+    """The case at a size the Triton interpreter runs in seconds: one batch
+    element; scans: one row per group, a few steps; NA: each axis just longer
+    than its window, heads only as many as the GQA ratio needs."""
+    p = case.params
+    if case.kind == "na":
+        spatial = tuple(min(L, k * d + 2) for L, k, d in zip(p["spatial"], p["kernel_size"], p["dilation"]))
+        p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
+    else:
+        p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
+    return SmokeCase(case.name, case.kind, p, case.backends)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_smoke_on_cpu_interpreter(case):
+    """The float32 cases, shrunk, on CPU tensors under the Triton interpreter:
+    the smoke test's own checks, run where there is no GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py when there is no GPU)")
+    check_case(shrunk(case), "cpu", "triton", torch.float32)
