@@ -5,19 +5,26 @@
 - :func:`check_gradcheck`, :func:`check_opcheck`, :func:`check_compile`:
   the float64 gradient check, ``torch.library.opcheck`` and a
   ``torch.compile(fullgraph=True)`` round trip, with the settings every op uses.
+- :class:`OpSpec`: what an op contributes to the conformance suite
+  (``tests/test_conformance.py`` runs every generic check on every spec), with
+  :class:`Sample`, :class:`BadInput` and :class:`KnownFailure`.
 - :func:`record_direct_calls`, :func:`fuzz_direct_calls`: capture the
   ``torch.ops.fastvision.*`` calls some code makes, then replay each with one
-  argument mutated in child processes (no crash, no hang, clear errors).
+  argument mutated in child processes (no crash, no hang, clear errors);
+  :func:`recorded_calls` records those of a spec's public op (for opcheck and fuzzing).
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 # (rtol, atol) of a fast kernel against the float32 (or float64) reference,
 # by the dtype of the kernel's inputs. Half precision rounds inputs and
@@ -120,6 +127,230 @@ def check_compile(fn: Callable[..., Any], args: Sequence[Any], grad: bool = True
             assert a is None and b is None
         else:
             assert_close(a, b, dtype, scale=10)
+
+
+# --------------------------------------------------------------------------
+# Conformance specs
+
+
+@dataclass
+class Sample:
+    """One call of a public op, ``op(*args, **kwargs)``, as a spec builds it (CPU tensors)."""
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], Any]) -> Sample:
+        """A copy with `fn` applied to every tensor (nested in tuples and lists too)."""
+        args, kwargs = tree_map_only(torch.Tensor, fn, (tuple(self.args), dict(self.kwargs)))
+        return Sample(tuple(args), kwargs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, torch.Tensor)]
+
+    def to(self, device: torch.device | str) -> Sample:
+        """A copy with detached copies of the tensors on `device` (e.g. "meta", "cuda")."""
+        return self.map_tensors(lambda t: t.detach().to(device).clone())
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A call the public op must refuse with `error` whose message contains `match` (literally)."""
+    id: str
+    sample: Sample
+    error: type[BaseException]
+    match: str
+
+
+@dataclass(frozen=True)
+class KnownFailure:
+    """A bug the conformance suite found and that is not fixed yet: `check` (a test
+    of tests/test_conformance.py, e.g. ``"test_torch_compile_fullgraph"``) fails on
+    `case` (one of the spec's cases for that check) because of `reason`. The suite
+    runs it as ``xfail(strict=True)``: fixing the bug makes the suite say so."""
+    check: str
+    case: dict
+    reason: str
+
+
+#: (forward, backward) multipliers of TOLERANCES[input dtype] for outputs and gradients
+#: against the float32 reference; a spec may state its own.
+DEFAULT_TOLERANCE_SCALE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1.0, 1.0),
+    torch.float32: (1.0, 20.0),
+    torch.float16: (2.0, 4.0),
+    torch.bfloat16: (2.0, 4.0),
+}
+
+
+@dataclass
+class OpSpec:
+    """What one public op contributes to the conformance suite (tests/test_conformance.py).
+
+    Cases are dicts of settings (they name the pytest ids); ``make(case, dtype,
+    seed)`` turns one into a :class:`Sample` of CPU tensors: the floating
+    inputs in `dtype` where the op takes that dtype (parameters the op keeps
+    in float32, e.g. a scan's ``A``, stay float32 except for float64). Each
+    list feeds the checks named beside it:
+
+    * ``cases``: forward and backward vs the reference in float32; many random
+      shapes plus explicit edge cases (size 1, odd sizes, borders, empty batch,
+      every option);
+    * ``basic_cases``: a few samples for the checks that need not see every
+      shape: meta tensors, non-contiguous inputs, backend selection and
+      errors (include inputs some backend's limits refuse), double backward;
+    * ``half_cases``: float16 and bfloat16 vs the float32 reference;
+    * ``gradcheck_cases``: float64 gradcheck (small);
+    * ``opcheck_cases``: torch.library.opcheck of the registered forward and
+      backward ops, on the calls the public op makes (:func:`recorded_calls`);
+    * ``compile_cases``: torch.compile(fullgraph=True) forward and backward
+      vs eager (few and small: compiling is slow);
+    * ``triton_cases``: backend="triton" under the Triton interpreter on CPU
+      tensors (tiny: the interpreter is slow);
+    * ``gpu_cases``: every backend usable on CUDA, float32/16/bf16, vs the
+      float32 reference;
+    * ``fuzz_cases``: (case, dtype) pairs whose direct calls, with those of
+      ``opcheck_cases`` in float32, are replayed with one argument mutated
+      (:func:`fuzz_direct_calls`): give every layout and dtype the wrappers
+      pass to the registered ops (small shapes: each call is replayed ~100 times).
+
+    ``reference`` takes the public op's arguments (without ``backend``).
+    ``outputs`` names the op's outputs in order (an op returning one tensor
+    returns ``outputs[0]``); ``differentiable_inputs`` and
+    ``differentiable_outputs`` are argument and output names. ``fused_op``
+    is the :data:`fastvision.ops._library.FUSED_OPS` name of the fused op the
+    public op runs; ``facts(sample)`` are the keyword facts its
+    ``FusedOp.why_not`` / ``limits`` take (e.g. ``d_state``).
+    ``known_failures`` lists the bugs found and not yet fixed (:class:`KnownFailure`).
+    """
+    name: str
+    op: Callable
+    reference: Callable
+    fused_op: str
+    make: Callable[[dict, torch.dtype, int], Sample]
+    outputs: tuple[str, ...]
+    differentiable_inputs: tuple[str, ...]
+    cases: Sequence[dict]
+    basic_cases: Sequence[dict]
+    half_cases: Sequence[dict]
+    gradcheck_cases: Sequence[dict]
+    opcheck_cases: Sequence[dict]
+    compile_cases: Sequence[dict]
+    triton_cases: Sequence[dict]
+    gpu_cases: Sequence[dict]
+    bad_inputs: Callable[[], Iterable[BadInput]]
+    fuzz_cases: Sequence[tuple[dict, torch.dtype]] = ()
+    facts: Callable[[Sample], dict] = lambda sample: {}
+    known_failures: Sequence[KnownFailure] = ()
+    differentiable_outputs: tuple[str, ...] | None = None
+    tolerance_scale: dict[torch.dtype, tuple[float, float]] = field(
+        default_factory=lambda: dict(DEFAULT_TOLERANCE_SCALE))
+
+    def __post_init__(self):
+        if self.differentiable_outputs is None:
+            self.differentiable_outputs = tuple(self.outputs)
+        params = inspect.signature(self.op).parameters
+        unknown = set(self.differentiable_inputs) - set(params)
+        if unknown:
+            raise ValueError(f"{self.name}: differentiable_inputs {sorted(unknown)} are not arguments of "
+                             f"{self.op.__name__}")
+        if not set(self.differentiable_outputs) <= set(self.outputs):
+            raise ValueError(f"{self.name}: differentiable_outputs must be among outputs {self.outputs}")
+
+    @property
+    def fused(self):
+        """The :class:`fastvision.ops._library.FusedOp` this op runs."""
+        from .ops._library import FUSED_OPS
+        return FUSED_OPS[self.fused_op]
+
+    def sample(self, case: dict, dtype: torch.dtype = torch.float32, seed: int = 0) -> Sample:
+        return self.make(case, dtype, seed)
+
+    def tolerance(self, dtype: torch.dtype, backward: bool = False) -> float:
+        """The multiplier of TOLERANCES[dtype] for outputs (or gradients)."""
+        return self.tolerance_scale[dtype][1 if backward else 0]
+
+    # ---- running ---------------------------------------------------------
+
+    def bind(self, sample: Sample) -> inspect.BoundArguments:
+        """`sample`'s arguments by name (the public op's signature)."""
+        return inspect.signature(self.op).bind(*sample.args, **sample.kwargs)
+
+    def grad_inputs(self, sample: Sample) -> list[str]:
+        """Names of the differentiable inputs that are tensors in `sample` (not None)."""
+        args = self.bind(sample).arguments
+        return [n for n in self.differentiable_inputs if isinstance(args.get(n), torch.Tensor)]
+
+    def call(self, sample: Sample, backend: str | None = "auto", reference: bool = False) -> tuple:
+        """The op's (or the reference's) outputs as a tuple, whatever it returns."""
+        if reference:
+            out = self.reference(*sample.args, **sample.kwargs)
+        else:
+            kwargs = dict(sample.kwargs) if backend is None else {**sample.kwargs, "backend": backend}
+            out = self.op(*sample.args, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
+
+    def output_names(self, outs: tuple) -> tuple[str, ...]:
+        return self.outputs[:len(outs)]
+
+    def with_leaves(self, sample: Sample) -> tuple[Sample, dict[str, torch.Tensor]]:
+        """A copy of `sample` whose differentiable inputs are fresh leaves requiring grad
+        (sharing the tensors' memory: strides are kept, e.g. non-contiguous ones)."""
+        bound = self.bind(sample.map_tensors(lambda t: t.detach()))
+        leaves = {}
+        for name in self.grad_inputs(sample):
+            leaves[name] = bound.arguments[name] = bound.arguments[name].requires_grad_()
+        return Sample(tuple(bound.args), dict(bound.kwargs)), leaves
+
+    def substitute(self, sample: Sample, tensors: dict[str, torch.Tensor]) -> Sample:
+        """`sample` with the named arguments replaced."""
+        bound = self.bind(sample)
+        bound.arguments.update(tensors)
+        return Sample(tuple(bound.args), dict(bound.kwargs))
+
+    def loss(self, outs: tuple) -> torch.Tensor:
+        """A float64 scalar whose gradient differs at every element of every differentiable output."""
+        total = torch.zeros((), dtype=torch.float64, device=outs[0].device)
+        for i, (name, o) in enumerate(zip(self.output_names(outs), outs)):
+            if name in self.differentiable_outputs:
+                w = torch.linspace(-1.5 + 0.3 * i, 2.0 - 0.7 * i, o.numel(), dtype=torch.float64,
+                                   device=o.device).view_as(o)
+                total = total + (o.double() * w).sum()
+        return total
+
+    def forward_backward(self, sample: Sample, backend: str | None = "auto", reference: bool = False
+                         ) -> tuple[tuple, dict[str, torch.Tensor | None]]:
+        """Outputs and the gradients of :meth:`loss` by input name (on fresh leaves)."""
+        sample, leaves = self.with_leaves(sample)
+        outs = self.call(sample, backend, reference)
+        loss = self.loss(outs)
+        grads = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                 if leaves and loss.requires_grad else [None] * len(leaves))
+        return outs, dict(zip(leaves, grads))
+
+
+def recorded_calls(spec: OpSpec, cases: Sequence[dict] | None = None, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", backend: str = "auto", dedupe: bool = False) -> list[OpCall]:
+    """The direct calls of ``fastvision::*`` ops that `spec`'s public op makes, forward
+    and backward, on `cases` (default: ``spec.opcheck_cases``), in order
+    (:func:`record_direct_calls`).
+
+    Inputs for opcheck and for fuzzing the registered ops with realistic arguments.
+    (backend="triton" calls the Triton kernels directly: nothing to record.)
+    """
+    calls = []
+    for seed, case in enumerate(spec.opcheck_cases if cases is None else cases):
+        sample = spec.sample(case, dtype, seed).to(device)
+        calls.extend(record_direct_calls(lambda: spec.forward_backward(sample, backend), dedupe=False))
+    return unique_calls(calls) if dedupe else calls
+
+
+def fuzz_calls(spec: OpSpec) -> list[OpCall]:
+    """The calls the direct-call fuzz replays for `spec`: those of its
+    ``opcheck_cases`` (float32) and ``fuzz_cases``, one per signature."""
+    calls = recorded_calls(spec)
+    for case, dtype in spec.fuzz_cases:
+        calls += recorded_calls(spec, [case], dtype)
+    return unique_calls(calls)
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +536,6 @@ def record_direct_calls(fn: Callable[[], Any], namespace: str = "fastvision", de
     arguments are cloned (same strides). With `dedupe`, calls with equal
     signatures (shapes, dtypes, strides, scalars) are kept once.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     calls: list[OpCall] = []
 
@@ -319,8 +549,11 @@ def record_direct_calls(fn: Callable[[], Any], namespace: str = "fastvision", de
 
     with _Recorder():
         fn()
-    if not dedupe:
-        return calls
+    return unique_calls(calls) if dedupe else calls
+
+
+def unique_calls(calls: Iterable[OpCall]) -> list[OpCall]:
+    """`calls` without repeated signatures (the first of each kept, in order)."""
     seen, unique = set(), []
     for c in calls:
         if c.signature() not in seen:

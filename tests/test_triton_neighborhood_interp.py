@@ -1,10 +1,12 @@
-"""Neighborhood-attention Triton kernels vs the PyTorch reference, on CPU under TRITON_INTERPRET=1.
+"""Neighborhood-attention Triton kernels' tiling, on CPU under TRITON_INTERPRET=1.
 
-The launchers ``na_fwd`` / ``na_bwd`` are called directly. Reference gradients
-come from torch.autograd through ``neighborhood_attention_ref`` (fp32, on the
-same rounded inputs) with a loss that has both an out and an lse term.
-The interpreter is slow, so shapes are tiny and tiles are small (16
-elements) so that every case crosses several query tiles and key blocks.
+The launchers ``na_fwd`` / ``na_bwd`` are called directly with small tiles (16
+elements) so that every case crosses several query tiles and key blocks: every
+window-rule case, rpb, GQA and padded head dims across tile borders. Reference
+gradients come from torch.autograd through ``neighborhood_attention_ref`` (fp32)
+with a loss that has both an out and an lse term. Also the host-side tile
+heuristics. backend="triton" through the public API (default tiles, float16,
+no lse, empty batch) runs on the specs in tests/conformance/neighborhood.py.
 Run alone with ``pytest -m triton``.
 """
 
@@ -171,50 +173,6 @@ def test_gqa_head_dims(heads, kv_heads, D, Dv):
 
 def test_gqa_rpb_3d():
     run_case((3, 4, 6), (3, 3, 2), (1, 1, 2), heads=2, kv_heads=1, head_dim=8, head_dim_v=48, rpb=True)
-
-
-# --------------------------------------------------------------------------
-# fp16
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spatial,k,d,s,causal,rpb", [
-    ((13,), 4, 2, 1, False, True),
-    ((19,), 5, 2, 3, True, False),
-    ((9, 8), (3, 3), (2, 3), (1, 1), (True, True), False),
-    ((9, 10), (3, 4), (2, 1), (1, 1), (False, False), True),
-    ((3, 5, 6), (2, 3, 3), (1, 1, 2), (1, 2, 1), (False, True, False), False),
-])
-def test_fp16(spatial, k, d, s, causal, rpb):
-    run_case(spatial, k, d, s, causal, rpb=rpb, heads=4, kv_heads=2, head_dim=16, head_dim_v=8,
-             dtype=torch.float16, seed=7)
-
-
-# --------------------------------------------------------------------------
-# launcher paths: default tiles, no dlse, batch > 1, empty inputs
-# --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spatial,k,d,s,causal,rpb", [
-    ((70,), 7, 2, 1, False, True),                          # 64-row query tiles, 2 key blocks
-    ((12, 13), (5, 3), (1, 2), (1, 1), (False, True), False),
-    ((4, 5, 9), (3, 3, 3), (1, 1, 3), (1, 1, 1), (False, False, False), True),
-])
-def test_default_tiles(spatial, k, d, s, causal, rpb):
-    """The launchers' own tile heuristics (no overrides)."""
-    run_case(spatial, k, d, s, causal, rpb=rpb, tiles="default", seed=3)
-
-
-def test_no_dlse_batch():
-    run_case((7, 6), (3, 4), (2, 1), (2, 1), (False, True), batch=2, with_dlse=False, rpb=False)
-
-
-def test_empty():
-    q = torch.randn(0, 5, 6, 2, 16)
-    out, lse = na.na_fwd(q, q, q, None, (3, 3), (1, 1), (1, 1), (False, False), 0.25)
-    assert out.shape == (0, 5, 6, 2, 16) and lse.shape == (0, 5, 6, 2)
-    grads = na.na_bwd(out, lse, q, q, q, None, out, lse, (3, 3), (1, 1), (1, 1), (False, False), 0.25)
-    assert [g.shape for g in grads[:3]] == [q.shape] * 3 and grads[3].numel() == 0
 
 
 # --------------------------------------------------------------------------
