@@ -269,40 +269,16 @@ def test_workloads():
     yield "tests:vim_tiny", torch.bfloat16, lambda: model(vim_tiny)
 
 
-# The CUDA benchmark shapes, used when the benchmark suites cannot be
-# imported (fastvision.benchmark is becoming the package fastvision.bench):
-# keep in step with the suites. The suites themselves are read when they
-# import (see bench_shapes).
-BENCH_SHAPES_FALLBACK = {
-    "selective_scan": [dict(batch=2, dim=768, L=197, N=16), dict(batch=2, dim=768, L=1024, N=16),
-                       dict(batch=2, dim=768, L=4096, N=16), dict(batch=64, dim=1536, L=197, N=16)],
-    "na2d": [dict(batch=1, spatial=(56, 56), heads=2, head_dim=32, k=7, d=1),
-             dict(batch=1, spatial=(56, 56), heads=2, head_dim=32, k=7, d=8),
-             dict(batch=32, spatial=(56, 56), heads=2, head_dim=32, k=7, d=1)],
-    "na1d": [dict(batch=1, spatial=(8192,), heads=2, head_dim=32, k=63, d=1)],
-}
-BENCH_SHAPES_FALLBACK["bi_selective_scan"] = BENCH_SHAPES_FALLBACK["selective_scan"]
-
-
-def bench_shapes() -> tuple[dict[str, list[dict]], str]:
-    """op -> CUDA case shapes of the benchmark suites, and where they came from."""
-    for name in ("fastvision.bench", "fastvision.benchmark"):
-        try:
-            mod = importlib.import_module(name)
-            suites = getattr(mod, "SUITES")
-            shapes = {op: [dict(c.shape) for c in s.cases if "cuda" in getattr(c, "devices", ("cuda",))]
-                      for op, s in suites.items()}
-            if shapes:
-                return shapes, f"{name}.SUITES"
-        except Exception:  # absent, mid-refactor, or another layout: use the list above
-            continue
-    return BENCH_SHAPES_FALLBACK, "compile_check.BENCH_SHAPES_FALLBACK"
+def bench_shapes() -> dict[str, list[dict]]:
+    """op -> shapes of the benchmark suites' CUDA cases."""
+    from fastvision.bench import SUITES
+    return {op: [dict(c.shape) for c in s.cases if "cuda" in c.devices] for op, s in SUITES.items()}
 
 
 def bench_workloads():
     import torch
     from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
-    shapes, _ = bench_shapes()
+    shapes = bench_shapes()
 
     def scan_inputs(s, dtype):
         b, d, L, N = s["batch"], s["dim"], s["L"], s["N"]
@@ -940,10 +916,6 @@ def main(argv=None) -> int:
         configs = one_per_group(configs)
     if args.quick:
         configs = quick_filter(configs)
-    if "bench" in sources:
-        _, where = bench_shapes()
-        if where.startswith("compile_check"):
-            warnings_.append("benchmark suites did not import: used compile_check.BENCH_SHAPES_FALLBACK")
 
     if args.list:
         for c in configs:
