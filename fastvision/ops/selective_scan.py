@@ -220,9 +220,14 @@ def _bi_scan_gradients(backward, s, g):
     return {**forward, **reverse, "z": dz}
 
 
-def _scan_limits(backend: str, d_state: int) -> str | None:
+def _scan_limits(backend: str, d_state: int, variable_bc: bool = False) -> str | None:
     if backend == "triton" and d_state > MAX_TRITON_STATE:
         return f"supports d_state N <= {MAX_TRITON_STATE}; got N={d_state}"
+    if backend == "cuda" and variable_bc and torch.are_deterministic_algorithms_enabled():
+        # The C++ op cannot see the flag (not in the stable ABI): decided here.
+        return ("adds variable dB/dC with float atomics in its backward, which "
+                "torch.use_deterministic_algorithms(True) rules out; backend='triton' (or 'auto') sums "
+                "per-channel partials in a fixed order")
     return None
 
 
@@ -276,7 +281,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """
     s = _prepare(u, delta, A, B, C, D, z, delta_bias)
     softplus, reverse = as_bool(delta_softplus, "delta_softplus"), as_bool(reverse, "reverse")
-    path = _SCAN.resolve(backend, u.device, d_state=A.shape[1])
+    path = _SCAN.resolve(backend, u.device, d_state=A.shape[1], variable_bc=B.dim() > 2 or C.dim() > 2)
     if path == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, return_last_state,
                                   reverse=reverse)
@@ -318,7 +323,7 @@ def bi_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     reverse = _prepare(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b, suffix="_b")
     check_same_device(u=u, u_b=u_b)
     softplus = as_bool(delta_softplus, "delta_softplus")
-    path = _BI_SCAN.resolve(backend, u.device, d_state=A.shape[1])
+    path = _BI_SCAN.resolve(backend, u.device, d_state=A.shape[1], variable_bc=B.dim() > 2 or C.dim() > 2)
     if path == "reference":
         return bi_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, u_b, delta_b, A_b, B_b,
                                      C_b, D_b, delta_bias_b, softplus)

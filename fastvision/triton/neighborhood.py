@@ -366,7 +366,7 @@ def _na_bwd_dq_kernel(
         D: tl.constexpr, DV: tl.constexpr,
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr):
     """Per query tile: the row statistics (pass 1), then dq and drpb (pass 2).
 
     Pass 1 recomputes each row's max logit m and normaliser l (online, as the
@@ -381,7 +381,9 @@ def _na_bwd_dq_kernel(
     small weights of the other keys from its own logits.
     Pass 2: P = exp2(S - m) / l, dS = P (dP - Delta + dlse) (the stored dS at
     the argmax), dq = scale dS K, drpb by atomic adds into this batch
-    element's (H, R) table of partials.
+    element's (H, R) table of partials, or with DETERMINISTIC stored in the
+    query row's own (R) table (a row's keys have distinct offsets) that the
+    launcher sums in a fixed order.
     """
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -487,7 +489,10 @@ def _na_bwd_dq_kernel(
         ds = tl.where(kv_row[None, :] == am[:, None], dsmax[:, None], ds)
         dq = _masked_dot(dq, ds, kt, mask, DOT_PREC)
         if HAS_RPB:
-            tl.atomic_add(drpb_row + idx, ds, mask=mask, sem="relaxed")
+            if DETERMINISTIC:
+                tl.store(drpb_ptr + row.to(tl.int64)[:, None] * R + idx, ds, mask=mask)
+            else:
+                tl.atomic_add(drpb_row + idx, ds, mask=mask, sem="relaxed")
 
     dq = dq * scale
     tl.store(dq_ptr + row[:, None] * D + dq_[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -788,13 +793,18 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
 
     scale = float(scale)
     R = math.prod(2 * k - 1 for k in pb.k)
-    drpb_part = torch.zeros(pb.B, pb.H, R, device=dev, dtype=torch.float32) if has_rpb else stat
+    # drpb partials: one (H, R) table per batch element, added into with float
+    # atomics; under torch.use_deterministic_algorithms(True) one (R) table per
+    # query row instead (lse.numel() x R floats), stored without atomics.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    part_shape = (lse.numel() // pb.H, pb.H, R) if deterministic else (pb.B, pb.H, R)
+    drpb_part = torch.zeros(part_shape, device=dev, dtype=torch.float32) if has_rpb else stat
     tq, tk = pb.query_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tq, pb.H)
     _na_bwd_dq_kernel[(n_tiles * pb.B * pb.H,)](
         query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax,
         pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-        HAS_DLSE=has_dlse, **pb.consts(has_rpb, tq, tk))
+        HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, **pb.consts(has_rpb, tq, tk))
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)

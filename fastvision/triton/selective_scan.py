@@ -223,13 +223,15 @@ def _selective_scan_bwd_kernel(
         dim, L, N, GB, GC, n_chunks,
         REVERSE: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
         HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr,
-        CHUNK: tl.constexpr, N_PAD: tl.constexpr):
+        CHUNK: tl.constexpr, N_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr):
     """Adjoint of one (b, d) row, chunks visited in reverse processing order.
 
     Per-channel gradients (dA, dD, ddelta_bias and constant dB/dC) are written
     as per-(b, d) partials that the launcher sums over batch (deterministic);
     variable dB/dC, shared by the channels of a group, are atomically added
-    into fp32 buffers.
+    into fp32 buffers shaped like B/C, or with DETERMINISTIC stored as
+    per-channel partials, (batch, dim, N, L), that the launcher sums over
+    each group's channels in a fixed order.
     """
     pid = tl.program_id(0)  # = b * dim + d
     b = pid // dim
@@ -246,9 +248,14 @@ def _selective_scan_bwd_kernel(
     dbias = tl.load(dbias_ptr + d)
     B_row = _bc_row(B_ptr, b, d, dim, GB, N, L, VAR_B)
     C_row = _bc_row(C_ptr, b, d, dim, GC, N, L, VAR_C)
-    # dB/dC use the same offsets as B/C (same shapes; fp32 buffers).
-    dB_row = _bc_row(dB_ptr, b, d, dim, GB, N, L, VAR_B)
-    dC_row = _bc_row(dC_ptr, b, d, dim, GC, N, L, VAR_C)
+    # dB/dC use the same offsets as B/C (same shapes; fp32 buffers), or
+    # one group per channel for the deterministic partials.
+    if DETERMINISTIC:
+        dB_row = _bc_row(dB_ptr, b, d, dim, dim, N, L, VAR_B)
+        dC_row = _bc_row(dC_ptr, b, d, dim, dim, N, L, VAR_C)
+    else:
+        dB_row = _bc_row(dB_ptr, b, d, dim, GB, N, L, VAR_B)
+        dC_row = _bc_row(dC_ptr, b, d, dim, GC, N, L, VAR_C)
     B_const = A  # placeholders, replaced when B/C are constant
     C_const = A
     if not VAR_B:
@@ -350,14 +357,19 @@ def _selective_scan_bwd_kernel(
         dA_acc += tl.sum(tl.where(t_mask[None, :], dt[None, :] * hx, 0.0), axis=1)
         dB_t = hdt * u[None, :]
         dC_t = tl.where(t_mask[None, :], dy[None, :] * xs, 0.0)
+        nt_mask = n_mask[:, None] & t_mask[None, :]
         if VAR_B:
-            tl.atomic_add(dB_row + n_off[:, None] + t[None, :], dB_t,
-                          mask=n_mask[:, None] & t_mask[None, :], sem="relaxed")
+            if DETERMINISTIC:
+                tl.store(dB_row + n_off[:, None] + t[None, :], dB_t, mask=nt_mask)
+            else:
+                tl.atomic_add(dB_row + n_off[:, None] + t[None, :], dB_t, mask=nt_mask, sem="relaxed")
         else:
             dB_acc += tl.sum(tl.where(t_mask[None, :], dB_t, 0.0), axis=1)
         if VAR_C:
-            tl.atomic_add(dC_row + n_off[:, None] + t[None, :], dC_t,
-                          mask=n_mask[:, None] & t_mask[None, :], sem="relaxed")
+            if DETERMINISTIC:
+                tl.store(dC_row + n_off[:, None] + t[None, :], dC_t, mask=nt_mask)
+            else:
+                tl.atomic_add(dC_row + n_off[:, None] + t[None, :], dC_t, mask=nt_mask, sem="relaxed")
         else:
             dC_acc += tl.sum(dC_t, axis=1)
         dD_acc += dy * u
@@ -480,6 +492,9 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, c
     """-> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); see the module docstring.
 
     dz is an empty tensor when z is None; dB/dC match B/C in shape and dtype.
+    Under torch.use_deterministic_algorithms(True), variable dB/dC come from
+    per-channel partials summed in a fixed order (dim / G times dB's memory,
+    in float32) instead of float atomics: bit-identical run to run.
     """
     _check_chunk(chunk_len)
     batch, dim, L = u.shape
@@ -497,9 +512,15 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, c
     dA_part = torch.zeros(batch, dim, N, device=dev, dtype=f32)
     dD_part = torch.zeros(batch, dim, device=dev, dtype=f32)
     ddbias_part = torch.zeros(batch, dim, device=dev, dtype=f32)
-    # Variable: fp32 accumulators shaped like B/C. Constant: (batch, dim, N) partials.
-    dB_buf = torch.zeros(B.shape if var_b else (batch, dim, N), device=dev, dtype=f32)
-    dC_buf = torch.zeros(C.shape if var_c else (batch, dim, N), device=dev, dtype=f32)
+    # Variable: fp32 accumulators shaped like B/C (per-channel partials when
+    # deterministic). Constant: (batch, dim, N) partials.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+
+    def grad_buffer(var, shape):
+        if not var:
+            return torch.zeros(batch, dim, N, device=dev, dtype=f32)
+        return torch.zeros((batch, dim, N, L) if deterministic else shape, device=dev, dtype=f32)
+    dB_buf, dC_buf = grad_buffer(var_b, B.shape), grad_buffer(var_c, C.shape)
 
     if batch * dim > 0 and L > 0:
         _selective_scan_bwd_kernel[(batch * dim,)](
@@ -509,12 +530,17 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, c
             dim, L, N, GB, GC, n_chunks,
             REVERSE=bool(reverse), VAR_B=var_b, VAR_C=var_c, HAS_Z=z is not None,
             HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-            CHUNK=chunk_len, N_PAD=n_pad, num_warps=_num_warps(n_pad, chunk_len))
+            CHUNK=chunk_len, N_PAD=n_pad, DETERMINISTIC=deterministic, num_warps=_num_warps(n_pad, chunk_len))
     else:
         du.zero_()
         ddelta.zero_()
         dz.zero_()
 
-    dB = (dB_buf if var_b else dB_buf.sum(0)).to(B.dtype)
-    dC = (dC_buf if var_c else dC_buf.sum(0)).to(C.dtype)
+    def finish(buf, var, G, like):
+        if not var:
+            return buf.sum(0).to(like.dtype)
+        if deterministic:  # per-channel partials -> the group's sum
+            buf = buf.view(batch, G, dim // G, N, L).sum(2)
+        return buf.to(like.dtype)
+    dB, dC = finish(dB_buf, var_b, GB, B), finish(dC_buf, var_c, GC, C)
     return du, ddelta, dA_part.sum(0), dB, dC, dD_part.sum(0), dz, ddbias_part.sum(0)
