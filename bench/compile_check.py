@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -87,6 +88,12 @@ QUICK_ARCHS = (90,)
 
 # --------------------------------------------------------------------------
 # Recording launches
+
+
+@functools.cache
+def _source_digest(module: str) -> str:
+    """sha256 prefix of a kernel module's source."""
+    return hashlib.sha256(Path(importlib.import_module(module).__file__).read_bytes()).hexdigest()[:16]
 
 
 def _tensor_spec(x):
@@ -339,7 +346,8 @@ def configurations(launches: list[dict]) -> list[dict]:
         fn = _kernel(launch["module"], launch["name"])
         signature, constexprs, attrs, options, spec = _bind(fn, launch["args"], launch["kwargs"], 90)
         key = (launch["module"], launch["name"], repr(spec),
-               repr(sorted((k, v) for k, v in launch["kwargs"].items() if k not in fn.arg_names)))
+               repr(sorted((k, v) for k, v in launch["kwargs"].items() if k not in fn.arg_names)),
+               _source_digest(launch["module"]))  # a --cache entry is stale once the kernels change
         if key not in configs:
             names = fn.arg_names
             consts = {names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
