@@ -48,6 +48,16 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "na_bwd(Tensor dout, Tensor? dlse, Tensor query, Tensor key, Tensor value, Tensor? rpb, "
       "Tensor out, Tensor lse, int[] kernel_size, int[] dilation, int[] stride, bool[] is_causal, "
       "float scale) -> (Tensor dquery, Tensor dkey, Tensor dvalue, Tensor drpb)");
+
+  // ---- criss-cross attention (CCNet; mmcv's einsum CrissCrossAttention) ----
+  // NCHW: query, key (batch, Cqk, H, W), value (batch, C, H, W), one dtype,
+  // contiguous. Query (h, w) attends to its column (keys (i, w), i != h) and
+  // its row (keys (h, j), all j) in one softmax over the H + W logits q . k
+  // (no scaling). lse (batch, H, W) is float32 (float64 for float64 inputs).
+  m.def("criss_cross_fwd(Tensor query, Tensor key, Tensor value) -> (Tensor out, Tensor lse)");
+  m.def(
+      "criss_cross_bwd(Tensor dout, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse) "
+      "-> (Tensor dquery, Tensor dkey, Tensor dvalue)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

@@ -12,3 +12,11 @@ __all__ += ["na1d", "na2d", "na3d"]
 from .neighborhood_layers import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 __all__ += ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
+
+from .criss_cross import criss_cross_attention
+
+__all__ += ["criss_cross_attention"]
+
+from .criss_cross_layers import CrissCrossAttention, RCCAModule
+
+__all__ += ["CrissCrossAttention", "RCCAModule"]
