@@ -226,8 +226,11 @@ def _blocks(W: int, channels: int) -> dict:
                 BC=min(64, max(16, triton.next_power_of_2(max(channels, 1)))))
 
 
-def criss_cross_fwd(query, key, value):
-    """-> (out (B, C, H, W) in query's dtype, lse (B, H, W) float32)."""
+def criss_cross_fwd(query, key, value, *, blocks: dict | None = None):
+    """-> (out (B, C, H, W) in query's dtype, lse (B, H, W) float32).
+
+    ``blocks`` (BW, BK, BCH, BC: powers of 2, >= 16 for tl.dot-free tiles on GPU)
+    overrides the block sizes (tests use small ones to cross block borders)."""
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     B, Cqk, H, W = query.shape
     C = value.shape[1]
@@ -235,15 +238,15 @@ def criss_cross_fwd(query, key, value):
     lse = torch.empty((B, H, W), device=query.device, dtype=torch.float32)
     if B * H * W == 0:
         return out, lse
-    bs = _blocks(W, C)
+    bs = {**_blocks(W, C), **(blocks or {})}
     n_wb = triton.cdiv(W, bs["BW"])
     grid = (B * H * n_wb, max(1, triton.cdiv(C, bs["BC"])))
     _cc_fwd_kernel[grid](query, key, value, out, lse, Cqk, C, H, W, n_wb, **bs)
     return out, lse
 
 
-def criss_cross_bwd(dout, query, key, value, out, lse):
-    """-> (dquery, dkey, dvalue) in the inputs' dtypes."""
+def criss_cross_bwd(dout, query, key, value, out, lse, *, blocks: dict | None = None):
+    """-> (dquery, dkey, dvalue) in the inputs' dtypes; ``blocks`` as for the forward."""
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.float().contiguous()
     B, Cqk, H, W = query.shape
@@ -252,9 +255,9 @@ def criss_cross_bwd(dout, query, key, value, out, lse):
     if B * H * W == 0:
         return dq, dk, dv
     delta = (dout.float() * out.float()).sum(1).contiguous()  # (B, H, W): sum_j P dP
-    bs = _blocks(W, max(C, Cqk))
+    bs = {**_blocks(W, max(C, Cqk)), **(blocks or {})}
     n_wb = triton.cdiv(W, bs["BW"])
-    dq_bs = {**bs, "BC": min(64, max(16, triton.next_power_of_2(max(Cqk, 1))))}
+    dq_bs = {**bs, "BC": min(64, max(16, triton.next_power_of_2(max(Cqk, 1)))), **(blocks or {})}
     _cc_bwd_dq_kernel[(B * H * n_wb, max(1, triton.cdiv(Cqk, dq_bs["BC"])))](
         query, key, value, dout, lse, delta, dq, Cqk, C, H, W, n_wb, **dq_bs)
     _cc_bwd_dkdv_kernel[(B * H * n_wb, max(1, triton.cdiv(max(C, Cqk), bs["BC"])))](
