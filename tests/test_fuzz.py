@@ -96,7 +96,8 @@ def test_python_entry_points_reject_what_the_cpu_kernels_reject(monkeypatch):
     pytest.importorskip("triton")
     import importlib
 
-    for module in ("fastvision.triton.selective_scan", "fastvision.triton.neighborhood"):
+    for module in ("fastvision.triton.selective_scan", "fastvision.triton.neighborhood",
+                   "fastvision.triton.criss_cross"):
         mod = importlib.import_module(module)
         for fn in mod.__all__:
             monkeypatch.setattr(mod, fn, lambda *a, **k: (_ for _ in ()).throw(_Launched()))

@@ -6,7 +6,9 @@ Covers selective_scan (constant, variable and grouped B/C; reverse; with and
 without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
 backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
-not a power of two, additional_keys/values) in float32, float16 and bfloat16.
+not a power of two, additional_keys/values), and criss_cross_attention on
+Triton (several w, partner and channel blocks; H or W = 1) in float32,
+float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
 on any device: ``bench/compile_check.py`` runs the fast path of every case on
@@ -25,7 +27,7 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
+from fastvision.ops import bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan
 from fastvision.testing import assert_close
 
 import conformance.neighborhood as tn
@@ -80,6 +82,10 @@ CASES = [
     _na("na3d-rpb-dilation", 3, (5, 6, 7), (3, 3, 3), (1, 2, 1), rpb=True, head_dim=32, head_dim_v=32),
     _na("na3d-causal-stride-gqa-dv", 3, (6, 5, 8), (2, 3, 4), (1, 1, 2), (2, 1, 3), (True, False, False),
         heads=4, kv_heads=2, head_dim=16, head_dim_v=32),
+    # criss-cross (CCNet): NCHW query/key (B, Cqk, H, W), value (B, C, H, W)
+    SmokeCase("cca-ccnet-like", "cca", dict(B=2, Cqk=16, C=128, H=33, W=45)),
+    SmokeCase("cca-one-row", "cca", dict(B=1, Cqk=8, C=70, H=1, W=40)),
+    SmokeCase("cca-one-column", "cca", dict(B=2, Cqk=5, C=3, H=37, W=1)),
 ]
 
 
@@ -105,6 +111,11 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
         names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
         x = dict(zip(names, f))
         x.update({n + "_b": v for n, v in zip(names, b) if n != "z"})
+    elif case.kind == "cca":
+        g = torch.Generator().manual_seed(seed)
+        qk = (p["B"], p["Cqk"], p["H"], p["W"])
+        x = {n: (torch.randn(*shape, generator=g) * 0.5).to(device, dtype)
+             for n, shape in (("q", qk), ("k", qk), ("v", (p["B"], p["C"], p["H"], p["W"])))}
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -123,6 +134,8 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         f = [x.get(n) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         b = [x.get(n + "_b") for n in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
         return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
+    if case.kind == "cca":
+        return {"out": criss_cross_attention(x["q"], x["k"], x["v"], backend=backend)}
     out, lse = NA[p["nd"]](x["q"], x["k"], x["v"], p["kernel_size"], p["stride"], p["dilation"],
                            p["is_causal"], None, x.get("additional_keys"), x.get("additional_values"),
                            rpb=x.get("rpb"), return_lse=True, backend=backend)
@@ -194,6 +207,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
     if case.kind == "na":
         spatial = tuple(min(L, k * d + 2) for L, k, d in zip(p["spatial"], p["kernel_size"], p["dilation"]))
         p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
+    elif case.kind == "cca":
+        p = dict(B=1, Cqk=min(p["Cqk"], 8), C=min(p["C"], 20), H=min(p["H"], 18), W=min(p["W"], 20))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)
