@@ -244,7 +244,7 @@ def bench_shapes() -> dict[str, list[dict]]:
 
 def bench_workloads():
     import torch
-    from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
+    from fastvision.ops import bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan
     shapes = bench_shapes()
 
     def scan_inputs(s, dtype):
@@ -270,7 +270,13 @@ def bench_workloads():
         q, k, v = (torch.empty(size, device="meta", dtype=dtype).requires_grad_() for _ in range(3))
         _grad(op(q, k, v, s["k"], dilation=s["d"], backend="triton").sum(), (q, k, v))
 
-    run = {"selective_scan": scan, "bi_selective_scan": bi,
+    def cca(s, dtype):
+        B, H, W = s["batch"], s["H"], s["W"]
+        q, k = (torch.empty(B, s["Cqk"], H, W, device="meta", dtype=dtype).requires_grad_() for _ in range(2))
+        v = torch.empty(B, s["C"], H, W, device="meta", dtype=dtype).requires_grad_()
+        _grad(criss_cross_attention(q, k, v, backend="triton").sum(), (q, k, v))
+
+    run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
            "na3d": lambda s, d: na(na3d, s, d)}
     for op, cases in shapes.items():
