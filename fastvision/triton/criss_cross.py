@@ -219,17 +219,18 @@ def _cc_bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, Cqk, C, H, W, n_wb,
 # Launchers (same names and arguments as the registered ops)
 
 
-def _blocks(W: int, channels: int) -> dict:
-    """Block sizes: BW positions per program, BK partners per step, BCH channels per
-    logit chunk, BC output channels per program (a power of 2 each)."""
-    return dict(BW=min(32, max(16, triton.next_power_of_2(W))), BK=16, BCH=16,
-                BC=min(64, max(16, triton.next_power_of_2(max(channels, 1)))))
+# Block sizes: BW positions per program, BK partners per step, BCH channels per
+# logit chunk, BC output channels per program (powers of 2; no tl.dot, so no
+# minimum of 16). Narrow position blocks leave room for wide channel blocks:
+# the [BC, BK, BW] = [64, 8, 8] value tiles keep the logits' recomputation per
+# channel block (Cqk / BC of the value work) small for CCNet's Cqk = C / 8.
+BLOCKS = dict(BW=8, BK=8, BCH=32, BC=64)
 
 
 def criss_cross_fwd(query, key, value, *, blocks: dict | None = None):
     """-> (out (B, C, H, W) in query's dtype, lse (B, H, W) float32).
 
-    ``blocks`` (BW, BK, BCH, BC: powers of 2, >= 16 for tl.dot-free tiles on GPU)
+    ``blocks`` (BW, BK, BCH, BC: powers of 2; default BLOCKS)
     overrides the block sizes (tests use small ones to cross block borders)."""
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     B, Cqk, H, W = query.shape
@@ -238,7 +239,7 @@ def criss_cross_fwd(query, key, value, *, blocks: dict | None = None):
     lse = torch.empty((B, H, W), device=query.device, dtype=torch.float32)
     if B * H * W == 0:
         return out, lse
-    bs = {**_blocks(W, C), **(blocks or {})}
+    bs = {**BLOCKS, **(blocks or {})}
     n_wb = triton.cdiv(W, bs["BW"])
     grid = (B * H * n_wb, max(1, triton.cdiv(C, bs["BC"])))
     _cc_fwd_kernel[grid](query, key, value, out, lse, Cqk, C, H, W, n_wb, **bs)
@@ -255,11 +256,10 @@ def criss_cross_bwd(dout, query, key, value, out, lse, *, blocks: dict | None = 
     if B * H * W == 0:
         return dq, dk, dv
     delta = (dout.float() * out.float()).sum(1).contiguous()  # (B, H, W): sum_j P dP
-    bs = {**_blocks(W, max(C, Cqk)), **(blocks or {})}
+    bs = {**BLOCKS, **(blocks or {})}
     n_wb = triton.cdiv(W, bs["BW"])
-    dq_bs = {**bs, "BC": min(64, max(16, triton.next_power_of_2(max(Cqk, 1)))), **(blocks or {})}
-    _cc_bwd_dq_kernel[(B * H * n_wb, max(1, triton.cdiv(Cqk, dq_bs["BC"])))](
-        query, key, value, dout, lse, delta, dq, Cqk, C, H, W, n_wb, **dq_bs)
+    _cc_bwd_dq_kernel[(B * H * n_wb, max(1, triton.cdiv(Cqk, bs["BC"])))](
+        query, key, value, dout, lse, delta, dq, Cqk, C, H, W, n_wb, **bs)
     _cc_bwd_dkdv_kernel[(B * H * n_wb, max(1, triton.cdiv(max(C, Cqk), bs["BC"])))](
         query, key, value, dout, lse, delta, dk, dv, Cqk, C, H, W, n_wb, **bs)
     return dq, dk, dv
