@@ -11,20 +11,22 @@
 // (fma_planes, fma_scalars below) over such planes. No layout copies, no
 // (B, H, W, H + W) tensor.
 //
-// Forward: tasks of (batch, query row h): logits, softmax (max / exp / sum per
+// Forward: tasks of (batch, block of up to 8 query rows; a block shares the
+// reads of the value planes from cache): logits, softmax (max / exp / sum per
 // query), out[c, h, :] = sum_i P[i][:] V[c, i, :] + sum_j P[j][:] V[c, h, j].
 // Stores out and the logsumexp lse (B, H, W).
 //
 // Backward (P = exp(E - lse) recomputed; Delta = sum_c dout * out;
-// dS = P (dP - Delta)); deterministic, no atomics, every output element
-// written by exactly one task of each pass:
-//  1. query pass, tasks of (batch, query row h): dquery of row h (complete),
-//     and the row part of dkey / dvalue of the keys in row h, whose row
-//     queries are exactly the queries of row h (written, not added);
-//     Delta of row h (stored for pass 2);
-//  2. key pass, tasks of (batch, key row i), after pass 1: the column part
-//     of dkey / dvalue of the keys (i, w): the queries (h, w), h != i,
-//     gathered from the same planes with roles swapped (added).
+// dS = P (dP - Delta)); every (query, key) pair's logit and dP computed once;
+// deterministic, no atomics, every output element written by one task of
+// each pass:
+//  1. row pass, tasks of (batch, query rows): the row pairs of row h, whose
+//     queries and keys are all in row h: dquery (written), dkey / dvalue of
+//     the keys (h, j) (written), and Delta of row h (stored for pass 2);
+//  2. column pass, tasks of (batch, 16 columns), after pass 1: the column
+//     pairs (h, w) - (i, w), i != h, of these columns, query rows in steps
+//     of 64: adds to dquery of the queries and dkey / dvalue of the keys of
+//     these columns, which no other task touches.
 //
 // float and double kernels; half and bfloat16 are widened to float on entry
 // (fp32 accumulation) and the outputs narrowed on exit.
@@ -198,20 +200,27 @@ struct Dims {
   int64_t B, Cqk, C, H, W, HW;
 };
 
-// Per-thread planes of a block of R query (or key) rows: column part
-// [R][H][W], row part [R][W][W].
+// Per-thread planes (each kernel sizes the ones it uses): column planes
+// [rows][H][width], row planes [rows][W][W], per-position statistics.
 template <typename T>
 struct Scratch {
   std::vector<T> ec, er, dpc, dpr, t1, t2, m, s;
-  Scratch(const char* op, const Dims& d, int64_t R, bool backward)
-      : ec(host_vector<T>(op, "column logits", R * d.H * d.W)),
-        er(host_vector<T>(op, "row logits", R * d.W * d.W)),
-        dpc(host_vector<T>(op, "column dP", backward ? R * d.H * d.W : 0)),
-        dpr(host_vector<T>(op, "row dP", backward ? R * d.W * d.W : 0)),
-        t1(host_vector<T>(op, "transposed row weights", backward ? d.W * d.W : 0)),
-        t2(host_vector<T>(op, "transposed row dS", backward ? d.W * d.W : 0)),
-        m(host_vector<T>(op, "row statistics", d.W)),
-        s(host_vector<T>(op, "row statistics", d.W)) {}
+  // Forward over blocks of R query rows.
+  static Scratch forward(const char* op, const Dims& d, int64_t R) {
+    return {host_vector<T>(op, "column logits", R * d.H * d.W), host_vector<T>(op, "row logits", R * d.W * d.W),
+            {}, {}, {}, {}, host_vector<T>(op, "row statistics", d.W), host_vector<T>(op, "row statistics", d.W)};
+  }
+  // Backward row pass, one query row at a time.
+  static Scratch rows(const char* op, const Dims& d) {
+    return {{}, host_vector<T>(op, "row weights", d.W * d.W), {}, host_vector<T>(op, "row dS", d.W * d.W),
+            host_vector<T>(op, "transposed row weights", d.W * d.W),
+            host_vector<T>(op, "transposed row dS", d.W * d.W), {}, {}};
+  }
+  // Backward column pass, R query rows x H key rows x `width` columns.
+  static Scratch columns(const char* op, const Dims& d, int64_t R, int64_t width) {
+    return {host_vector<T>(op, "column weights", R * d.H * width), {},
+            host_vector<T>(op, "column dS", R * d.H * width), {}, {}, {}, {}, {}};
+  }
 };
 
 // The logits of query rows [h0, h0 + R): per row t, ec[t][i][w] =
@@ -283,12 +292,13 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
     fma_scalars(out + (h0 + t) * W, d.C, HW, w_.er.data() + t * W * W, W, V + (h0 + t) * W, HW, 1, W, W, true);
 }
 
-// Runs body(scratch, b, first row, rows) over the row blocks of every batch element.
-template <typename T, typename Body>
-void over_row_blocks(const char* op, const Dims& d, bool backward, Body&& body) {
-  const int64_t R = rows_per_task(d), blocks = ceil_div(d.H, R);
+// Runs body(scratch, b, first row, rows) over the blocks of R rows of every
+// batch element, scratch = make() once per worker.
+template <typename T, typename Make, typename Body>
+void over_row_blocks(const char* op, const Dims& d, int64_t R, Make&& make, Body&& body) {
+  const int64_t blocks = ceil_div(d.H, R);
   parallel_for(op, 0, d.B * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> w(op, d, R, backward);
+    Scratch<T> w = make();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, h0 = (task % blocks) * R;
       body(w, b, h0, std::min(R, d.H - h0));
@@ -304,7 +314,9 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
   Tensor lse = alloc_empty(op, "lse", q, {d.B, d.H, d.W}, t);
   const T *Q = q.const_data_ptr<T>(), *K = k.const_data_ptr<T>(), *V = v.const_data_ptr<T>();
   T *O = out.mutable_data_ptr<T>(), *L = lse.mutable_data_ptr<T>();
-  over_row_blocks<T>(op, d, false, [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
+  const int64_t rows = rows_per_task(d);
+  over_row_blocks<T>(op, d, rows, [&] { return Scratch<T>::forward(op, d, rows); },
+                     [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
     forward_rows(d, Q + b * d.Cqk * d.HW, K + b * d.Cqk * d.HW, V + b * d.C * d.HW, O + b * d.C * d.HW,
                  L + b * d.HW, h0, R, w);
   });
@@ -320,20 +332,21 @@ struct BwdPtrs {
   T *delta, *dq, *dk, *dv;
 };
 
-// Query pass over query rows [h0, h0 + R) of one batch element (pointers at that element).
+// Row pass over query rows [h0, h0 + R) of one batch element (pointers at
+// that element): the row pairs (query (h, w), key (h, j)) of these rows, all
+// of them: P, dS, dquery (written), and dkey / dvalue of the keys (h, j)
+// (written: their row queries are exactly these). Delta of the rows (stored
+// for the column pass).
 template <typename T>
-FV_CPU_CLONES void backward_query_rows(const Dims& d, const BwdPtrs<T>& a, int64_t h0, int64_t R,
-                                       Scratch<T>& w_) {
-  const int64_t H = d.H, W = d.W, HW = d.HW;
-  row_logits(d, a.q, a.k, h0, R, w_.ec.data(), w_.er.data());
-  // dP: the same products with dout for query and value for key.
-  fma_planes(w_.dpc.data(), H, W, H * W, a.dout + h0 * W, HW, W, a.v, W, HW, d.C, W, R, false);
+FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t h0, int64_t R, Scratch<T>& w_) {
+  const int64_t W = d.W, HW = d.HW;
   for (int64_t t = 0; t < R; ++t) {
     const int64_t h = h0 + t;
-    T *pc = w_.ec.data() + t * H * W, *pr = w_.er.data() + t * W * W;
-    T *dsc = w_.dpc.data() + t * H * W, *dsr = w_.dpr.data() + t * W * W;
-    T *prt = w_.t1.data(), *dsrt = w_.t2.data(), *delta = a.delta + h * W;
+    T *pr = w_.er.data(), *dsr = w_.dpr.data(), *prt = w_.t1.data(), *dsrt = w_.t2.data();
+    T* delta = a.delta + h * W;
     const T* lse = a.lse + h * W;
+    // er[j][w] = Q[:,h,w] . K[:,h,j], dP[j][w] = dout[:,h,w] . V[:,h,j]
+    fma_scalars(pr, W, W, a.q + h * W, HW, a.k + h * W, 1, HW, d.Cqk, W, false);
     fma_scalars(dsr, W, W, a.dout + h * W, HW, a.v + h * W, 1, HW, d.C, W, false);
     for (int64_t w = 0; w < W; ++w) delta[w] = 0;
     for (int64_t c = 0; c < d.C; ++c) {
@@ -341,56 +354,66 @@ FV_CPU_CLONES void backward_query_rows(const Dims& d, const BwdPtrs<T>& a, int64
 #pragma omp simd
       for (int64_t w = 0; w < W; ++w) delta[w] += o[w] * g[w];
     }
-    // P = exp(E - lse) (0 at i == h, from the -inf), dS = P (dP - Delta), in place.
-    for (const auto& [p, ds, rows] : {std::make_tuple(pc, dsc, H), std::make_tuple(pr, dsr, W)})
-      for (int64_t r = 0; r < rows; ++r) {
-        T *e = p + r * W, *g = ds + r * W;
+    // P = exp(E - lse), dS = P (dP - Delta), in place.
+    for (int64_t j = 0; j < W; ++j) {
+      T *e = pr + j * W, *g = dsr + j * W;
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) {
-          e[w] = exp_fast(e[w] - lse[w]);
-          g[w] = e[w] * (g[w] - delta[w]);
-        }
+      for (int64_t w = 0; w < W; ++w) {
+        e[w] = exp_fast(e[w] - lse[w]);
+        g[w] = e[w] * (g[w] - delta[w]);
       }
-    // Keys (h, j) seen by row h's queries: dkey[c,h,j] = sum_w dS[j][w] Q[c,h,w],
+    }
+    // dquery[c,h,w] = sum_j dS[j][w] K[c,h,j]; dkey[c,h,j] = sum_w dS[j][w] Q[c,h,w],
     // dvalue[c,h,j] = sum_w P[j][w] dout[c,h,w] (the planes transposed to [w][j]).
+    fma_scalars(a.dq + h * W, d.Cqk, HW, dsr, W, a.k + h * W, HW, 1, W, W, false);
     transpose(pr, prt, W);
     transpose(dsr, dsrt, W);
     fma_scalars(a.dk + h * W, d.Cqk, HW, dsrt, W, a.q + h * W, HW, 1, W, W, false);
     fma_scalars(a.dv + h * W, d.C, HW, prt, W, a.dout + h * W, HW, 1, W, W, false);
   }
-  // dquery[c,h,w] = sum_i dS[i][w] K[c,i,w] + sum_j dS[j][w] K[c,h,j]
-  fma_planes(a.dq + h0 * W, d.Cqk, HW, W, w_.dpc.data(), W, H * W, a.k, HW, W, H, W, R, false);
-  for (int64_t t = 0; t < R; ++t)
-    fma_scalars(a.dq + (h0 + t) * W, d.Cqk, HW, w_.dpr.data() + t * W * W, W, a.k + (h0 + t) * W, HW, 1, W, W,
-                true);
 }
 
-// Key pass over key rows [i0, i0 + R): the column queries (h, w), h != i, of the keys (i, w).
+// Column pass over the columns [w0, w0 + Wb) of one batch element, after the
+// row pass: the column pairs (query (h, w), key (i, w), i != h), every pair
+// once, query rows in blocks of R. Adds the column parts of dquery (rows of
+// the block) and of dkey / dvalue (every key row of these columns: only this
+// task touches them).
 template <typename T>
-FV_CPU_CLONES void backward_key_rows(const Dims& d, const BwdPtrs<T>& a, int64_t i0, int64_t R, Scratch<T>& w_) {
+FV_CPU_CLONES void backward_column_pass(const Dims& d, const BwdPtrs<T>& a, int64_t w0, int64_t Wb, int64_t R,
+                                        Scratch<T>& w_) {
   const int64_t H = d.H, W = d.W, HW = d.HW;
-  T *p = w_.ec.data(), *ds = w_.dpc.data();
-  // p[t][h][w] = K[:,i,w] . Q[:,h,w], ds[t][h][w] = V[:,i,w] . dout[:,h,w]
-  fma_planes(p, H, W, H * W, a.k + i0 * W, HW, W, a.q, W, HW, d.Cqk, W, R, false);
-  fma_planes(ds, H, W, H * W, a.v + i0 * W, HW, W, a.dout, W, HW, d.C, W, R, false);
-  for (int64_t t = 0; t < R; ++t)
-    for (int64_t h = 0; h < H; ++h) {
-      T *e = p + (t * H + h) * W, *g = ds + (t * H + h) * W;
-      const T *l = a.lse + h * W, *dl = a.delta + h * W;
-      if (h == i0 + t) {  // the pixel itself: counted in its row only
-        for (int64_t w = 0; w < W; ++w) e[w] = g[w] = 0;
-        continue;
-      }
+  T *p = w_.ec.data(), *ds = w_.dpc.data();  // [t][i][w - w0]
+  for (int64_t h0 = 0; h0 < H; h0 += R) {
+    const int64_t n = std::min(R, H - h0);
+    // p[t][i][w] = Q[:,h,w] . K[:,i,w], ds[t][i][w] = dout[:,h,w] . V[:,i,w]
+    fma_planes(p, H, Wb, H * Wb, a.q + h0 * W + w0, HW, W, a.k + w0, W, HW, d.Cqk, Wb, n, false);
+    fma_planes(ds, H, Wb, H * Wb, a.dout + h0 * W + w0, HW, W, a.v + w0, W, HW, d.C, Wb, n, false);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t h = h0 + t;
+      const T *l = a.lse + h * W + w0, *dl = a.delta + h * W + w0;
+      for (int64_t i = 0; i < H; ++i) {
+        T *e = p + (t * H + i) * Wb, *g = ds + (t * H + i) * Wb;
+        if (i == h) {  // the pixel itself: counted in its row only
+          for (int64_t w = 0; w < Wb; ++w) e[w] = g[w] = 0;
+          continue;
+        }
 #pragma omp simd
-      for (int64_t w = 0; w < W; ++w) {
-        e[w] = exp_fast(e[w] - l[w]);
-        g[w] = e[w] * (g[w] - dl[w]);
+        for (int64_t w = 0; w < Wb; ++w) {
+          e[w] = exp_fast(e[w] - l[w]);
+          g[w] = e[w] * (g[w] - dl[w]);
+        }
       }
     }
-  // dkey[c,i,w] += sum_h dS[h][w] Q[c,h,w]; dvalue[c,i,w] += sum_h P[h][w] dout[c,h,w]
-  fma_planes(a.dk + i0 * W, d.Cqk, HW, W, ds, W, H * W, a.q, HW, W, H, W, R, true);
-  fma_planes(a.dv + i0 * W, d.C, HW, W, p, W, H * W, a.dout, HW, W, H, W, R, true);
+    // dquery[c,h,w] += sum_i dS[t][i][w] K[c,i,w]
+    fma_planes(a.dq + h0 * W + w0, d.Cqk, HW, W, ds, Wb, H * Wb, a.k + w0, HW, W, H, Wb, n, true);
+    // dkey[c,i,w] += sum_t dS[t][i][w] Q[c,h0+t,w]; dvalue[c,i,w] += sum_t P[t][i][w] dout[c,h0+t,w]
+    fma_planes(a.dk + w0, d.Cqk, HW, W, ds, H * Wb, Wb, a.q + h0 * W + w0, HW, W, n, Wb, H, true);
+    fma_planes(a.dv + w0, d.C, HW, W, p, H * Wb, Wb, a.dout + h0 * W + w0, HW, W, n, Wb, H, true);
+  }
 }
+
+constexpr int64_t kColumns = 16;  // columns per task of the column pass
+constexpr int64_t kColumnRows = 64;  // query rows per step of the column pass
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, const Tensor& dout,
@@ -409,11 +432,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
     return BwdPtrs<T>{Q + qk, K + qk, V + cv, O + cv, G + cv, L + b * d.HW, delta.data() + b * d.HW,
                       DQ + qk, DK + qk, DV + cv};
   };
-  over_row_blocks<T>(op, d, true, [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
-    backward_query_rows(d, at_batch(b), h0, R, w);
+  over_row_blocks<T>(op, d, rows_per_task(d), [&] { return Scratch<T>::rows(op, d); },
+                     [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
+    backward_row_pass(d, at_batch(b), h0, R, w);
   });
-  over_row_blocks<T>(op, d, true, [&](Scratch<T>& w, int64_t b, int64_t i0, int64_t R) {
-    backward_key_rows(d, at_batch(b), i0, R, w);
+  const int64_t blocks = ceil_div(d.W, kColumns);
+  parallel_for(op, 0, d.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> w = Scratch<T>::columns(op, d, kColumnRows, kColumns);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, w0 = (task % blocks) * kColumns;
+      backward_column_pass(d, at_batch(b), w0, std::min(kColumns, d.W - w0), kColumnRows, w);
+    }
   });
   return {dq, dk, dv};
 }
