@@ -89,15 +89,24 @@ FV_CPU_CLONES void fma_planes_chunk(T* __restrict out, int64_t n_out, int64_t os
           for (int e = 0; e < kChunk; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
         }
       }
-    for (int64_t row = 0; row < n_rows; ++row)  // w tail
-      for (int64_t t = 0; t < kOuts; ++t) {
-        T* o = out + row * out_rs + (o0 + t) * os;
-        for (int64_t w = w0; w < width; ++w) {
-          T s = 0;
-          for (int64_t r = 0; r < n_r; ++r) s += A[row * a_rs + r * as + w] * B[(o0 + t) * bo + r * br + w];
-          o[w] = accumulate ? o[w] + s : s;
+    if (w0 < width) {  // w tail: the same blocks, fewer lanes (independent sums per output)
+      const int64_t nw = width - w0;
+      for (int64_t row = 0; row < n_rows; ++row) {
+        const T* Ar = A + row * a_rs;
+        T acc[kOuts][kChunk] = {};
+        for (int64_t r = 0; r < n_r; ++r) {
+          const T* a = Ar + r * as + w0;
+          for (int t = 0; t < kOuts; ++t) {
+            const T* b = B + (o0 + t) * bo + r * br + w0;
+            for (int64_t e = 0; e < nw; ++e) acc[t][e] += a[e] * b[e];
+          }
+        }
+        for (int t = 0; t < kOuts; ++t) {
+          T* o = out + row * out_rs + (o0 + t) * os + w0;
+          for (int64_t e = 0; e < nw; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
         }
       }
+    }
   }
   for (; o0 < n_out; ++o0)  // output tail, one row at a time
     for (int64_t row = 0; row < n_rows; ++row) {
@@ -139,12 +148,19 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
         for (int e = 0; e < kChunk; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
       }
     }
-    for (int64_t t = 0; t < kOuts; ++t) {
-      T* o = out + (o0 + t) * os;
-      for (int64_t w = w0; w < width; ++w) {
-        T s = 0;
-        for (int64_t r = 0; r < n_r; ++r) s += A[r * as + w] * S[(o0 + t) * so + r * sr];
-        o[w] = accumulate ? o[w] + s : s;
+    if (w0 < width) {  // w tail, as fma_planes
+      const int64_t nw = width - w0;
+      T acc[kOuts][kChunk] = {};
+      for (int64_t r = 0; r < n_r; ++r) {
+        const T* a = A + r * as + w0;
+        for (int t = 0; t < kOuts; ++t) {
+          const T s = S[(o0 + t) * so + r * sr];
+          for (int64_t e = 0; e < nw; ++e) acc[t][e] += a[e] * s;
+        }
+      }
+      for (int t = 0; t < kOuts; ++t) {
+        T* o = out + (o0 + t) * os + w0;
+        for (int64_t e = 0; e < nw; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
       }
     }
   }
@@ -161,31 +177,34 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
   }
 }
 
-// The sums over r in chunks of kRChunk: when r runs over channels (stride
-// H * W), a chunk's rows of every plane stay within a few pages (TLB entries)
-// and cache lines while the chunk's outputs are computed.
+// The sums over r run in chunks of kRChunk: a chunk's rows of the large
+// operand (kOuts planes x kRChunk rows x kChunk lanes: 8 KB of float) stay in
+// L1 while every row of the block reuses them, and when r runs over channels
+// (stride H * W) they stay within a few pages (TLB entries).
 constexpr int64_t kRChunk = 32;
 
 template <typename T>
 void fma_planes(T* out, int64_t n_out, int64_t os, int64_t out_rs, const T* A, int64_t as, int64_t a_rs,
                 const T* B, int64_t bo, int64_t br, int64_t n_r, int64_t width, int64_t n_rows, bool accumulate) {
+  const int64_t chunk = kRChunk;
   int64_t r0 = 0;
   do {
-    const int64_t n = std::min(kRChunk, n_r - r0);
+    const int64_t n = std::min(chunk, n_r - r0);
     fma_planes_chunk(out, n_out, os, out_rs, A + r0 * as, as, a_rs, B + r0 * br, bo, br, n, width, n_rows,
                      accumulate || r0 > 0);
-    r0 += kRChunk;
+    r0 += chunk;
   } while (r0 < n_r);
 }
 
 template <typename T>
 void fma_scalars(T* out, int64_t n_out, int64_t os, const T* A, int64_t as, const T* S, int64_t so, int64_t sr,
                  int64_t n_r, int64_t width, bool accumulate) {
+  const int64_t chunk = kRChunk;
   int64_t r0 = 0;
   do {
-    const int64_t n = std::min(kRChunk, n_r - r0);
+    const int64_t n = std::min(chunk, n_r - r0);
     fma_scalars_chunk(out, n_out, os, A + r0 * as, as, S + r0 * sr, so, sr, n, width, accumulate || r0 > 0);
-    r0 += kRChunk;
+    r0 += chunk;
   } while (r0 < n_r);
 }
 

@@ -21,7 +21,10 @@ from ._library import FusedOp, Kernel
 
 __all__ = ["criss_cross_attention"]
 
-MAX_TRITON_CHANNELS = 4096  # Cqk and C limit of the Triton kernels (channel blocks are looped)
+# Cqk and C limit of the Triton kernels: their launch grid's second axis holds at
+# most 65535 blocks of 64 channels.
+MAX_TRITON_CHANNELS = 65535 * 64
+MAX_SIDE = 2 ** 20  # H and W limit of every kernel (as csrc/criss_cross/checks.h)
 
 
 # --------------------------------------------------------------------------
@@ -51,6 +54,8 @@ def _check_cc(op: str, query, key, value) -> OpArgs:
     a.tensor("query", query, ("batch", "Cqk", "H", "W"), FLOAT_DTYPES)
     a.tensor("key", key, ("batch", "Cqk", "H", "W"), (query.dtype,))
     a.tensor("value", value, ("batch", "C", "H", "W"), (query.dtype,))
+    a.require(a.sizes["H"] <= MAX_SIDE and a.sizes["W"] <= MAX_SIDE,
+              f"H and W must be at most 2^20; got query of shape {tuple(query.shape)}")
     return a
 
 
