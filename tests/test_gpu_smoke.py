@@ -208,7 +208,7 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         spatial = tuple(min(L, k * d + 2) for L, k, d in zip(p["spatial"], p["kernel_size"], p["dilation"]))
         p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
     elif case.kind == "cca":
-        p = dict(B=1, Cqk=min(p["Cqk"], 8), C=min(p["C"], 20), H=min(p["H"], 18), W=min(p["W"], 20))
+        p = dict(B=1, Cqk=min(p["Cqk"], 4), C=min(p["C"], 12), H=min(p["H"], 10), W=min(p["W"], 12))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)
