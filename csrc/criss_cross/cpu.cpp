@@ -11,7 +11,7 @@
 // (fma_planes, fma_scalars below) over such planes. No layout copies, no
 // (B, H, W, H + W) tensor.
 //
-// Forward: tasks of (batch, block of up to 8 query rows; a block shares the
+// Forward: tasks of (batch, block of up to 16 query rows; a block shares the
 // reads of the value planes from cache): logits, softmax (max / exp / sum per
 // query), out[c, h, :] = sum_i P[i][:] V[c, i, :] + sum_j P[j][:] V[c, h, j].
 // Stores out and the logsumexp lse (B, H, W).
@@ -266,7 +266,7 @@ void for_rows(T* ec, int64_t n, T* er, int64_t W, F&& f) {
 // planes (value, dout) from cache; enough tasks remain to keep threads busy.
 int64_t rows_per_task(const Dims& d) {
   const int64_t threads = std::max<int64_t>(torch::stable::get_num_threads(), 1);
-  return std::clamp<int64_t>(d.B * d.H / (4 * threads), 1, 8);
+  return std::clamp<int64_t>(d.B * d.H / (4 * threads), 1, 16);
 }
 
 // ---------------------------------------------------------------------------
