@@ -15,3 +15,9 @@ from .rle import (RLEs, rle_area, rle_decode, rle_encode, rle_from_polygons, rle
 __all__ = ["encode", "decode", "area", "toBbox", "merge", "iou", "frPyObjects", "RLEs", "rle_encode", "rle_decode",
            "rle_area", "rle_to_bbox", "rle_iou", "rle_merge", "rle_to_string", "rle_from_string",
            "rle_from_polygons"]
+
+from .rrle import (DIALECTS, DecodeReport, RRLEDecoder, Separators, descriptors_to_mask, rrle_decode, rrle_encode,
+                   semantic_descriptors)
+
+__all__ += ["rrle_encode", "rrle_decode", "RRLEDecoder", "Separators", "DIALECTS", "DecodeReport",
+            "semantic_descriptors", "descriptors_to_mask"]
