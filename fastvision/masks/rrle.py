@@ -424,3 +424,17 @@ def descriptors_to_mask(labels: torch.Tensor, size) -> torch.Tensor:
         return src.to(labels.device)
 
     return labels.index_select(-2, index(gh, H)).index_select(-1, index(gw, W))
+
+
+# Fake kernels (torch.compile, meta tensors): the text's length is data-dependent.
+@torch.library.register_fake("fastvision::rrle_encode")
+def _rrle_encode_fake(labels, names, name_offsets, run_sep, row_sep, count_sep, end, form):
+    return labels.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fastvision::rrle_decode")
+def _rrle_decode_fake(text, h, w, run_sep, row_sep, count_sep, end, strict, form):
+    ctx = torch.library.get_ctx()
+    k = ctx.new_dynamic_size()
+    return (text.new_empty((h, w), dtype=torch.long), text.new_empty(ctx.new_dynamic_size(), dtype=torch.uint8),
+            text.new_empty(k + 1, dtype=torch.long), text.new_empty((ctx.new_dynamic_size(), 4), dtype=torch.long))
