@@ -121,6 +121,17 @@ def test_area_bbox_merge_iou_equal_pycocotools():
     assert torch.equal(fm.rle_to_bbox(t), torch.from_numpy(M.toBbox(rles)))
 
 
+@pytest.mark.parametrize("h,w", [(1, 30), (30, 1), (37, 23)])
+def test_iou_random_masks_equal_pycocotools(h, w):
+    rng = np.random.default_rng(h * w)
+    yy, xx = np.mgrid[:h, :w]
+    blobs = [((yy - rng.uniform(0, h)) ** 2 / rng.uniform(1, h) ** 2 + (xx - rng.uniform(0, w)) ** 2
+              / rng.uniform(1, w) ** 2 < 1) ^ (rng.random((h, w)) < 0.05 * k) for k in range(30)]
+    rles = M.encode(stack([b.astype(np.uint8) for b in blobs]))
+    crowd = rng.integers(0, 2, 20)
+    assert np.array_equal(fm.iou(rles[:25], rles[10:], crowd), M.iou(rles[:25], rles[10:], crowd))
+
+
 def test_frpyobjects_equal_pycocotools():
     rng = np.random.default_rng(4)
     h, w = 60, 80
