@@ -70,17 +70,18 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
   m.def("rle_merge(Tensor counts, Tensor offsets, Tensor sizes, bool intersect) -> Tensor");
   // xy (total,) float64: every polygon's x0, y0, x1, y1, ... concatenated; poly_offsets (P + 1,).
   m.def("rle_from_polygons(Tensor xy, Tensor poly_offsets, int h, int w) -> (Tensor counts, Tensor offsets)");
-  // R-RLE: labels (h, w) int64 indexing names (UTF-8 bytes, concatenated, name_offsets (K + 1,));
-  // form 0 row-wise runs, 1 image-wise runs, 2 one label per patch (-1: detect, decode only).
-  // Returns the text's UTF-8 bytes.
+  // R-RLE: labels (B, h, w) or (h, w) int64 indexing names (UTF-8 bytes, concatenated,
+  // name_offsets (K + 1,)); form 0 row-wise runs, 1 image-wise runs, 2 one label per patch
+  // (-1: detect, decode only). Texts travel as UTF-8 bytes, concatenated, and text_offsets (B + 1,).
   m.def(
       "rrle_encode(Tensor labels, Tensor names, Tensor name_offsets, str run_sep, str row_sep, str count_sep, "
-      "str end, int form) -> Tensor");
-  // -> labels (h, w) int64 of local label ids (-1: nothing decoded to fill with), the local
-  // labels' bytes and offsets, repairs (K, 4) int64 (kind, row, column, occurrences).
+      "str end, int form) -> (Tensor text, Tensor text_offsets)");
+  // -> labels (B, h, w) int64 of label ids in order of first appearance (-1: nothing decoded to
+  // fill with), the labels' bytes and offsets, repairs (K, 5) int64 (text, kind, row, column, occurrences).
   m.def(
-      "rrle_decode(Tensor text, int h, int w, str run_sep, str row_sep, str count_sep, str end, bool strict, "
-      "int form) -> (Tensor labels, Tensor label_bytes, Tensor label_offsets, Tensor repairs)");
+      "rrle_decode(Tensor text, Tensor text_offsets, int h, int w, str run_sep, str row_sep, str count_sep, "
+      "str end, bool strict, int form) -> (Tensor labels, Tensor label_bytes, Tensor label_offsets, "
+      "Tensor repairs)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

@@ -268,6 +268,20 @@ def test_rrle_byte_identical_to_text4seg_and_round_trip(h, w):
     assert [names[v] for v in labels.flatten().tolist()] == [v for r in rows for v in r]
 
 
+def test_rrle_batches_equal_one_by_one():
+    grids = torch.stack([grid(9, 11, seed=s, k=4) for s in range(6)])
+    texts = fm.rrle_encode(grids, NAMES)
+    assert texts == [fm.rrle_encode(g, NAMES) for g in grids]
+    texts[2] = texts[2].replace("\n ", "\n", 1)  # one text needing a repair
+    labels, names, reports = fm.rrle_decode(texts, 9, 11)
+    assert torch.equal(labels, torch.stack([torch.tensor([names.index(n) for n in
+                                                           [NAMES[v] for v in g.flatten().tolist()]]).view(9, 11)
+                                             for g in grids]))
+    assert [bool(r) for r in reports] == [False, False, True, False, False, False]
+    labels, _, _ = fm.rrle_decode(texts, 9, 11, NAMES)
+    assert torch.equal(labels, grids)
+
+
 def test_rrle_example_format():
     g = torch.zeros(16, 16, dtype=torch.long)
     g[2, 5:11] = 1

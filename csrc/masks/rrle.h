@@ -89,42 +89,23 @@ inline void check_separators(const char* op, const std::string& run_sep, const s
 // ---------------------------------------------------------------------------
 // Encode
 
-Tensor rrle_encode_cpu(Tensor labels, Tensor names, Tensor name_offsets, std::string run_sep, std::string row_sep,
-                       std::string count_sep, std::string end, int64_t form) {
-  const char* op = "rrle_encode";
-  check_cpu(op, "labels", labels);
-  check_dtype_is(op, "labels", labels, ScalarType::Long, "indices into names");
-  check_rank(op, "labels", labels, 2, "(h, w)");
-  check_contiguous(op, "labels", labels);
-  check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): every name's UTF-8, concatenated");
-  const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
-  const int64_t K = name_offsets.size(0) - 1;
-  FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
-           "patch); got ", form);
-  check_separators(op, run_sep, row_sep, count_sep);
-  const int64_t h = labels.size(0), w = labels.size(1);
-  const int64_t* L = static_cast<const int64_t*>(labels.const_data_ptr());
-  for (int64_t i = 0; i < h * w; ++i)
-    FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / w, ", ", i % w, "] = ", L[i], " is not an index into the ",
-             K, " names");
-  const char* nb = static_cast<const char*>(names.const_data_ptr());
-  auto name = [&](int64_t k) { return std::string_view(nb + no[k], static_cast<size_t>(no[k + 1] - no[k])); };
-  std::string s;
-  auto put_run = [&](int64_t label, int64_t count) {
-    s.append(name(label));
-    if (form != 2) {
-      s.append(count_sep);
-      s.append(std::to_string(count));
-    }
-  };
-  // Runs of [begin, end) in raster order, joined by run_sep (form 2: one per patch).
+// One grid (h, w) of label ids into `s`.
+void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::string_view>& names,
+                 const std::string& run_sep, const std::string& row_sep, const std::string& count_sep,
+                 const std::string& end, int64_t form, std::string& s) {
+  s.clear();
+  // Runs of [b, e) in raster order, joined by run_sep (form 2: one per patch).
   auto put_runs = [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e;) {
       int64_t j = i + 1;
       if (form != 2)
         while (j < e && L[j] == L[i]) ++j;
       if (i > b) s.append(run_sep);
-      put_run(L[i], j - i);
+      s.append(names[L[i]]);
+      if (form != 2) {
+        s.append(count_sep);
+        s.append(std::to_string(j - i));
+      }
       i = j;
     }
   };
@@ -137,9 +118,42 @@ Tensor rrle_encode_cpu(Tensor labels, Tensor names, Tensor name_offsets, std::st
     }
   }
   s.append(end);
-  Tensor out = alloc_empty(op, "text", labels, {static_cast<int64_t>(s.size())}, ScalarType::Byte);
-  if (!s.empty()) std::memcpy(out.mutable_data_ptr(), s.data(), s.size());
-  return out;
+}
+
+// labels (B, h, w) or (h, w) -> the texts' UTF-8 bytes, concatenated, and text_offsets (B + 1).
+std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor name_offsets, std::string run_sep,
+                                           std::string row_sep, std::string count_sep, std::string end,
+                                           int64_t form) {
+  const char* op = "rrle_encode";
+  check_cpu(op, "labels", labels);
+  check_dtype_is(op, "labels", labels, ScalarType::Long, "indices into names");
+  FV_CHECK(labels.dim() == 2 || labels.dim() == 3, op, "labels must be (h, w) or (B, h, w); got shape ",
+           shape_str(labels));
+  check_contiguous(op, "labels", labels);
+  check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): every name's UTF-8, concatenated");
+  const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
+  const int64_t K = name_offsets.size(0) - 1;
+  FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
+           "patch); got ", form);
+  check_separators(op, run_sep, row_sep, count_sep);
+  const int64_t B = labels.dim() == 3 ? labels.size(0) : 1;
+  const int64_t h = labels.size(labels.dim() - 2), w = labels.size(labels.dim() - 1);
+  const int64_t* L = static_cast<const int64_t*>(labels.const_data_ptr());
+  for (int64_t i = 0; i < B * h * w; ++i)
+    FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / (h * w), ", ", (i % (h * w)) / w, ", ", i % w, "] = ", L[i],
+             " is not an index into the ", K, " names");
+  const char* nb = static_cast<const char*>(names.const_data_ptr());
+  std::vector<std::string_view> nv;
+  for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+  std::vector<std::vector<uint8_t>> texts(static_cast<size_t>(B));
+  parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
+    std::string s;
+    for (int64_t b = lo; b < hi; ++b) {
+      encode_grid(L + b * h * w, h, w, nv, run_sep, row_sep, count_sep, end, form, s);
+      texts[b].assign(s.begin(), s.end());
+    }
+  });
+  return concat(op, "text", texts, labels, ScalarType::Byte);
 }
 
 // ---------------------------------------------------------------------------
@@ -286,21 +300,13 @@ struct Decoder {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, int64_t h, int64_t w, std::string run_sep,
-                                                           std::string row_sep, std::string count_sep,
-                                                           std::string end, bool strict, int64_t form) {
-  Decoder d;
+// Decodes one text into g (h * w local label ids, -1: nothing to fill with); fills d.labels, d.repairs.
+void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const std::string& run_sep,
+                 const std::string& row_sep, const std::string& count_sep, const std::string& end, bool strict,
+                 int64_t form, int64_t* g) {
   const char* op = d.op;
-  check_host_1d(op, "text", text, ScalarType::Byte, "(bytes,): the UTF-8 text");
-  check_at_least(op, "h", h, 0);
-  check_at_least(op, "w", w, 0);
-  int64_t area = 0;
-  FV_CHECK(mul_fits(h, w, &area) && area <= (int64_t(1) << 40), op, "h * w must be at most 2^40; got h = ", h,
-           ", w = ", w);
-  FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
-           "(one label per patch); got ", form);
-  check_separators(op, run_sep, row_sep, count_sep);
-  d.text = std::string_view(static_cast<const char*>(text.const_data_ptr()), static_cast<size_t>(text.size(0)));
+  const int64_t area = h * w;
+  d.text = text;
   d.run_sep = run_sep;
   d.row_sep = row_sep;
   d.count_sep = count_sep;
@@ -316,8 +322,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, int64_t 
   if (form == 2)
     FV_CHECK(!has_counts || !strict, op, "one label per patch was asked for, but the text has counts");
 
-  Tensor grid = alloc_empty(op, "labels", text, {h, w}, ScalarType::Long);
-  int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
   std::fill(g, g + area, int64_t(-1));
   if (form == 1) {  // image-wise: one sequence over the raster order
     FV_CHECK(!strict || rows <= 1, op, "image-wise runs have no row separators; got ", rows, " rows");
@@ -373,13 +377,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, int64_t 
     }
   }
 
-  std::vector<std::vector<uint8_t>> names(d.labels.size());
-  for (size_t i = 0; i < d.labels.size(); ++i) names[i].assign(d.labels[i].begin(), d.labels[i].end());
+}
+
+// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids
+// (in order of first appearance over the batch; -1: nothing decoded to fill with),
+// the labels' bytes and offsets, repairs (K, 5) (text, kind, row, column, occurrences).
+std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor text_offsets, int64_t h, int64_t w,
+                                                           std::string run_sep, std::string row_sep,
+                                                           std::string count_sep, std::string end, bool strict,
+                                                           int64_t form) {
+  const char* op = "rrle_decode";
+  check_host_1d(op, "text", text, ScalarType::Byte, "(bytes,): the UTF-8 texts, concatenated");
+  const int64_t* to = check_offsets(op, "text_offsets", text_offsets, text.size(0), "text");
+  const int64_t B = text_offsets.size(0) - 1;
+  check_at_least(op, "h", h, 0);
+  check_at_least(op, "w", w, 0);
+  int64_t area = 0;
+  FV_CHECK(mul_fits(h, w, &area) && area <= (int64_t(1) << 40), op, "h * w must be at most 2^40; got h = ", h,
+           ", w = ", w);
+  FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
+           "(one label per patch); got ", form);
+  check_separators(op, run_sep, row_sep, count_sep);
+  int64_t total = 0;
+  FV_CHECK(mul_fits(B, area, &total), op, "B * h * w overflows int64");
+  Tensor grid = alloc_empty(op, "labels", text, {B, h, w}, ScalarType::Long);
+  int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
+  const char* chars = static_cast<const char*>(text.const_data_ptr());
+  std::vector<Decoder> dec(static_cast<size_t>(B));
+  parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b)
+      decode_text(dec[b], std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, run_sep,
+                  row_sep, count_sep, end, strict, form, g + b * area);
+  });
+  // One label table for the batch, in order of first appearance.
+  std::unordered_map<std::string_view, int64_t> ids;
+  std::vector<std::vector<uint8_t>> names;
+  std::vector<std::array<int64_t, 5>> repairs;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int64_t> lut;
+    for (std::string_view label : dec[b].labels) {
+      auto it = ids.emplace(label, static_cast<int64_t>(names.size())).first;
+      if (it->second == static_cast<int64_t>(names.size())) names.emplace_back(label.begin(), label.end());
+      lut.push_back(it->second);
+    }
+    int64_t* gb = g + b * area;
+    for (int64_t i = 0; i < area; ++i)
+      if (gb[i] >= 0) gb[i] = lut[gb[i]];
+    for (const auto& r : dec[b].repairs) repairs.push_back({b, r[0], r[1], r[2], r[3]});
+  }
   auto [bytes, offsets] = concat(op, "label names", names, text, ScalarType::Byte);
-  Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(d.repairs.size()), 4}, ScalarType::Long);
+  Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(repairs.size()), 5}, ScalarType::Long);
   int64_t* rp = static_cast<int64_t*>(rep.mutable_data_ptr());
-  for (size_t i = 0; i < d.repairs.size(); ++i)
-    for (int j = 0; j < 4; ++j) rp[4 * i + j] = d.repairs[i][j];
+  for (size_t i = 0; i < repairs.size(); ++i)
+    for (int j = 0; j < 5; ++j) rp[5 * i + j] = repairs[i][j];
   return {grid, bytes, offsets, rep};
 }
 

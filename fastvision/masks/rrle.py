@@ -145,11 +145,12 @@ def unescape_label(name: str) -> str:
     return "".join(out)
 
 
-def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escape: bool = False) -> str:
-    """Text4Seg's R-RLE text of an h x w label grid.
+def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escape: bool = False):
+    """Text4Seg's R-RLE text of an h x w label grid (a list of texts for a batch).
 
-    ``labels``: an (h, w) integer tensor or array indexing ``names``, or an
-    h x w nested list of label strings (``names`` then unused). With the
+    ``labels``: an (h, w) integer tensor or array indexing ``names`` (or a
+    batch (B, h, w): one text each, encoded in parallel), or an h x w nested
+    list of label strings (``names`` then unused). With the
     default separators the text is byte-identical to Text4Seg's
     ``encode_mask``. ``form``: ``"row"`` (R-RLE), ``"image"`` (runs over the
     whole raster order) or ``"none"`` (one label per patch). A label holding a
@@ -173,21 +174,24 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
         if names is None:
             raise TypeError("rrle_encode needs names for an integer label grid")
         t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-        if t.dim() != 2:
-            raise ValueError(f"labels must be (h, w); got shape {tuple(t.shape)}")
+        if t.dim() not in (2, 3):
+            raise ValueError(f"labels must be (h, w) or (B, h, w); got shape {tuple(t.shape)}")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"labels must be integers indexing names; got {t.dtype}")
         t = t.to("cpu", torch.long).contiguous()
     names = [str(n) for n in names]
     if escape:
         names = [escape_label(n) for n in names]
-    used = torch.unique(t).tolist() if t.numel() else []
-    for k in used:
-        if 0 <= k < len(names):
-            _check_label(names[k], seps)
+    for name in names:  # any name could be used; a separator in one would make the text ambiguous
+        _check_label(name, seps)
     chars, offsets = _names_tensors(names)
-    text = _OPS.rrle_encode(t, chars, offsets, seps.run, seps.row, seps.count, seps.end, FORMS[form])
-    return text.numpy().tobytes().decode("utf-8")
+    text, toff = _OPS.rrle_encode(t, chars, offsets, seps.run, seps.row, seps.count, seps.end, FORMS[form])
+    data = text.numpy().tobytes().decode("utf-8")
+    if t.dim() == 2:
+        return data
+    o = toff.tolist()  # ASCII separators and counts: byte offsets are character offsets only for ASCII names
+    raw = text.numpy().tobytes()
+    return [raw[o[i]:o[i + 1]].decode("utf-8") for i in range(len(o) - 1)]
 
 
 def detect_dialect(text: str) -> str:
@@ -218,10 +222,11 @@ def _closest(label: str, names: Sequence[str]) -> str | None:
     return match[0] if match else None
 
 
-def rrle_decode(text: str, h: int, w: int, names=None, strict: bool = False, *, separators=None,
+def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separators=None,
                 form: str = "auto", unknown: str = "closest", background: int = 0, escape: bool = False):
     """Decodes an R-RLE text into ``(labels, names, report)``: labels an (h, w)
-    int64 tensor indexing names, the :class:`DecodeReport`.
+    int64 tensor indexing names, the :class:`DecodeReport`. A list of texts
+    (decoded in parallel) gives labels (B, h, w) and a list of reports.
 
     ``names``: the known labels (indices into them); None takes the labels in
     order of first appearance. ``strict=True`` raises ValueError on any
@@ -236,30 +241,37 @@ def rrle_decode(text: str, h: int, w: int, names=None, strict: bool = False, *, 
     or ``"none"`` (one label per patch, no counts). Text around ``<seg>...</seg>``
     is ignored.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str; got {type(text).__name__}")
+    batch = isinstance(text, (list, tuple))
+    texts = list(text) if batch else [text]
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"text must be a str (or a list of str); got {type(t).__name__}")
     if form != "auto" and form not in FORMS:
         raise ValueError(f"form must be 'auto' or one of {sorted(FORMS)}; got {form!r}")
     if unknown not in ("closest", "background"):
         raise ValueError(f"unknown must be 'closest' or 'background'; got {unknown!r}")
-    pre: list[Repair] = []
-    text = _strip_tags(text, strict, pre)
-    dialect = "custom" if separators is not None else detect_dialect(text)
-    seps = _as_separators(separators) if separators is not None else DIALECTS[dialect]
-    if isinstance(separators, str):
-        dialect = separators
+    pre: list[list[Repair]] = [[] for _ in texts]
+    texts = [_strip_tags(t, strict, p) for t, p in zip(texts, pre)]
+    if separators is not None:
+        dialect = separators if isinstance(separators, str) else "custom"
+        seps = _as_separators(separators)
+    else:  # one dialect per call: the first text's
+        dialect = detect_dialect(texts[0]) if texts else "text4seg"
+        seps = DIALECTS[dialect]
     code = -1 if form == "auto" else FORMS[form]
-    grid, lbytes, loffsets, reps = _OPS.rrle_decode(_bytes_tensor(text.encode("utf-8")), int(h), int(w), seps.run,
-                                                    seps.row, seps.count, seps.end, bool(strict), code)
+    encoded = [t.encode("utf-8") for t in texts]
+    toff = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
+    grid, lbytes, loffsets, reps = _OPS.rrle_decode(_bytes_tensor(b"".join(encoded)), toff, int(h), int(w),
+                                                    seps.run, seps.row, seps.count, seps.end, bool(strict), code)
     data, o = lbytes.numpy().tobytes(), loffsets.tolist()
     local = [data[o[i]:o[i + 1]].decode("utf-8", errors="replace") for i in range(len(o) - 1)]
     if escape:
         local = [unescape_label(s) for s in local]
-    report = DecodeReport(dialect, form, pre)
-    report.repairs += [Repair(_REPAIRS[k], r, c, n) for k, r, c, n in reps.tolist()]
+    reports = [DecodeReport(dialect, form, p) for p in pre]
+    for b, k, r, c, n in reps.tolist():
+        reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
     if names is None:
-        names = local
-        lut = list(range(len(local)))
+        names, lut = local, list(range(len(local)))
     else:
         names = [str(n) for n in names]
         if not names:
@@ -273,20 +285,21 @@ def rrle_decode(text: str, h: int, w: int, names=None, strict: bool = False, *, 
                 lut.append(index[label])
                 continue
             where = (grid == k).nonzero()
-            row, col = (where[0].tolist() if len(where) else (-1, -1))
+            b, row, col = where[0].tolist() if len(where) else (0, -1, -1)
             if strict:
                 raise ValueError(f"fastvision.rrle_decode: row {row}, column {col}: unknown label {label!r} "
                                  f"(known: {names[:8]}{'...' if len(names) > 8 else ''})")
             target = _closest(label, names) if unknown == "closest" else None
             lut.append(index[target] if target is not None else background)
-            report.repairs.append(Repair("unknown label", row, col,
-                                         detail=f"{label!r} -> {names[lut[-1]]!r}"))
-    fill = background if names is not None and len(names) else 0
-    table = torch.tensor(lut + [fill], dtype=torch.long)  # local -1 (nothing decoded) -> the last entry
-    if not local and names is not None and not len(names):
-        table = torch.zeros(1, dtype=torch.long)
+            for bb in sorted(set((grid == k).flatten(1).any(1).nonzero().flatten().tolist())):
+                rr, cc = (grid[bb] == k).nonzero()[0].tolist()
+                reports[bb].repairs.append(Repair("unknown label", rr, cc, detail=f"{label!r} -> {names[lut[-1]]!r}"))
+    # Local -1 (nothing decoded to fill with) -> the last entry: names[background] (or 0).
+    table = torch.tensor(lut + [background], dtype=torch.long)
     labels = table[grid] if grid.numel() else grid
-    return labels, list(names), report
+    if batch:
+        return labels, list(names), reports
+    return labels[0], list(names), reports[0]
 
 
 class RRLEDecoder:
@@ -429,12 +442,15 @@ def descriptors_to_mask(labels: torch.Tensor, size) -> torch.Tensor:
 # Fake kernels (torch.compile, meta tensors): the text's length is data-dependent.
 @torch.library.register_fake("fastvision::rrle_encode")
 def _rrle_encode_fake(labels, names, name_offsets, run_sep, row_sep, count_sep, end, form):
-    return labels.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.uint8)
+    b = labels.shape[0] if labels.dim() == 3 else 1
+    return (labels.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.uint8),
+            labels.new_empty(b + 1, dtype=torch.long))
 
 
 @torch.library.register_fake("fastvision::rrle_decode")
-def _rrle_decode_fake(text, h, w, run_sep, row_sep, count_sep, end, strict, form):
+def _rrle_decode_fake(text, text_offsets, h, w, run_sep, row_sep, count_sep, end, strict, form):
     ctx = torch.library.get_ctx()
-    k = ctx.new_dynamic_size()
-    return (text.new_empty((h, w), dtype=torch.long), text.new_empty(ctx.new_dynamic_size(), dtype=torch.uint8),
-            text.new_empty(k + 1, dtype=torch.long), text.new_empty((ctx.new_dynamic_size(), 4), dtype=torch.long))
+    b = text_offsets.shape[0] - 1
+    return (text.new_empty((b, h, w), dtype=torch.long), text.new_empty(ctx.new_dynamic_size(), dtype=torch.uint8),
+            text.new_empty(ctx.new_dynamic_size() + 1, dtype=torch.long),
+            text.new_empty((ctx.new_dynamic_size(), 5), dtype=torch.long))
