@@ -159,11 +159,18 @@ std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor n
 // ---------------------------------------------------------------------------
 // Decode
 
+// The separators of a call and their cores, shared by every text's Decoder.
+struct Seps {
+  std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
+};
+
 struct Decoder {
   const char* op = "rrle_decode";
   std::string_view text;
-  std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
+  const Seps* seps = nullptr;
   bool strict = false;
+  std::vector<std::string_view> rows_buf, toks_buf;  // reused by split()
+  std::vector<bool> row_exact, run_exact;
   std::unordered_map<std::string_view, int64_t> ids;
   std::vector<std::string_view> labels;
   std::vector<std::array<int64_t, 4>> repairs;
@@ -180,6 +187,16 @@ struct Decoder {
   }
 
   int64_t intern(std::string_view label) {
+    // Grids use few labels: a scan of them beats hashing until there are many.
+    if (labels.size() <= 16) {
+      for (size_t i = 0; i < labels.size(); ++i)
+        if (labels[i] == label) return static_cast<int64_t>(i);
+      if (labels.size() < 16) {
+        labels.push_back(label);
+        return static_cast<int64_t>(labels.size() - 1);
+      }
+      for (size_t i = 0; i < labels.size(); ++i) ids.emplace(labels[i], static_cast<int64_t>(i));
+    }
     auto it = ids.find(label);
     if (it != ids.end()) return it->second;
     const int64_t id = static_cast<int64_t>(labels.size());
@@ -188,18 +205,17 @@ struct Decoder {
     return id;
   }
 
-  // Splits s at every `core`; checks that each split point reads `exact`.
-  // Returns the pieces; `exact_at[i]` says whether split i was written exactly.
-  static std::vector<std::string_view> split(std::string_view s, const std::string& core, const std::string& exact,
-                                             std::vector<bool>& exact_at) {
-    std::vector<std::string_view> out;
+  // Splits s at every `core` into `out`; `exact_at[i]` says whether split i reads `exact`.
+  static void split(std::string_view s, const std::string& core, const std::string& exact,
+                    std::vector<std::string_view>& out, std::vector<bool>& exact_at) {
+    out.clear();
     exact_at.clear();
     size_t b = 0;
     for (;;) {
       const size_t i = s.find(core, b);
       if (i == std::string_view::npos) {
         out.push_back(s.substr(b));
-        return out;
+        return;
       }
       out.push_back(s.substr(b, i - b));
       const bool ex = s.compare(i, exact.size(), exact) == 0;
@@ -210,6 +226,8 @@ struct Decoder {
 
   // Parses the text into runs (row, col); returns the number of rows.
   int64_t parse(std::vector<Run>& runs, bool& has_counts) {
+    const std::string &run_sep = seps->run_sep, &row_sep = seps->row_sep, &count_sep = seps->count_sep,
+                      &end = seps->end, &rc = seps->rc, &uc = seps->uc, &cc = seps->cc;
     std::string_view body = text;
     if (body.size() >= end.size() && body.compare(body.size() - end.size(), end.size(), end) == 0) {
       body.remove_suffix(end.size());
@@ -222,8 +240,8 @@ struct Decoder {
         body.remove_suffix(ec.size());
     }
     has_counts = body.find(cc) != std::string_view::npos;
-    std::vector<bool> row_exact, run_exact;
-    std::vector<std::string_view> rows = split(body, rc, row_sep, row_exact);
+    std::vector<std::string_view>& rows = rows_buf;
+    split(body, rc, row_sep, rows, row_exact);
     if (rows.size() == 1 && trim(rows[0]).empty()) rows.clear();  // no rows at all
     int64_t row = 0;
     for (size_t ri = 0; ri < rows.size(); ++ri) {
@@ -236,7 +254,8 @@ struct Decoder {
         repair(kEmptyRow, row, 0);
         continue;
       }
-      std::vector<std::string_view> toks = split(rows[ri], uc, run_sep, run_exact);
+      std::vector<std::string_view>& toks = toks_buf;
+      split(rows[ri], uc, run_sep, toks, run_exact);
       int64_t col = 0;
       for (size_t ti = 0; ti < toks.size(); ++ti) {
         if (ti > 0 && !run_exact[ti - 1]) {
@@ -301,19 +320,12 @@ struct Decoder {
 };
 
 // Decodes one text into g (h * w local label ids, -1: nothing to fill with); fills d.labels, d.repairs.
-void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const std::string& run_sep,
-                 const std::string& row_sep, const std::string& count_sep, const std::string& end, bool strict,
+void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const Seps& seps, bool strict,
                  int64_t form, int64_t* g) {
   const char* op = d.op;
   const int64_t area = h * w;
   d.text = text;
-  d.run_sep = run_sep;
-  d.row_sep = row_sep;
-  d.count_sep = count_sep;
-  d.end = end;
-  d.rc = core_of(row_sep);
-  d.uc = core_of(run_sep);
-  d.cc = core_of(count_sep);
+  d.seps = &seps;
   d.strict = strict;
   std::vector<Run> runs;
   bool has_counts = false;
@@ -403,11 +415,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
   Tensor grid = alloc_empty(op, "labels", text, {B, h, w}, ScalarType::Long);
   int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
   const char* chars = static_cast<const char*>(text.const_data_ptr());
+  const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
   std::vector<Decoder> dec(static_cast<size_t>(B));
   parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
-      decode_text(dec[b], std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, run_sep,
-                  row_sep, count_sep, end, strict, form, g + b * area);
+      decode_text(dec[b], std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps,
+                  strict, form, g + b * area);
   });
   // One label table for the batch, in order of first appearance.
   std::unordered_map<std::string_view, int64_t> ids;
