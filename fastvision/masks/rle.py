@@ -46,7 +46,8 @@ class RLEs:
         return self.counts.device
 
     def to(self, device) -> RLEs:
-        return RLEs(self.counts.to(device), self.offsets.to(device), self.sizes.to(device))
+        """counts and offsets on `device`; sizes stay on the host (read there without a sync)."""
+        return RLEs(self.counts.to(device), self.offsets.to(device), self.sizes)
 
     def cpu(self) -> RLEs:
         return self.to("cpu")
@@ -186,7 +187,7 @@ def rle_encode(masks: torch.Tensor) -> RLEs:
         masks = masks.contiguous()
     counts, offsets = _OPS.rle_encode(masks)
     n, h, w = masks.shape
-    sizes = torch.tensor([[h, w]], dtype=torch.long, device=counts.device).expand(n, 2).contiguous()
+    sizes = torch.tensor([[h, w]], dtype=torch.long).expand(n, 2).contiguous()
     return RLEs(counts, offsets, sizes)
 
 
@@ -197,6 +198,13 @@ def rle_decode(rles, device=None) -> torch.Tensor:
     device = torch.device(device) if device is not None else rles.device
     if len(rles) == 0:
         return torch.zeros(0, 0, 0, dtype=torch.bool, device=device)
+    if device.type == "cuda" and rles.device.type == "cpu":
+        # Checked here by the C++ (no device sync), decoded there by the Triton kernel.
+        from ..triton.masks import _decode_launch
+        _OPS.rle_area(rles.counts, rles.offsets, rles.sizes)
+        h, w = _one_size("rle_decode", rles.sizes)
+        dev = rles.to(device)
+        return _decode_launch(dev.counts, dev.offsets, h, w).view(torch.bool)
     rles = rles.to(device) if device.type == "cuda" else _host(rles)
     return _OPS.rle_decode(rles.counts, rles.offsets, rles.sizes, False).to(device).view(torch.bool)
 
@@ -264,6 +272,73 @@ def rle_from_polygons(polygons, h: int, w: int) -> RLEs:
     counts, offsets = _OPS.rle_from_polygons(xy, lengths.cumsum(0), int(h), int(w))
     sizes = torch.tensor([[int(h), int(w)]], dtype=torch.long).expand(len(arrays), 2).contiguous()
     return RLEs(counts, offsets, sizes)
+
+
+# --------------------------------------------------------------------------
+# CUDA: the Triton kernels (fastvision/triton/masks.py) as the ops' CUDA kernels
+
+
+def _one_size(op: str, sizes: torch.Tensor) -> tuple[int, int]:
+    s = sizes.tolist()
+    if any(x != s[0] for x in s):
+        raise ValueError(f"fastvision.{op}: every RLE of a batch must have one size; got {sorted(set(map(tuple, s)))}")
+    return tuple(s[0]) if s else (0, 0)
+
+
+def check_device_rles(op: str, counts, offsets, sizes) -> tuple[int, int]:
+    """Checks a batch whose counts and offsets are on a GPU, as the C++ checks a
+    host one (ValueError "fastvision.<op>: ..."), reading one small tensor back;
+    returns the batch's (h, w). Indices are clamped before use: nothing is read
+    out of bounds even when the check fails."""
+    for name, t in (("counts", counts), ("offsets", offsets)):
+        if t.dtype != torch.int64 or t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"fastvision.{op}: {name} must be a contiguous 1-D int64 tensor; got "
+                             f"{str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}")
+    if offsets.device != counts.device:
+        raise ValueError(f"fastvision.{op}: offsets must be on the device of counts ({counts.device}); "
+                         f"got {offsets.device}")
+    if offsets.numel() < 1:
+        raise ValueError(f"fastvision.{op}: offsets must have N + 1 >= 1 entries; got none")
+    n = offsets.numel() - 1
+    if sizes.dtype != torch.int64 or tuple(sizes.shape) != (n, 2):
+        raise ValueError(f"fastvision.{op}: sizes must be int64 of shape (N, 2) = ({n}, 2); got "
+                         f"{str(sizes.dtype).replace('torch.', '')} of shape {tuple(sizes.shape)}")
+    h, w = _one_size(op, sizes.cpu())
+    if h < 0 or w < 0:
+        raise ValueError(f"fastvision.{op}: sizes must be non-negative; got ({h}, {w})")
+    L = counts.numel()
+    o = offsets.clamp(0, L)
+    cum = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    sums = cum[o[1:]] - cum[o[:-1]]
+    false = torch.zeros((), dtype=torch.bool, device=counts.device)
+    bad = torch.stack([offsets[0] != 0, (offsets.diff() < 0).any() if n else false, offsets[-1] != L,
+                       (counts < 0).any() if L else false, (sums != h * w).any() if n else false]).tolist()
+    for failed, what in zip(bad, ("offsets[0] must be 0", "offsets must be non-decreasing",
+                                  f"offsets[N] must be the length of counts ({L})", "counts must be non-negative",
+                                  f"every RLE's counts must sum to h * w = {h} * {w}")):
+        if failed:
+            raise ValueError(f"fastvision.{op}: {what}")
+    return h, w
+
+
+def _triton_encode(masks):
+    if masks.dtype not in (torch.uint8, torch.bool) or masks.dim() != 3:
+        raise ValueError(f"fastvision.rle_encode: masks must be a (N, H, W) uint8 or bool tensor; got "
+                         f"{str(masks.dtype).replace('torch.', '')} of shape {tuple(masks.shape)}")
+    from ..triton.masks import rle_encode as encode
+    with torch.cuda.device(masks.device):
+        return encode(masks)
+
+
+def _triton_decode(counts, offsets, sizes, column_major):
+    from ..triton.masks import rle_decode as decode
+    with torch.cuda.device(counts.device):
+        return decode(counts, offsets, sizes, column_major)
+
+
+if _extension.triton_available():
+    torch.library.register_kernel("fastvision::rle_encode", "cuda", _triton_encode)
+    torch.library.register_kernel("fastvision::rle_decode", "cuda", _triton_decode)
 
 
 # --------------------------------------------------------------------------
