@@ -176,7 +176,7 @@ def _grid(g: int, k: int, rng) -> np.ndarray:
     for c in range(1, k):  # a few rectangles per class, as a segmentation grid looks
         for _ in range(2):
             y, x = rng.integers(0, g, 2)
-            labels[y:y + rng.integers(2, g // 2), x:x + rng.integers(2, g // 2)] = c
+            labels[y:y + rng.integers(2, max(3, g // 2)), x:x + rng.integers(2, max(3, g // 2))] = c
     return labels
 
 
