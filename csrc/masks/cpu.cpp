@@ -302,6 +302,7 @@ Tensor rle_decode_cpu(Tensor counts, Tensor offsets, Tensor sizes, bool column_m
   Tensor out = alloc_empty(op, "masks", counts, column_major ? std::vector<int64_t>{b.n, W, H}
                                                             : std::vector<int64_t>{b.n, H, W},
                            ScalarType::Byte);
+  if (b.n == 0 || H * W == 0) return out;  // nothing to write (and no buffer to write to)
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
   advise_huge_pages(o, b.n * H * W);
   parallel_for(op, 0, b.n, 1, [&](int64_t lo, int64_t hi) {

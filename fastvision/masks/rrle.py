@@ -14,6 +14,7 @@ the tolerant decoder recognises the dialects of :data:`DIALECTS` by itself.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -98,7 +99,12 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
-def _names_tensors(names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _names_tensors(names: tuple[str, ...], seps: Separators) -> tuple[torch.Tensor, torch.Tensor]:
+    """The names as the op takes them (checked against the separators), cached: a
+    dataset encodes many grids with one label set."""
+    for name in names:  # any name could be used; a separator in one would make the text ambiguous
+        _check_label(name, seps)
     encoded = [n.encode("utf-8") for n in names]
     offsets = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
     return _bytes_tensor(b"".join(encoded)), offsets
@@ -182,9 +188,7 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
     names = [str(n) for n in names]
     if escape:
         names = [escape_label(n) for n in names]
-    for name in names:  # any name could be used; a separator in one would make the text ambiguous
-        _check_label(name, seps)
-    chars, offsets = _names_tensors(names)
+    chars, offsets = _names_tensors(tuple(names), seps)
     text, toff = _OPS.rrle_encode(t, chars, offsets, seps.run, seps.row, seps.count, seps.end, FORMS[form])
     data = text.numpy().tobytes().decode("utf-8")
     if t.dim() == 2:
