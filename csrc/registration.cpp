@@ -76,12 +76,14 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
   m.def(
       "rrle_encode(Tensor labels, Tensor names, Tensor name_offsets, str run_sep, str row_sep, str count_sep, "
       "str end, int form) -> (Tensor text, Tensor text_offsets)");
-  // -> labels (B, h, w) int64 of label ids in order of first appearance (-1: nothing decoded to
-  // fill with), the labels' bytes and offsets, repairs (K, 5) int64 (text, kind, row, column, occurrences).
+  // names / name_offsets: the known labels (ids 0..K-1; may be empty). -> labels (B, h, w)
+  // int64: known names' ids, then other labels' in order of first appearance; `fill` where
+  // nothing was decoded to fill with (-1: left -1); all labels' bytes and offsets (the known
+  // names first); repairs (R, 5) int64 (text, kind, row, column, occurrences).
   m.def(
-      "rrle_decode(Tensor text, Tensor text_offsets, int h, int w, str run_sep, str row_sep, str count_sep, "
-      "str end, bool strict, int form) -> (Tensor labels, Tensor label_bytes, Tensor label_offsets, "
-      "Tensor repairs)");
+      "rrle_decode(Tensor text, Tensor text_offsets, Tensor names, Tensor name_offsets, int fill, int h, int w, "
+      "str run_sep, str row_sep, str count_sep, str end, bool strict, int form) -> (Tensor labels, "
+      "Tensor label_bytes, Tensor label_offsets, Tensor repairs)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

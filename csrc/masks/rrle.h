@@ -391,10 +391,12 @@ void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const 
 
 }
 
-// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids
-// (in order of first appearance over the batch; -1: nothing decoded to fill with),
-// the labels' bytes and offsets, repairs (K, 5) (text, kind, row, column, occurrences).
-std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor text_offsets, int64_t h, int64_t w,
+// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids:
+// the known names' ids first, then the other labels in order of first appearance
+// over the batch; where nothing was decoded to fill with, `fill` (-1: left -1);
+// the labels' bytes and offsets; repairs (K, 5) (text, kind, row, column, occurrences).
+std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor text_offsets, Tensor names,
+                                                           Tensor name_offsets, int64_t fill, int64_t h, int64_t w,
                                                            std::string run_sep, std::string row_sep,
                                                            std::string count_sep, std::string end, bool strict,
                                                            int64_t form) {
@@ -410,6 +412,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
   FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
            "(one label per patch); got ", form);
   check_separators(op, run_sep, row_sep, count_sep);
+  check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): the known names' UTF-8, concatenated");
+  const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
+  const int64_t K = name_offsets.size(0) - 1;
+  FV_CHECK(fill >= -1, op, "fill must be -1 (keep) or a label id; got ", fill);
   int64_t total = 0;
   FV_CHECK(mul_fits(B, area, &total), op, "B * h * w overflows int64");
   Tensor grid = alloc_empty(op, "labels", text, {B, h, w}, ScalarType::Long);
@@ -422,23 +428,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
       decode_text(dec[b], std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps,
                   strict, form, g + b * area);
   });
-  // One label table for the batch, in order of first appearance.
+  // One label table for the batch: the known names first (so their ids are
+  // the caller's), then the other labels in order of first appearance.
   std::unordered_map<std::string_view, int64_t> ids;
-  std::vector<std::vector<uint8_t>> names;
+  std::vector<std::vector<uint8_t>> found;
+  const char* nb = static_cast<const char*>(names.const_data_ptr());
+  for (int64_t k = 0; k < K; ++k) {
+    const std::string_view name(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+    if (ids.emplace(name, static_cast<int64_t>(found.size())).second) found.emplace_back(name.begin(), name.end());
+  }
   std::vector<std::array<int64_t, 5>> repairs;
+  std::vector<int64_t> lut;
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<int64_t> lut;
+    lut.clear();
+    bool identity = true;
     for (std::string_view label : dec[b].labels) {
-      auto it = ids.emplace(label, static_cast<int64_t>(names.size())).first;
-      if (it->second == static_cast<int64_t>(names.size())) names.emplace_back(label.begin(), label.end());
+      auto it = ids.emplace(label, static_cast<int64_t>(found.size())).first;
+      if (it->second == static_cast<int64_t>(found.size())) found.emplace_back(label.begin(), label.end());
+      identity = identity && it->second == static_cast<int64_t>(lut.size());
       lut.push_back(it->second);
     }
     int64_t* gb = g + b * area;
-    for (int64_t i = 0; i < area; ++i)
-      if (gb[i] >= 0) gb[i] = lut[gb[i]];
+    if (!identity || fill >= 0)
+      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] >= 0 ? lut[gb[i]] : fill >= 0 ? fill : gb[i];
     for (const auto& r : dec[b].repairs) repairs.push_back({b, r[0], r[1], r[2], r[3]});
   }
-  auto [bytes, offsets] = concat(op, "label names", names, text, ScalarType::Byte);
+  auto [bytes, offsets] = concat(op, "label names", found, text, ScalarType::Byte);
   Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(repairs.size()), 5}, ScalarType::Long);
   int64_t* rp = static_cast<int64_t*>(rep.mutable_data_ptr());
   for (size_t i = 0; i < repairs.size(); ++i)

@@ -100,14 +100,17 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _names_tensors(names: tuple[str, ...], seps: Separators) -> tuple[torch.Tensor, torch.Tensor]:
-    """The names as the op takes them (checked against the separators), cached: a
-    dataset encodes many grids with one label set."""
-    for name in names:  # any name could be used; a separator in one would make the text ambiguous
+def _names_tensors(names: tuple[str, ...], seps: Separators | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The names as the ops take them (checked against `seps` when given), cached: a
+    dataset encodes and decodes many grids with one label set."""
+    for name in names if seps is not None else ():  # any name could be used: none may hold a separator
         _check_label(name, seps)
     encoded = [n.encode("utf-8") for n in names]
     offsets = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
     return _bytes_tensor(b"".join(encoded)), offsets
+
+
+_NO_NAMES = (torch.zeros(0, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
 
 
 def _as_separators(separators) -> Separators:
@@ -263,44 +266,49 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
         dialect = detect_dialect(texts[0]) if texts else "text4seg"
         seps = DIALECTS[dialect]
     code = -1 if form == "auto" else FORMS[form]
-    encoded = [t.encode("utf-8") for t in texts]
-    toff = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
-    grid, lbytes, loffsets, reps = _OPS.rrle_decode(_bytes_tensor(b"".join(encoded)), toff, int(h), int(w),
-                                                    seps.run, seps.row, seps.count, seps.end, bool(strict), code)
-    data, o = lbytes.numpy().tobytes(), loffsets.tolist()
-    local = [data[o[i]:o[i + 1]].decode("utf-8", errors="replace") for i in range(len(o) - 1)]
-    if escape:
-        local = [unescape_label(s) for s in local]
-    reports = [DecodeReport(dialect, form, p) for p in pre]
-    for b, k, r, c, n in reps.tolist():
-        reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
-    if names is None:
-        names, lut = local, list(range(len(local)))
-    else:
+    if names is not None:
         names = [str(n) for n in names]
         if not names:
             raise ValueError("names must not be empty (pass None to take the labels found)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"names must be distinct; got {names}")
         if not 0 <= background < len(names):
             raise ValueError(f"background must index names (0..{len(names) - 1}); got {background}")
-        index = {n: i for i, n in enumerate(names)}
-        lut = []
-        for k, label in enumerate(local):
-            if label in index:
-                lut.append(index[label])
-                continue
+        known, known_offsets = _names_tensors(tuple(escape_label(n) for n in names) if escape else tuple(names),
+                                              None)
+    else:
+        known, known_offsets = _NO_NAMES
+    encoded = [t.encode("utf-8") for t in texts]
+    toff = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
+    grid, lbytes, loffsets, reps = _OPS.rrle_decode(
+        _bytes_tensor(b"".join(encoded)), toff, known, known_offsets, int(background), int(h), int(w), seps.run,
+        seps.row, seps.count, seps.end, bool(strict), code)
+    reports = [DecodeReport(dialect, form, p) for p in pre]
+    if reps.numel():
+        for b, k, r, c, n in reps.tolist():
+            reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
+    data, o = lbytes.numpy().tobytes(), loffsets.tolist()
+    found = [data[o[i]:o[i + 1]].decode("utf-8", errors="replace") for i in range(len(o) - 1)]
+    if escape:
+        found = [unescape_label(s) for s in found]
+    labels = grid
+    if names is None:
+        names = found
+    elif len(found) > len(names):  # labels outside names: map them (ids >= len(names) in the grid)
+        K = len(names)
+        lut = list(range(K))
+        for k, label in enumerate(found[K:], start=K):
             where = (grid == k).nonzero()
             b, row, col = where[0].tolist() if len(where) else (0, -1, -1)
             if strict:
                 raise ValueError(f"fastvision.rrle_decode: row {row}, column {col}: unknown label {label!r} "
                                  f"(known: {names[:8]}{'...' if len(names) > 8 else ''})")
             target = _closest(label, names) if unknown == "closest" else None
-            lut.append(index[target] if target is not None else background)
-            for bb in sorted(set((grid == k).flatten(1).any(1).nonzero().flatten().tolist())):
+            lut.append(names.index(target) if target is not None else background)
+            for bb in (grid == k).flatten(1).any(1).nonzero().flatten().tolist():
                 rr, cc = (grid[bb] == k).nonzero()[0].tolist()
                 reports[bb].repairs.append(Repair("unknown label", rr, cc, detail=f"{label!r} -> {names[lut[-1]]!r}"))
-    # Local -1 (nothing decoded to fill with) -> the last entry: names[background] (or 0).
-    table = torch.tensor(lut + [background], dtype=torch.long)
-    labels = table[grid] if grid.numel() else grid
+        labels = torch.tensor(lut, dtype=torch.long)[grid]
     if batch:
         return labels, list(names), reports
     return labels[0], list(names), reports[0]
@@ -452,7 +460,8 @@ def _rrle_encode_fake(labels, names, name_offsets, run_sep, row_sep, count_sep, 
 
 
 @torch.library.register_fake("fastvision::rrle_decode")
-def _rrle_decode_fake(text, text_offsets, h, w, run_sep, row_sep, count_sep, end, strict, form):
+def _rrle_decode_fake(text, text_offsets, names, name_offsets, fill, h, w, run_sep, row_sep, count_sep, end, strict,
+                      form):
     ctx = torch.library.get_ctx()
     b = text_offsets.shape[0] - 1
     return (text.new_empty((b, h, w), dtype=torch.long), text.new_empty(ctx.new_dynamic_size(), dtype=torch.uint8),
