@@ -171,6 +171,15 @@ struct Decoder {
   bool strict = false;
   std::vector<std::string_view> rows_buf, toks_buf;  // reused by split()
   std::vector<bool> row_exact, run_exact;
+  std::vector<Run> runs;
+
+  // Ready for the next text (buffers kept: one Decoder serves a thread's texts).
+  void reset() {
+    ids.clear();
+    labels.clear();
+    repairs.clear();
+    runs.clear();
+  }
   std::unordered_map<std::string_view, int64_t> ids;
   std::vector<std::string_view> labels;
   std::vector<std::array<int64_t, 4>> repairs;
@@ -327,7 +336,7 @@ void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const 
   d.text = text;
   d.seps = &seps;
   d.strict = strict;
-  std::vector<Run> runs;
+  std::vector<Run>& runs = d.runs;
   bool has_counts = false;
   const int64_t rows = d.parse(runs, has_counts);
   if (form == -1) form = rows == 1 && h > 1 && !runs.empty() && runs.back().col + runs.back().count > w ? 1 : 0;
@@ -422,11 +431,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
   int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
   const char* chars = static_cast<const char*>(text.const_data_ptr());
   const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
-  std::vector<Decoder> dec(static_cast<size_t>(B));
+  struct Found {
+    std::vector<std::string_view> labels;
+    std::vector<std::array<int64_t, 4>> repairs;
+  };
+  std::vector<Found> dec(static_cast<size_t>(B));
   parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b)
-      decode_text(dec[b], std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps,
-                  strict, form, g + b * area);
+    Decoder d;
+    for (int64_t b = lo; b < hi; ++b) {
+      d.reset();
+      decode_text(d, std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps, strict,
+                  form, g + b * area);
+      dec[b].labels = d.labels;
+      dec[b].repairs = d.repairs;
+    }
   });
   // One label table for the batch: the known names first (so their ids are
   // the caller's), then the other labels in order of first appearance.
