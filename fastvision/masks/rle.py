@@ -67,18 +67,23 @@ class RLEs:
     def from_coco(objs: Sequence[dict]) -> RLEs:
         """From pycocotools' RLE dicts: compressed counts (str or bytes) or uncompressed (list of ints)."""
         objs = list(objs)
-        for i, o in enumerate(objs):
-            if not isinstance(o, dict) or "counts" not in o or "size" not in o:
-                raise ValueError(f"RLE {i} must be a dict with 'size' and 'counts'; got {_short(o)}")
-        sizes = _sizes([o["size"] for o in objs])
-        compressed = [isinstance(o["counts"], (str, bytes, bytearray)) for o in objs]
+        try:
+            sizes = [o["size"] for o in objs]
+            counts = [o["counts"] for o in objs]
+        except (TypeError, KeyError, IndexError):
+            bad = next(i for i, o in enumerate(objs) if not (isinstance(o, dict) and "counts" in o and "size" in o))
+            raise ValueError(f"RLE {bad} must be a dict with 'size' and 'counts'; got {_short(objs[bad])}") from None
+        sizes = _sizes(sizes)
+        if all(type(c) is bytes for c in counts):  # the common case, no per-item work
+            return _from_strings(counts, sizes)
+        compressed = [isinstance(c, (str, bytes, bytearray)) for c in counts]
         if all(compressed):
-            return _from_strings([o["counts"] for o in objs], sizes)
+            return _from_strings(counts, sizes)
         if not any(compressed):
-            return _from_lists([o["counts"] for o in objs], sizes)
+            return _from_lists(counts, sizes)
         # Mixed: one batch from both kinds, in order.
-        parts = [_from_strings([o["counts"]], sizes[i:i + 1]) if c else _from_lists([o["counts"]], sizes[i:i + 1])
-                 for i, (o, c) in enumerate(zip(objs, compressed))]
+        parts = [_from_strings([c], sizes[i:i + 1]) if k else _from_lists([c], sizes[i:i + 1])
+                 for i, (c, k) in enumerate(zip(counts, compressed))]
         return cat(parts)
 
 
@@ -104,13 +109,33 @@ def _short(obj) -> str:
 
 def _sizes(sizes) -> torch.Tensor:
     try:
+        t = torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)  # fast path: lists of two ints
+        if t.shape[0] == len(sizes):
+            return t
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        pass
+    try:
         t = torch.tensor([[int(s[0]), int(s[1])] for s in sizes], dtype=torch.long).reshape(-1, 2)
+        if any(len(s) != 2 for s in sizes):
+            raise ValueError
     except (TypeError, IndexError, ValueError, OverflowError):
         raise ValueError(f"every RLE's 'size' must be [h, w] (two ints); got {_short(list(sizes))}") from None
     return t
 
 
 def _from_strings(strings, sizes: torch.Tensor) -> RLEs:
+    if all(type(s) is bytes for s in strings):
+        encoded = strings
+    else:
+        encoded = _as_bytes(strings)
+    lengths = torch.tensor([0] + [len(s) for s in encoded], dtype=torch.long)
+    chars = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if lengths.any() \
+        else torch.zeros(0, dtype=torch.uint8)
+    counts, offsets = _OPS.rle_from_string(chars, lengths.cumsum(0), sizes)
+    return RLEs(counts, offsets, sizes)
+
+
+def _as_bytes(strings) -> list[bytes]:
     encoded = []
     for i, s in enumerate(strings):
         if isinstance(s, str):
@@ -121,11 +146,7 @@ def _from_strings(strings, sizes: torch.Tensor) -> RLEs:
         elif not isinstance(s, (bytes, bytearray)):
             raise TypeError(f"RLE {i}: compressed counts must be str or bytes; got {type(s).__name__}")
         encoded.append(bytes(s))
-    lengths = torch.tensor([0] + [len(s) for s in encoded], dtype=torch.long)
-    chars = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if any(lengths) \
-        else torch.zeros(0, dtype=torch.uint8)
-    counts, offsets = _OPS.rle_from_string(chars, lengths.cumsum(0), sizes)
-    return RLEs(counts, offsets, sizes)
+    return encoded
 
 
 def _from_lists(lists, sizes: torch.Tensor) -> RLEs:
