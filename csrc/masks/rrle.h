@@ -14,6 +14,7 @@
 #pragma once
 
 #include <array>
+#include <charconv>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -104,7 +105,8 @@ void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::
       s.append(names[L[i]]);
       if (form != 2) {
         s.append(count_sep);
-        s.append(std::to_string(j - i));
+        char digits[24];
+        s.append(digits, std::to_chars(digits, digits + sizeof(digits), j - i).ptr);
       }
       i = j;
     }
