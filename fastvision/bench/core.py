@@ -145,6 +145,9 @@ class Suite:
     forward_only: bool = False
     # The op family (``fastvision bench <family>`` runs all its suites); its module's name by default.
     family: str = ""
+    # Implementations whose outputs differ in form (pycocotools dicts vs tensors): maps any
+    # of them to one comparable form (the tests check every implementation agrees).
+    canonical: Callable[[Any], Any] | None = None
 
 
 SUITES: dict[str, Suite] = {}

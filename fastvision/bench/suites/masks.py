@@ -84,6 +84,38 @@ def sam_mask_to_rle(masks: torch.Tensor) -> list[dict]:
     return out
 
 
+def _counts(out) -> list[list[int]]:
+    """Any encode output (RLEs, pycocotools dicts, SAM's dicts of lists) as counts lists."""
+    if isinstance(out, fm.RLEs):
+        return out.counts_list()
+    if out and isinstance(out[0], dict) and isinstance(out[0]["counts"], list):
+        return [o["counts"] for o in out]
+    if out and isinstance(out[0], dict):
+        return fm.RLEs.from_coco(out).counts_list()
+    return [list(c) for c in out]  # the numpy reference
+
+
+def _masks(out) -> torch.Tensor:
+    """Any decode output ((h, w, n) Fortran uint8 or (n, h, w) tensor) as (n, h, w) bool."""
+    if isinstance(out, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).bool()
+    return out.cpu().bool()
+
+
+def _labels(out) -> torch.Tensor:
+    """Any R-RLE decode output (fastvision's tuple, the reference's label lists) as int64 labels."""
+    if isinstance(out, tuple):
+        return out[0].flatten()
+    flat = [v for o in out for v in o] if out and isinstance(out[0], list) else out
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def _text_bytes(out) -> torch.Tensor:
+    """R-RLE text (or texts) as a byte tensor."""
+    text = "\x00".join(out) if isinstance(out, list) else out
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
 def _encode_suite() -> Suite:
     def reference(shape, device):
         if device == "cuda":
@@ -116,7 +148,7 @@ def _encode_suite() -> Suite:
 
     return Suite("rle_encode", None, RLE_CASES, rle_inputs, lambda s: {}, fastvision, reference, baselines,
                  tiny=dict(n=3, h=12, w=9), config="100 random discs per case; forward only",
-                 forward_only=True, family="masks")
+                 forward_only=True, family="masks", canonical=_counts)
 
 
 def _decode_suite() -> Suite:
@@ -148,7 +180,7 @@ def _decode_suite() -> Suite:
 
     return Suite("rle_decode", None, RLE_CASES, rle_inputs, lambda s: {}, fastvision, reference, baselines,
                  tiny=dict(n=3, h=12, w=9), config="100 random discs per case; forward only",
-                 forward_only=True, family="masks")
+                 forward_only=True, family="masks", canonical=_masks)
 
 
 def _iou_suite() -> Suite:
@@ -168,7 +200,7 @@ def _iou_suite() -> Suite:
 
     return Suite("rle_iou", None, IOU_CASES, rle_inputs, lambda s: {}, fastvision, reference,
                  tiny=dict(n=3, h=12, w=9), config="100 x 100 RLE masks (random discs); forward only",
-                 forward_only=True, family="masks")
+                 forward_only=True, family="masks", canonical=lambda out: torch.as_tensor(out))
 
 
 def _grid(g: int, k: int, rng) -> np.ndarray:
@@ -234,7 +266,7 @@ def _rrle_suite(op: str) -> Suite:
 
     return Suite(op, None, RRLE_CASES, rrle_inputs, lambda s: {}, fastvision, reference, baselines,
                  tiny=dict(g=4, k=2), config="Text4Seg's separators; b grids per call; forward only", forward_only=True,
-                 family="masks")
+                 family="masks", canonical=_text_bytes if op == "rrle_encode" else _labels)
 
 
 register(_encode_suite())
