@@ -238,36 +238,59 @@ def _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2,
 
 
 @triton.jit
+def _query_tile_logits(q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+                       qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                       ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2, lk0, lk1, lk2,
+                       g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+                       D: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+                       NDIM: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key block `blk` of a query tile's region, as every query-major pass reads
+    it: the keys' key/value rows and validity, the keys, the base-2 logits
+    (rpb added) and the attended-pair mask; and the rpb index (with rpb)."""
+    kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
+    k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
+    kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+    kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                 mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
+    mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                         kg0, kg1, kg2, NDIM, True)
+    idx = kv_row  # no rpb: unused
+    if HAS_RPB:
+        idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
+        R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+        s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+    return kv_row, k_valid, kt, s, mask, idx
+
+
+@triton.jit
 def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
     """acc + a @ b over the attended pairs only (mask: a's shape), as the
     reference's sums over each window are.
 
     Outside the mask a is an exact 0, and a plain tl.dot would still
     multiply it by b: an inf or NaN in a row of b that the row of a does not
-    attend would spread into it (0 * inf = NaN). So a block of b holding inf
-    or NaN (rare) is split: its finite part through tl.dot, and its inf / NaN
-    terms of attended pairs counted by sign with indicator dots and added as
-    +inf, -inf or NaN, which IEEE addition combines as the reference's sum
-    (x * inf is NaN for x == 0 or NaN, +-inf otherwise; +inf + -inf is NaN).
+    attend would spread into it (0 * inf = NaN). So when a block of b holds
+    inf or NaN (rare), those entries go through tl.dot as 0 and are added
+    afterwards one row of b at a time, only for attended pairs, in IEEE
+    arithmetic as the reference's sum (x * inf is NaN for x == 0 or NaN,
+    +-inf otherwise; +inf + -inf is NaN). A loop of small tiles rather than
+    more dots: every tile this rare branch holds costs registers (and spills)
+    in the common path as well.
     """
     bad = (b != b) | (b == float("inf")) | (b == float("-inf"))
     if tl.max(bad.to(tl.int32)) > 0:
         acc += tl.dot(a.to(b.dtype), tl.where(bad, 0.0, b).to(b.dtype), input_precision=DOT_PREC)
-        b_nan = (b != b).to(tl.float32)
-        b_pinf = (b == float("inf")).to(tl.float32)
-        b_ninf = (b == float("-inf")).to(tl.float32)
-        a_zero = (mask & (a == 0.0)).to(tl.float32)
-        a_pos = (mask & (a > 0.0)).to(tl.float32)
-        a_neg = (mask & (a < 0.0)).to(tl.float32)
-        nan_hits = tl.dot(mask.to(tl.float32), b_nan, input_precision=DOT_PREC) + \
-            tl.dot(a_zero, b_pinf + b_ninf, input_precision=DOT_PREC)
-        pos_hits = tl.dot(a_pos, b_pinf, input_precision=DOT_PREC) + \
-            tl.dot(a_neg, b_ninf, input_precision=DOT_PREC)
-        neg_hits = tl.dot(a_pos, b_ninf, input_precision=DOT_PREC) + \
-            tl.dot(a_neg, b_pinf, input_precision=DOT_PREC)
-        acc += tl.where(nan_hits > 0.0, float("nan"), 0.0)
-        acc += tl.where(pos_hits > 0.0, float("inf"), 0.0)
-        acc += tl.where(neg_hits > 0.0, float("-inf"), 0.0)
+        k = tl.arange(0, a.shape[1])
+        bad_rows = tl.max(bad.to(tl.int32), 1)
+        for j in range(0, a.shape[1]):
+            if tl.max(tl.where(k == j, bad_rows, 0)) > 0:
+                # Column j of a and row j of b, exactly (one term per sum).
+                a_j = tl.sum(tl.where(k[None, :] == j, a.to(tl.float32), 0.0), 1)
+                m_j = tl.max(tl.where(k[None, :] == j, mask.to(tl.int32), 0), 1) > 0
+                b_j = tl.sum(tl.where(k[:, None] == j, b.to(tl.float32), 0.0), 0)
+                bad_j = (b_j != b_j) | (b_j == float("inf")) | (b_j == float("-inf"))
+                acc += tl.where(m_j[:, None] & bad_j[None, :], a_j[:, None] * b_j[None, :], 0.0)
     else:
         acc += tl.dot(a.to(b.dtype), b, input_precision=DOT_PREC)
     return acc
@@ -320,18 +343,11 @@ def _na_fwd_kernel(
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     acc = tl.zeros([TQ0 * TQ1 * TQ2, DV_PAD], tl.float32)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -422,17 +438,11 @@ def _na_bwd_dq_kernel(
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     am = tl.full([TQ0 * TQ1 * TQ2], -1, tl.int64)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         s = tl.where(mask, s, float("-inf"))
         bm = tl.max(s, 1)
         m_new = tl.maximum(m_i, bm)
@@ -470,19 +480,13 @@ def _na_bwd_dq_kernel(
     # ---- pass 2: dS, dq, drpb
     dq = tl.zeros([TQ0 * TQ1 * TQ2, D_PAD], tl.float32)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
                      mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
         p = tl.where(mask, tl.exp2(s - m_i[:, None]) * inv[:, None], 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = tl.where(mask, p * (dp - dm[:, None]), 0.0)
