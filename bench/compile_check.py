@@ -276,15 +276,32 @@ def bench_workloads():
         v = torch.empty(B, s["C"], H, W, device="meta", dtype=dtype).requires_grad_()
         _grad(criss_cross_attention(q, k, v, backend="triton").sum(), (q, k, v))
 
+    def rle_encode(s, dtype):
+        from fastvision.triton.masks import _encode_launch
+        for layout in ("row-major", "column-major"):  # both layouts the kernels read
+            m = torch.empty(s["n"], s["h"], s["w"], dtype=torch.bool, device="meta")
+            if layout == "column-major":
+                m = m.transpose(1, 2).contiguous().transpose(1, 2)
+            _encode_launch(m, total=s["n"] * 64)  # the transitions' count: a device read on a GPU
+
+    def rle_decode(s, dtype):
+        from fastvision.triton.masks import _decode_launch
+        n = s["n"]
+        _decode_launch(torch.empty(n * 64, dtype=torch.int64, device="meta"),
+                       torch.empty(n + 1, dtype=torch.int64, device="meta"), s["h"], s["w"])
+
     run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
-           "na3d": lambda s, d: na(na3d, s, d)}
+           "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode}
     for op, cases in shapes.items():
+        if not cases:  # a CPU-only suite
+            continue
         if op not in run:
             print(f"compile_check: no adapter for benchmark suite {op!r}; its shapes are not checked",
                   file=sys.stderr)
             continue
         for s in cases:
+            # (The mask codecs read uint8/bool/int64 whatever the run's dtype: one configuration.)
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 shape = " ".join(f"{k}={v}" for k, v in s.items())
                 yield f"bench:{op} {shape}", dtype, lambda f=run[op], s=s, d=dtype: f(s, d)

@@ -26,7 +26,7 @@ def _params():
         for case in fb.cases(suite, DEVICE):
             for name, impl in fb.implementations(suite, case.shape, DEVICE).items():
                 reason = impl.skip or impl.skip_quick  # a call takes minutes: not for pytest-benchmark
-                for mode in ("fwd", "fwd+bwd"):
+                for mode in ("fwd",) if suite.forward_only else ("fwd", "fwd+bwd"):
                     marks = [pytest.mark.skip(reason=reason)] if reason else []
                     yield pytest.param(suite, case, name, mode, marks=marks, id=f"{op}-{case.name}-{name}-{mode}")
 

@@ -58,6 +58,42 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
   m.def(
       "criss_cross_bwd(Tensor dout, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse) "
       "-> (Tensor dquery, Tensor dkey, Tensor dvalue)");
+
+  // ---- mask codecs: COCO RLE (pycocotools' format), Text4Seg R-RLE -----------
+  // Not differentiable. A batch of N RLEs is counts (all masks' counts,
+  // concatenated; int64), offsets (N + 1; mask i owns counts[offsets[i]:offsets[i+1]])
+  // and sizes (N, 2) = (h, w) per mask; counts read column-major, alternating
+  // runs starting with zeros, summing to h * w (every op checks). Compressed
+  // strings travel as chars (uint8, concatenated) and char_offsets (N + 1).
+  // masks (N, H, W) uint8/bool, row-major or column-major (strides (H*W, 1, H)).
+  m.def("rle_encode(Tensor masks) -> (Tensor counts, Tensor offsets)");
+  // uint8 0/1 masks: (N, W, H) when column_major (a Fortran (H, W, N) array's memory), else (N, H, W).
+  m.def("rle_decode(Tensor counts, Tensor offsets, Tensor sizes, bool column_major) -> Tensor");
+  m.def("rle_to_string(Tensor counts, Tensor offsets, Tensor sizes) -> (Tensor chars, Tensor char_offsets)");
+  m.def("rle_from_string(Tensor chars, Tensor char_offsets, Tensor sizes) -> (Tensor counts, Tensor offsets)");
+  m.def("rle_area(Tensor counts, Tensor offsets, Tensor sizes) -> Tensor");
+  m.def("rle_to_bbox(Tensor counts, Tensor offsets, Tensor sizes) -> Tensor");
+  // (D, G) float64; iscrowd (G,) bool/uint8.
+  m.def(
+      "rle_iou(Tensor dt_counts, Tensor dt_offsets, Tensor dt_sizes, Tensor gt_counts, Tensor gt_offsets, "
+      "Tensor gt_sizes, Tensor iscrowd) -> Tensor");
+  m.def("rle_merge(Tensor counts, Tensor offsets, Tensor sizes, bool intersect) -> Tensor");
+  // xy (total,) float64: every polygon's x0, y0, x1, y1, ... concatenated; poly_offsets (P + 1,).
+  m.def("rle_from_polygons(Tensor xy, Tensor poly_offsets, int h, int w) -> (Tensor counts, Tensor offsets)");
+  // R-RLE: labels (B, h, w) or (h, w) int64 indexing names (UTF-8 bytes, concatenated,
+  // name_offsets (K + 1,)); form 0 row-wise runs, 1 image-wise runs, 2 one label per patch
+  // (-1: detect, decode only). Texts travel as UTF-8 bytes, concatenated, and text_offsets (B + 1,).
+  m.def(
+      "rrle_encode(Tensor labels, Tensor names, Tensor name_offsets, str run_sep, str row_sep, str count_sep, "
+      "str end, int form) -> (Tensor text, Tensor text_offsets)");
+  // names / name_offsets: the known labels (ids 0..K-1; may be empty). -> labels (B, h, w)
+  // int64: known names' ids, then other labels' in order of first appearance; `fill` where
+  // nothing was decoded to fill with (-1: left -1); all labels' bytes and offsets (the known
+  // names first); repairs (R, 5) int64 (text, kind, row, column, occurrences).
+  m.def(
+      "rrle_decode(Tensor text, Tensor text_offsets, Tensor names, Tensor name_offsets, int fill, int h, int w, "
+      "str run_sep, str row_sep, str count_sep, str end, bool strict, int form) -> (Tensor labels, "
+      "Tensor label_bytes, Tensor label_offsets, Tensor repairs)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

@@ -175,10 +175,26 @@ def test_suites_are_discovered_from_the_package():
     assert modules == set(suites.FAMILIES)
     family_of = {op: s.make_inputs.__module__ for op, s in bench.SUITES.items()}
     assert set(family_of.values()) == {f"fastvision.bench.suites.{f}" for f in suites.FAMILIES}
-    assert set(bench.SUITES) == {"selective_scan", "bi_selective_scan", "na2d", "na1d", "criss_cross"}
+    assert set(bench.SUITES) == {"selective_scan", "bi_selective_scan", "na2d", "na1d", "criss_cross", "rle_encode",
+                                 "rle_decode", "rle_iou", "rrle_encode", "rrle_decode"}
+    assert {op for op, s in bench.SUITES.items() if s.family == "masks"} == {
+        "rle_encode", "rle_decode", "rle_iou", "rrle_encode", "rrle_decode"}
     for suite in bench.SUITES.values():
+        if suite.fused_op is None:  # forward-only codecs: no fused op; the suite says what runs
+            assert suite.forward_only and suite.fastvision("cpu").skip == ""
+            continue
         assert suite.fused_op in FUSED_OPS
         assert FUSED_OPS[suite.fused_op].why_not("cpu", "cpu", **suite.facts(suite.cases[0].shape)) is None
+
+
+def test_bench_family_runs_forward_only_tables(capsys, monkeypatch):
+    """`fastvision bench masks` runs the family's suites: fwd columns only."""
+    monkeypatch.setenv("FASTVISION_BENCH_TINY", "1")
+    assert main(["bench", "masks", "--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for op in ("rle_encode", "rle_decode", "rle_iou", "rrle_encode", "rrle_decode"):
+        assert f"{op} / " in out
+    assert "speedup fwd" in out and "fwd+bwd ms" not in out.split("rle_encode:")[1]
 
 
 def test_backends_are_asked_of_the_fused_op(monkeypatch):
@@ -363,6 +379,8 @@ def test_every_implementation_agrees_with_the_reference(tiny):
                     continue
                 extra = impl.setup(inputs) if impl.setup else {}
                 outputs[name] = impl.run({**inputs, **extra})
+                if suite.canonical is not None:  # outputs of different forms (the mask codecs)
+                    outputs[name] = suite.canonical(outputs[name])
             for name, out in outputs.items():
                 torch.testing.assert_close(out, outputs["reference"], rtol=1e-4, atol=1e-4,
                                            msg=lambda m: f"{op}/{case.name}/{name}: {m}")
@@ -398,6 +416,10 @@ def test_cuda_plan_asks_the_op_for_cuda_and_triton(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for suite in bench.SUITES.values():
         shape = suite.cases[0].shape
+        if suite.fused_op is None:  # the suite itself says what runs (the codecs: Triton on CUDA)
+            impls = bench.implementations(suite, shape, "cuda")
+            assert {"cuda", "triton"} <= set(impls)
+            continue
         reasons = bench.fastvision_backends(suite.fused_op, "cuda", **suite.facts(shape))
         assert set(reasons) == {"cuda", "triton"}
         op = FUSED_OPS[suite.fused_op]

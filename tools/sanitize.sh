@@ -11,6 +11,14 @@
 # child process the tests start inherits them. Reports go to
 # build/sanitize/reports/; the run fails unless there are none.
 #
+# The mask codecs' fuzz corpus (tests/test_masks.py: pycocotools strings and
+# R-RLE texts mutated by hypothesis, malformed RLEs, the direct-call fuzz of
+# every codec op) runs alone with:
+#
+#   bash tools/sanitize.sh tests/test_masks.py -k "fuzz or malformed or mismatched or gigapixel"
+#
+# (extra arguments go to pytest; a test file given there is run instead of the default list).
+#
 # Environment: FASTVISION_SANITIZE (default address,undefined),
 # SANITIZE_VENV (default .venv-sanitize), TORCH_SPEC (default: the torch of
 # .venv if there is one, else torch==2.13.0).
@@ -33,7 +41,7 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "sanitize: creating $venv ($TORCH_SPEC)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "$TORCH_SPEC" scikit-build-core ninja numpy pytest
+  "$venv/bin/pip" install -q "$TORCH_SPEC" scikit-build-core ninja numpy pytest pycocotools hypothesis
 fi
 
 echo "sanitize: building _C with -fsanitize=$sanitize into $build"
@@ -53,8 +61,12 @@ done
 
 rm -rf "$reports" && mkdir -p "$reports"
 tests=(tests/test_fuzz.py tests/test_entry_points.py tests/test_selective_scan.py tests/test_neighborhood.py
-       tests/test_criss_cross.py)
+       tests/test_criss_cross.py tests/test_masks.py)
 [ -e tests/test_conformance.py ] && tests+=(tests/test_conformance.py)
+# A test file among the arguments replaces the default list.
+for arg in "$@"; do
+  if [[ "$arg" == tests/*.py* ]]; then tests=(); break; fi
+done
 
 echo "sanitize: running ${tests[*]} with LD_PRELOAD=$preload"
 set +e

@@ -128,7 +128,7 @@ class Suite:
     (anchors where they install, other ways users compute the same thing).
     """
     op: str
-    fused_op: str
+    fused_op: str | None  # None: no fused op; fastvision(backend) itself says which backends run
     cases: tuple[Case, ...]
     make_inputs: Callable[[dict, str, torch.dtype], tuple[Inputs, torch.Tensor]]
     facts: Callable[[dict], dict]
@@ -141,12 +141,21 @@ class Suite:
     flops: Callable[[dict], float] | None = None
     # Memory-bound op: GB/s and % of peak DRAM bandwidth columns on CUDA.
     bandwidth: bool = False
+    # Not differentiable (e.g. the mask codecs): fwd only; make_inputs may return None for dout.
+    forward_only: bool = False
+    # The op family (``fastvision bench <family>`` runs all its suites); its module's name by default.
+    family: str = ""
+    # Implementations whose outputs differ in form (pycocotools dicts vs tensors): maps any
+    # of them to one comparable form (the tests check every implementation agrees).
+    canonical: Callable[[Any], Any] | None = None
 
 
 SUITES: dict[str, Suite] = {}
 
 
 def register(suite: Suite) -> Suite:
+    if not suite.family:
+        suite = replace(suite, family=suite.make_inputs.__module__.rsplit(".", 1)[-1])
     if suite.op in SUITES:
         raise ValueError(f"a benchmark suite for {suite.op!r} is already registered")
     SUITES[suite.op] = suite
@@ -204,6 +213,10 @@ def implementations(suite: Suite, shape: dict, device: str) -> dict[str, Impl]:
     backends (those the fused op cannot run, with its reason as ``skip``), then
     the suite's baselines."""
     impls = {REFERENCE: suite.reference(shape, device)}
+    if suite.fused_op is None:  # the suite's own fastvision(backend) says (with Impl.skip) what runs
+        impls.update({backend: suite.fastvision(backend) for backend in candidate_backends(device)})
+        impls.update(suite.baselines(shape, device))
+        return impls
     for backend, why in fastvision_backends(suite.fused_op, device, **suite.facts(shape)).items():
         impl = suite.fastvision(backend)
         impls[backend] = impl if why is None else replace(impl, skip=f"fastvision: {why}")
@@ -419,10 +432,16 @@ def plan(ops: list[str], device: str, quick: bool) -> list[tuple[Suite, Case, li
 
 
 def validate(ops: list[str] | None, device: str, dtype: str) -> list[str]:
-    """The ops to run (all when none given); ValueError with a clear message for a bad request."""
+    """The ops to run (all when none given; a family name stands for its ops); ValueError
+    with a clear message for a bad request."""
+    families = {}
+    for name, suite in SUITES.items():
+        families.setdefault(suite.family, []).append(name)
+    ops = [o for op in ops or () for o in (families[op] if op in families and op not in SUITES else [op])]
     unknown = [op for op in ops or () if op not in SUITES]
     if unknown:
-        raise ValueError(f"unknown op(s): {', '.join(unknown)}; known ops: {', '.join(SUITES)}")
+        raise ValueError(f"unknown op(s): {', '.join(unknown)}; known ops: {', '.join(SUITES)}; "
+                         f"families: {', '.join(families)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if device not in ("cpu", "cuda"):
@@ -474,7 +493,7 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
         rec["setup_ms"] = setup_s * 1e3
         rec["setup_bytes"] = held
     fwd_fn = forward_only(item.impl.run, inputs, extra)
-    both_fn = fwd_bwd(item.impl.run, inputs, dout, extra)
+    both_fn = fwd_fn if suite.forward_only else fwd_bwd(item.impl.run, inputs, dout, extra)
     sampling = item.sampling
     t0 = time.perf_counter()
     if item.memory:
@@ -489,7 +508,9 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
         sampling = "once"
         rec["sampling_why"] = f"timed once in --quick: one fwd+bwd took over {QUICK_ONCE_S:g} s here"
     rec["sampling"] = sampling
-    for key, fn, title in (("fwd", fwd_fn, "fwd"), ("fwd_bwd", both_fn, "fwd+bwd")):
+    measures = (("fwd", fwd_fn, "fwd"),) if suite.forward_only else \
+        (("fwd", fwd_fn, "fwd"), ("fwd_bwd", both_fn, "fwd+bwd"))
+    for key, fn, title in measures:
         step(*label, title)
         if sampling == "once":  # the peak-memory call above (if any) was the warm-up
             seconds, n = median_time(fn, device, 1, 0.0, warmup=False)
@@ -529,19 +550,22 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", dtype: str = "floa
             print(busy, file=sys.stderr, flush=True)
     if device == "cpu":  # the profiler's one-time start-up stays out of the first measurement
         peak_memory(lambda: torch.ones(1) + 1, device)
-    step = Progress(3 * sum(p.sampling != "skip" for *_, items in planned_cases for p in items), progress)
+    step = Progress(sum((2 if suite.forward_only else 3) for suite, _, items in planned_cases for p in items
+                        if p.sampling != "skip"), progress)
     records = []
     for suite, case, items in planned_cases:
         torch.manual_seed(0)
         inputs, dout = suite.make_inputs(case.shape, device, DTYPES[dtype])
         read = sum(t.nbytes for t in inputs.values() if isinstance(t, torch.Tensor))
-        traffic = {"fwd": read + dout.nbytes, "fwd_bwd": 3 * read + 2 * dout.nbytes}
+        out_bytes = dout.nbytes if dout is not None else 0
+        traffic = {"fwd": read + out_bytes, "fwd_bwd": 3 * read + 2 * out_bytes}
         case_records = []
         for item in items:
             if quick and time.perf_counter() - started > QUICK_DEADLINE_S:
                 item = _past_deadline(item)
             rec = {"op": suite.op, "fused_op": suite.fused_op, "case": case.name, "shape": dict(case.shape),
                    "config": suite.config, "bandwidth_bound": suite.bandwidth, "dtype": dtype, **env,
+                   "forward_only": suite.forward_only,
                    "implementation": item.name, "note": item.impl.note, "sampling": item.sampling,
                    "quick": quick, "tiny": tiny_mode(), "load_avg_1m": _load_average()}
             if threads_why:

@@ -117,6 +117,10 @@ def _case_table(recs: list[dict]) -> list[str]:
         if r.get("setup_ms") is not None:
             after.append(f"  set-up (once per case, not timed): {name}: {_fmt_ms(r['setup_ms'])} ms, "
                          f"holds {_fmt_mib(r.get('setup_bytes'))} MiB")
+    if all(r.get("forward_only") for r in recs):  # not differentiable: no fwd+bwd columns
+        keep = [i for i, h in enumerate(header) if "fwd+bwd" not in h]
+        header = [header[i] for i in keep]
+        rows = [[row[i] for i in keep] for row in rows]
     out = _render(header, rows) + after
     if not any(r["implementation"] == REFERENCE and r.get("fwd_ms") for r in recs):
         out.append("  (no reference timing: speedups n/a)")

@@ -270,30 +270,27 @@ def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
 
     Outside the mask a is an exact 0, and a plain tl.dot would still
     multiply it by b: an inf or NaN in a row of b that the row of a does not
-    attend would spread into it (0 * inf = NaN). So a block of b holding inf
-    or NaN (rare) is split: its finite part through tl.dot, and its inf / NaN
-    terms of attended pairs counted by sign with indicator dots and added as
-    +inf, -inf or NaN, which IEEE addition combines as the reference's sum
-    (x * inf is NaN for x == 0 or NaN, +-inf otherwise; +inf + -inf is NaN).
+    attend would spread into it (0 * inf = NaN). So when a block of b holds
+    inf or NaN (rare), those entries go through tl.dot as 0 and are added
+    afterwards one row of b at a time, only for attended pairs, in IEEE
+    arithmetic as the reference's sum (x * inf is NaN for x == 0 or NaN,
+    +-inf otherwise; +inf + -inf is NaN). A loop of small tiles rather than
+    more dots: every tile this rare branch holds costs registers (and spills)
+    in the common path as well.
     """
     bad = (b != b) | (b == float("inf")) | (b == float("-inf"))
     if tl.max(bad.to(tl.int32)) > 0:
         acc += tl.dot(a.to(b.dtype), tl.where(bad, 0.0, b).to(b.dtype), input_precision=DOT_PREC)
-        b_nan = (b != b).to(tl.float32)
-        b_pinf = (b == float("inf")).to(tl.float32)
-        b_ninf = (b == float("-inf")).to(tl.float32)
-        a_zero = (mask & (a == 0.0)).to(tl.float32)
-        a_pos = (mask & (a > 0.0)).to(tl.float32)
-        a_neg = (mask & (a < 0.0)).to(tl.float32)
-        nan_hits = tl.dot(mask.to(tl.float32), b_nan, input_precision=DOT_PREC) + \
-            tl.dot(a_zero, b_pinf + b_ninf, input_precision=DOT_PREC)
-        pos_hits = tl.dot(a_pos, b_pinf, input_precision=DOT_PREC) + \
-            tl.dot(a_neg, b_ninf, input_precision=DOT_PREC)
-        neg_hits = tl.dot(a_pos, b_ninf, input_precision=DOT_PREC) + \
-            tl.dot(a_neg, b_pinf, input_precision=DOT_PREC)
-        acc += tl.where(nan_hits > 0.0, float("nan"), 0.0)
-        acc += tl.where(pos_hits > 0.0, float("inf"), 0.0)
-        acc += tl.where(neg_hits > 0.0, float("-inf"), 0.0)
+        k = tl.arange(0, a.shape[1])
+        bad_rows = tl.max(bad.to(tl.int32), 1)
+        for j in range(0, a.shape[1]):
+            if tl.max(tl.where(k == j, bad_rows, 0)) > 0:
+                # Column j of a and row j of b, exactly (one term per sum).
+                a_j = tl.sum(tl.where(k[None, :] == j, a.to(tl.float32), 0.0), 1)
+                m_j = tl.max(tl.where(k[None, :] == j, mask.to(tl.int32), 0), 1) > 0
+                b_j = tl.sum(tl.where(k[:, None] == j, b.to(tl.float32), 0.0), 0)
+                bad_j = (b_j != b_j) | (b_j == float("inf")) | (b_j == float("-inf"))
+                acc += tl.where(m_j[:, None] & bad_j[None, :], a_j[:, None] * b_j[None, :], 0.0)
     else:
         acc += tl.dot(a.to(b.dtype), b, input_precision=DOT_PREC)
     return acc

@@ -1,0 +1,484 @@
+// Text4Seg's R-RLE ("semantic descriptors", row-wise run-length encoding):
+// the codec core. Included by csrc/masks/cpu.cpp (which registers it).
+//
+// Text: per row, runs "{label}{count_sep}{count}" joined by run_sep; rows
+// joined by row_sep; the text ends with `end` (Text4Seg: "| ", "\n ", " *",
+// "\n"). Forms: 0 row-wise runs (R-RLE), 1 image-wise runs (one sequence of
+// runs over the raster-order grid, no row separators), 2 one label per patch
+// (no counts); -1 (decode only) detects the form.
+//
+// The decoder returns the grid of *local* label ids (in order of first
+// appearance; -1 where nothing was decoded to fill with), the labels' bytes
+// and a (K, 4) table of repairs (kind, row, column, occurrences); the Python
+// wrapper maps local ids to the caller's names and words the repairs.
+#pragma once
+
+#include <array>
+#include <charconv>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+namespace fastvision::masks {
+
+// Repair kinds (fastvision/masks/rrle.py words them; keep the two in step).
+enum Repair : int64_t {
+  kRowSep = 0,        // row separator written differently (e.g. "\n" without the space)
+  kRunSep = 1,        // run separator written differently ("|" without the space)
+  kCountSep = 2,      // count separator written differently ("* 3", "*3")
+  kEnd = 3,           // the text does not end with `end`
+  kEmptyRow = 4,      // a blank row, dropped
+  kBadRun = 5,        // a run without label or with a bad or zero count, dropped
+  kMissingCount = 6,  // a run without count, taken as 1
+  kTruncated = 7,     // the text is cut off inside its last run, which is dropped
+  kRowPadded = 8,     // a row's counts sum to less than w: padded with its last label
+  kRowTruncated = 9,  // a row's counts sum to more than w: cut at w
+  kRowsMissing = 10,  // fewer than h rows: the last row repeated
+  kRowsExtra = 11,    // more than h rows: dropped
+  kImagePadded = 12,  // image-wise runs sum to less than h * w: padded with the last label
+  kImageTruncated = 13,
+};
+
+struct Run {
+  int64_t label, count, row, col;
+};
+
+inline bool is_space(char c) { return c == ' ' || c == '\t' || c == '\r'; }
+
+inline std::string_view trim(std::string_view s) {
+  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
+  return s;
+}
+
+// A separator without its spaces ("\n " -> "\n", " *" -> "*"); itself if only spaces.
+inline std::string core_of(const std::string& sep) {
+  std::string c;
+  for (char ch : sep)
+    if (ch != ' ') c += ch;
+  return c.empty() ? sep : c;
+}
+
+inline bool all_digits(std::string_view s) {
+  if (s.empty()) return false;
+  for (char c : s)
+    if (c < '0' || c > '9') return false;
+  return true;
+}
+
+// Counts saturate here: a row is cut at w anyway, and no int64 overflows.
+constexpr int64_t kCountCap = int64_t(1) << 40;
+
+inline int64_t parse_count(std::string_view s) {
+  int64_t v = 0;
+  for (char c : s) v = std::min<int64_t>(kCountCap, v * 10 + (c - '0'));
+  return v;
+}
+
+inline void check_separators(const char* op, const std::string& run_sep, const std::string& row_sep,
+                             const std::string& count_sep) {
+  FV_CHECK(!run_sep.empty() && !row_sep.empty() && !count_sep.empty(), op,
+           "run_sep, row_sep and count_sep must not be empty; got ", '"', run_sep, "\", \"", row_sep, "\", \"",
+           count_sep, '"');
+  const std::string r = core_of(run_sep), w = core_of(row_sep), c = core_of(count_sep);
+  FV_CHECK(r != w && r != c && w != c, op, "run_sep, row_sep and count_sep must differ (without spaces); got \"",
+           run_sep, "\", \"", row_sep, "\", \"", count_sep, '"');
+}
+
+// ---------------------------------------------------------------------------
+// Encode
+
+// One grid (h, w) of label ids into `s`.
+void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::string_view>& names,
+                 const std::string& run_sep, const std::string& row_sep, const std::string& count_sep,
+                 const std::string& end, int64_t form, std::string& s) {
+  s.clear();
+  // Runs of [b, e) in raster order, joined by run_sep (form 2: one per patch).
+  auto put_runs = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      int64_t j = i + 1;
+      if (form != 2)
+        while (j < e && L[j] == L[i]) ++j;
+      if (i > b) s.append(run_sep);
+      s.append(names[L[i]]);
+      if (form != 2) {
+        s.append(count_sep);
+        char digits[24];
+        s.append(digits, std::to_chars(digits, digits + sizeof(digits), j - i).ptr);
+      }
+      i = j;
+    }
+  };
+  if (form == 1) {
+    put_runs(0, h * w);
+  } else {
+    for (int64_t r = 0; r < h; ++r) {
+      if (r) s.append(row_sep);
+      put_runs(r * w, (r + 1) * w);
+    }
+  }
+  s.append(end);
+}
+
+// labels (B, h, w) or (h, w) -> the texts' UTF-8 bytes, concatenated, and text_offsets (B + 1).
+std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor name_offsets, std::string run_sep,
+                                           std::string row_sep, std::string count_sep, std::string end,
+                                           int64_t form) {
+  const char* op = "rrle_encode";
+  check_cpu(op, "labels", labels);
+  check_dtype_is(op, "labels", labels, ScalarType::Long, "indices into names");
+  FV_CHECK(labels.dim() == 2 || labels.dim() == 3, op, "labels must be (h, w) or (B, h, w); got shape ",
+           shape_str(labels));
+  check_contiguous(op, "labels", labels);
+  check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): every name's UTF-8, concatenated");
+  const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
+  const int64_t K = name_offsets.size(0) - 1;
+  FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
+           "patch); got ", form);
+  check_separators(op, run_sep, row_sep, count_sep);
+  const int64_t B = labels.dim() == 3 ? labels.size(0) : 1;
+  const int64_t h = labels.size(labels.dim() - 2), w = labels.size(labels.dim() - 1);
+  const int64_t* L = static_cast<const int64_t*>(labels.const_data_ptr());
+  for (int64_t i = 0; i < B * h * w; ++i)
+    FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / (h * w), ", ", (i % (h * w)) / w, ", ", i % w, "] = ", L[i],
+             " is not an index into the ", K, " names");
+  const char* nb = static_cast<const char*>(names.const_data_ptr());
+  std::vector<std::string_view> nv;
+  for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+  std::vector<std::vector<uint8_t>> texts(static_cast<size_t>(B));
+  parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
+    std::string s;
+    for (int64_t b = lo; b < hi; ++b) {
+      encode_grid(L + b * h * w, h, w, nv, run_sep, row_sep, count_sep, end, form, s);
+      texts[b].assign(s.begin(), s.end());
+    }
+  });
+  return concat(op, "text", texts, labels, ScalarType::Byte);
+}
+
+// ---------------------------------------------------------------------------
+// Decode
+
+// The separators of a call and their cores, shared by every text's Decoder.
+struct Seps {
+  std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
+};
+
+struct Decoder {
+  const char* op = "rrle_decode";
+  std::string_view text;
+  const Seps* seps = nullptr;
+  bool strict = false;
+  std::vector<std::string_view> rows_buf, toks_buf;  // reused by split()
+  std::vector<bool> row_exact, run_exact;
+  std::vector<Run> runs;
+
+  // Ready for the next text (buffers kept: one Decoder serves a thread's texts).
+  void reset() {
+    ids.clear();
+    labels.clear();
+    repairs.clear();
+    runs.clear();
+  }
+  std::unordered_map<std::string_view, int64_t> ids;
+  std::vector<std::string_view> labels;
+  std::vector<std::array<int64_t, 4>> repairs;
+
+  // Reports repair `kind` at (row, col); separator kinds once (with their occurrences).
+  void repair(int64_t kind, int64_t row, int64_t col) {
+    if (kind <= kEnd)
+      for (auto& r : repairs)
+        if (r[0] == kind) {
+          ++r[3];
+          return;
+        }
+    repairs.push_back({kind, row, col, 1});
+  }
+
+  int64_t intern(std::string_view label) {
+    // Grids use few labels: a scan of them beats hashing until there are many.
+    if (labels.size() <= 16) {
+      for (size_t i = 0; i < labels.size(); ++i)
+        if (labels[i] == label) return static_cast<int64_t>(i);
+      if (labels.size() < 16) {
+        labels.push_back(label);
+        return static_cast<int64_t>(labels.size() - 1);
+      }
+      for (size_t i = 0; i < labels.size(); ++i) ids.emplace(labels[i], static_cast<int64_t>(i));
+    }
+    auto it = ids.find(label);
+    if (it != ids.end()) return it->second;
+    const int64_t id = static_cast<int64_t>(labels.size());
+    ids.emplace(label, id);
+    labels.push_back(label);
+    return id;
+  }
+
+  // Splits s at every `core` into `out`; `exact_at[i]` says whether split i reads `exact`.
+  static void split(std::string_view s, const std::string& core, const std::string& exact,
+                    std::vector<std::string_view>& out, std::vector<bool>& exact_at) {
+    out.clear();
+    exact_at.clear();
+    size_t b = 0;
+    for (;;) {
+      const size_t i = s.find(core, b);
+      if (i == std::string_view::npos) {
+        out.push_back(s.substr(b));
+        return;
+      }
+      out.push_back(s.substr(b, i - b));
+      const bool ex = s.compare(i, exact.size(), exact) == 0;
+      exact_at.push_back(ex);
+      b = i + (ex ? exact.size() : core.size());
+    }
+  }
+
+  // Parses the text into runs (row, col); returns the number of rows.
+  int64_t parse(std::vector<Run>& runs, bool& has_counts) {
+    const std::string &run_sep = seps->run_sep, &row_sep = seps->row_sep, &count_sep = seps->count_sep,
+                      &end = seps->end, &rc = seps->rc, &uc = seps->uc, &cc = seps->cc;
+    std::string_view body = text;
+    if (body.size() >= end.size() && body.compare(body.size() - end.size(), end.size(), end) == 0) {
+      body.remove_suffix(end.size());
+    } else {
+      FV_CHECK(!strict, op, "the text must end with the end marker \"", end, "\"");
+      repair(kEnd, -1, -1);
+      body = trim(body);
+      const std::string ec = core_of(end);
+      if (body.size() >= ec.size() && body.compare(body.size() - ec.size(), ec.size(), ec) == 0)
+        body.remove_suffix(ec.size());
+    }
+    has_counts = body.find(cc) != std::string_view::npos;
+    std::vector<std::string_view>& rows = rows_buf;
+    split(body, rc, row_sep, rows, row_exact);
+    if (rows.size() == 1 && trim(rows[0]).empty()) rows.clear();  // no rows at all
+    int64_t row = 0;
+    for (size_t ri = 0; ri < rows.size(); ++ri) {
+      if (ri > 0 && !row_exact[ri - 1]) {
+        FV_CHECK(!strict, op, "row ", row, ", column 0: rows must be separated by \"", row_sep, "\"");
+        repair(kRowSep, row, 0);
+      }
+      if (trim(rows[ri]).empty()) {
+        FV_CHECK(!strict, op, "row ", row, ", column 0: the row is empty");
+        repair(kEmptyRow, row, 0);
+        continue;
+      }
+      std::vector<std::string_view>& toks = toks_buf;
+      split(rows[ri], uc, run_sep, toks, run_exact);
+      int64_t col = 0;
+      for (size_t ti = 0; ti < toks.size(); ++ti) {
+        if (ti > 0 && !run_exact[ti - 1]) {
+          FV_CHECK(!strict, op, "row ", row, ", column ", col, ": runs must be separated by \"", run_sep, "\"");
+          repair(kRunSep, row, col);
+        }
+        const bool last = ri + 1 == rows.size() && ti + 1 == toks.size();
+        std::string_view tok = strict ? toks[ti] : trim(toks[ti]);
+        if (tok.empty()) {
+          FV_CHECK(!strict, op, "row ", row, ", column ", col, ": empty run");
+          repair(last ? kTruncated : kBadRun, row, col);
+          continue;
+        }
+        std::string_view label, digits;
+        bool exact = true;
+        if (strict) {
+          const size_t p = has_counts ? tok.rfind(count_sep) : std::string_view::npos;
+          if (has_counts) {
+            FV_CHECK(p != std::string_view::npos, op, "row ", row, ", column ", col, ": run \"", tok,
+                     "\" has no \"", count_sep, "\"");
+            label = tok.substr(0, p);
+            digits = tok.substr(p + count_sep.size());
+            FV_CHECK(all_digits(digits), op, "row ", row, ", column ", col, ": run \"", tok,
+                     "\" has no count after \"", count_sep, "\"");
+          } else {
+            label = tok;
+          }
+          FV_CHECK(!label.empty(), op, "row ", row, ", column ", col, ": run \"", tok, "\" has no label");
+        } else {
+          const size_t p = tok.rfind(cc);
+          if (p == std::string_view::npos) {
+            label = tok;
+            if (has_counts) {
+              repair(last ? kTruncated : kMissingCount, row, col);
+              if (last) continue;
+            }
+          } else {
+            label = trim(tok.substr(0, p));
+            digits = trim(tok.substr(p + cc.size()));
+            if (!all_digits(digits) || label.empty()) {
+              repair(last ? kTruncated : kBadRun, row, col);
+              continue;
+            }
+            exact = tok.size() == label.size() + count_sep.size() + digits.size() &&
+                    tok.compare(label.size(), count_sep.size(), count_sep) == 0;
+          }
+        }
+        const int64_t count = digits.empty() ? 1 : parse_count(digits);
+        if (count == 0) {
+          FV_CHECK(!strict, op, "row ", row, ", column ", col, ": run \"", tok, "\" has count 0");
+          repair(kBadRun, row, col);
+          continue;
+        }
+        if (!exact) repair(kCountSep, row, col);
+        runs.push_back({intern(label), count, row, col});
+        col = std::min(kCountCap, col + count);
+      }
+      ++row;
+    }
+    return row;
+  }
+};
+
+// Decodes one text into g (h * w local label ids, -1: nothing to fill with); fills d.labels, d.repairs.
+void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const Seps& seps, bool strict,
+                 int64_t form, int64_t* g) {
+  const char* op = d.op;
+  const int64_t area = h * w;
+  d.text = text;
+  d.seps = &seps;
+  d.strict = strict;
+  std::vector<Run>& runs = d.runs;
+  bool has_counts = false;
+  const int64_t rows = d.parse(runs, has_counts);
+  if (form == -1) form = rows == 1 && h > 1 && !runs.empty() && runs.back().col + runs.back().count > w ? 1 : 0;
+  if (form == 2)
+    FV_CHECK(!has_counts || !strict, op, "one label per patch was asked for, but the text has counts");
+
+  std::fill(g, g + area, int64_t(-1));
+  if (form == 1) {  // image-wise: one sequence over the raster order
+    FV_CHECK(!strict || rows <= 1, op, "image-wise runs have no row separators; got ", rows, " rows");
+    int64_t p = 0;
+    for (const Run& r : runs) {
+      const int64_t n = std::min(r.count, area - p);
+      std::fill(g + p, g + p + n, r.label);
+      p += n;
+      if (n < r.count) {
+        FV_CHECK(!strict, op, "row ", r.row, ", column ", r.col, ": the runs cover more than h * w = ", area,
+                 " patches");
+        d.repair(kImageTruncated, r.row, r.col);
+        break;
+      }
+    }
+    if (p < area) {
+      FV_CHECK(!strict, op, "the runs cover ", p, " patches, not h * w = ", area);
+      d.repair(kImagePadded, p / std::max<int64_t>(w, 1), w ? p % w : 0);
+      if (p > 0) std::fill(g + p, g + area, g[p - 1]);
+    }
+  } else {
+    size_t k = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t col = 0;
+      bool cut = false;
+      for (; k < runs.size() && runs[k].row == r; ++k) {
+        if (r >= h) continue;
+        const Run& run = runs[k];
+        const int64_t n = std::min(run.count, w - col);
+        if (n < run.count && !cut) {
+          FV_CHECK(!strict, op, "row ", r, ", column ", run.col, ": the row's counts sum to more than w = ", w);
+          d.repair(kRowTruncated, r, run.col);
+          cut = true;
+        }
+        std::fill(g + r * w + col, g + r * w + col + n, run.label);
+        col += n;
+      }
+      if (r >= h) continue;
+      if (col < w) {
+        FV_CHECK(!strict, op, "row ", r, ", column ", col, ": the row's counts sum to ", col, ", not w = ", w);
+        d.repair(kRowPadded, r, col);
+        if (col > 0) std::fill(g + r * w + col, g + (r + 1) * w, g[r * w + col - 1]);
+      }
+    }
+    if (rows < h) {
+      FV_CHECK(!strict, op, "row ", rows, ", column 0: got ", rows, " rows, not h = ", h);
+      d.repair(kRowsMissing, rows, 0);
+      if (rows > 0)
+        for (int64_t r = rows; r < h; ++r) std::copy(g + (rows - 1) * w, g + rows * w, g + r * w);
+    } else if (rows > h) {
+      FV_CHECK(!strict, op, "row ", h, ", column 0: got ", rows, " rows, not h = ", h);
+      d.repair(kRowsExtra, h, 0);
+    }
+  }
+
+}
+
+// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids:
+// the known names' ids first, then the other labels in order of first appearance
+// over the batch; where nothing was decoded to fill with, `fill` (-1: left -1);
+// the labels' bytes and offsets; repairs (K, 5) (text, kind, row, column, occurrences).
+std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor text_offsets, Tensor names,
+                                                           Tensor name_offsets, int64_t fill, int64_t h, int64_t w,
+                                                           std::string run_sep, std::string row_sep,
+                                                           std::string count_sep, std::string end, bool strict,
+                                                           int64_t form) {
+  const char* op = "rrle_decode";
+  check_host_1d(op, "text", text, ScalarType::Byte, "(bytes,): the UTF-8 texts, concatenated");
+  const int64_t* to = check_offsets(op, "text_offsets", text_offsets, text.size(0), "text");
+  const int64_t B = text_offsets.size(0) - 1;
+  check_at_least(op, "h", h, 0);
+  check_at_least(op, "w", w, 0);
+  int64_t area = 0;
+  FV_CHECK(mul_fits(h, w, &area) && area <= (int64_t(1) << 40), op, "h * w must be at most 2^40; got h = ", h,
+           ", w = ", w);
+  FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
+           "(one label per patch); got ", form);
+  check_separators(op, run_sep, row_sep, count_sep);
+  check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): the known names' UTF-8, concatenated");
+  const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
+  const int64_t K = name_offsets.size(0) - 1;
+  FV_CHECK(fill >= -1, op, "fill must be -1 (keep) or a label id; got ", fill);
+  int64_t total = 0;
+  FV_CHECK(mul_fits(B, area, &total), op, "B * h * w overflows int64");
+  Tensor grid = alloc_empty(op, "labels", text, {B, h, w}, ScalarType::Long);
+  int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
+  const char* chars = static_cast<const char*>(text.const_data_ptr());
+  const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
+  struct Found {
+    std::vector<std::string_view> labels;
+    std::vector<std::array<int64_t, 4>> repairs;
+  };
+  std::vector<Found> dec(static_cast<size_t>(B));
+  parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
+    Decoder d;
+    for (int64_t b = lo; b < hi; ++b) {
+      d.reset();
+      decode_text(d, std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps, strict,
+                  form, g + b * area);
+      dec[b].labels = d.labels;
+      dec[b].repairs = d.repairs;
+    }
+  });
+  // One label table for the batch: the known names first (so their ids are
+  // the caller's), then the other labels in order of first appearance.
+  std::unordered_map<std::string_view, int64_t> ids;
+  std::vector<std::vector<uint8_t>> found;
+  const char* nb = static_cast<const char*>(names.const_data_ptr());
+  for (int64_t k = 0; k < K; ++k) {
+    const std::string_view name(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+    if (ids.emplace(name, static_cast<int64_t>(found.size())).second) found.emplace_back(name.begin(), name.end());
+  }
+  std::vector<std::array<int64_t, 5>> repairs;
+  std::vector<int64_t> lut;
+  for (int64_t b = 0; b < B; ++b) {
+    lut.clear();
+    bool identity = true;
+    for (std::string_view label : dec[b].labels) {
+      auto it = ids.emplace(label, static_cast<int64_t>(found.size())).first;
+      if (it->second == static_cast<int64_t>(found.size())) found.emplace_back(label.begin(), label.end());
+      identity = identity && it->second == static_cast<int64_t>(lut.size());
+      lut.push_back(it->second);
+    }
+    int64_t* gb = g + b * area;
+    if (!identity || fill >= 0)
+      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] >= 0 ? lut[gb[i]] : fill >= 0 ? fill : gb[i];
+    for (const auto& r : dec[b].repairs) repairs.push_back({b, r[0], r[1], r[2], r[3]});
+  }
+  auto [bytes, offsets] = concat(op, "label names", found, text, ScalarType::Byte);
+  Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(repairs.size()), 5}, ScalarType::Long);
+  int64_t* rp = static_cast<int64_t*>(rep.mutable_data_ptr());
+  for (size_t i = 0; i < repairs.size(); ++i)
+    for (int j = 0; j < 5; ++j) rp[5 * i + j] = repairs[i][j];
+  return {grid, bytes, offsets, rep};
+}
+
+}  // namespace fastvision::masks

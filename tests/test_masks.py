@@ -1,0 +1,479 @@
+"""Mask codecs (fastvision.masks): COCO RLE against pycocotools, byte for byte, and
+Text4Seg's R-RLE against its format; malformed input; property-based fuzzing
+of both decoders; the registered ops (opcheck, direct-call fuzz).
+
+The conformance suite's OpSpec describes differentiable fused ops (reference,
+gradients, backends); the codecs are neither, so the generic checks that
+apply to them run here: opcheck of every registered codec op on recorded
+calls, torch.compile where a tensor op is involved, and the direct-call fuzz
+(masks_direct_calls() is also recorded by tests/test_fuzz.py).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastvision.masks as fm
+from fastvision.reference.masks import rle_counts, text4seg_decode_mask, text4seg_encode_mask
+from fastvision.testing import fuzz_direct_calls, fuzz_mutations, record_direct_calls
+
+M = pytest.importorskip("pycocotools.mask")
+
+OPS = torch.ops.fastvision
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def patterns(h, w, seed=0):
+    """Named (h, w) uint8 masks: the edge cases and random ones."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    single = np.zeros((h, w), np.uint8)
+    single[h // 2, w // 2] = 1
+    return {
+        "empty": np.zeros((h, w), np.uint8),
+        "full": np.ones((h, w), np.uint8),
+        "single": single,
+        "stripes_h": (yy % 2).astype(np.uint8),
+        "stripes_v": (xx % 3 == 0).astype(np.uint8),
+        "checker": ((yy + xx) % 2).astype(np.uint8),
+        "random": (rng.random((h, w)) < 0.5).astype(np.uint8),
+        "sparse": (rng.random((h, w)) < 0.03).astype(np.uint8),
+        "blob": ((yy - h / 3) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2).astype(np.uint8),
+        "first_last": np.pad(np.ones((1, 1), np.uint8), ((0, h - 1), (0, w - 1)))[::-1, ::-1].copy(),
+    }
+
+
+SHAPES = [(1, 1), (1, 17), (17, 1), (7, 9), (32, 48), (65, 33)]
+
+
+def stack(masks):
+    return np.asfortranarray(np.stack(masks, axis=2))
+
+
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_encode_byte_identical_to_pycocotools(h, w):
+    pats = patterns(h, w)
+    batch = stack(list(pats.values()))
+    want = M.encode(batch)
+    assert fm.encode(batch) == want
+    assert fm.encode(np.ascontiguousarray(batch)) == want  # C order works too
+    assert fm.encode(batch.astype(bool)) == want
+    assert fm.encode((batch * 255).astype(np.uint8)) == want
+    for name, m in pats.items():
+        assert fm.encode(np.asfortranarray(m)) == M.encode(np.asfortranarray(m)), name
+    # The torch-native API, row-major and column-major input.
+    t = torch.from_numpy(np.ascontiguousarray(batch.transpose(2, 0, 1)))
+    assert fm.rle_to_string(fm.rle_encode(t)) == [r["counts"] for r in want]
+    assert fm.rle_to_string(fm.rle_encode(t.transpose(1, 2).contiguous().transpose(1, 2))) == [r["counts"] for r in want]
+    assert fm.rle_encode(t.bool()).counts_list() == [rle_counts(m) for m in t.numpy()]
+
+
+@pytest.mark.parametrize("h,w", SHAPES)
+def test_decode_and_round_trips(h, w):
+    batch = stack(list(patterns(h, w, seed=1).values()))
+    rles = M.encode(batch)
+    out = fm.decode(rles)
+    assert out.dtype == np.uint8 and out.flags.f_contiguous and np.array_equal(out, M.decode(rles))
+    assert np.array_equal(fm.decode(rles[3]), M.decode(rles[3]))
+    str_rles = [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]  # str counts
+    assert np.array_equal(fm.decode(str_rles), batch)
+    t = torch.from_numpy(np.ascontiguousarray(batch.transpose(2, 0, 1)))
+    assert torch.equal(fm.rle_decode(fm.rle_encode(t)), t.bool())
+    assert torch.equal(fm.rle_decode(rles), t.bool())
+    again = fm.rle_from_string([r["counts"] for r in rles], h, w)
+    assert fm.rle_to_string(again) == [r["counts"] for r in rles]
+    unc = fm.RLEs.from_coco(str_rles).to_coco(compressed=False)
+    assert np.array_equal(fm.decode(unc), batch)  # uncompressed RLEs decode too
+
+
+def test_area_bbox_merge_iou_equal_pycocotools():
+    rng = np.random.default_rng(3)
+    h, w = 40, 30
+    masks = list(patterns(h, w, seed=2).values())
+    masks += [np.pad(np.ones((rng.integers(1, 10), rng.integers(1, 10)), np.uint8),
+                     ((y := rng.integers(0, 30), h - y - 0), (x := rng.integers(0, 20), w - x - 0)))[:h, :w]
+              for _ in range(12)]
+    rles = M.encode(stack(masks))
+    assert np.array_equal(fm.area(rles), M.area(rles)) and fm.area(rles).dtype == M.area(rles).dtype
+    assert fm.area(rles[2]) == M.area(rles[2])
+    assert np.array_equal(fm.toBbox(rles), M.toBbox(rles))
+    assert np.array_equal(fm.toBbox(rles[5]), M.toBbox(rles[5]))
+    for intersect in (False, True, 0, 1):
+        assert fm.merge(rles, intersect) == M.merge(rles, intersect)
+        assert fm.merge(rles[4:9], intersect) == M.merge(rles[4:9], intersect)
+    assert fm.merge(rles[:1]) == M.merge(rles[:1])
+    crowd = rng.integers(0, 2, len(rles) - 3)
+    got, want = fm.iou(rles, rles[3:], crowd), M.iou(rles, rles[3:], crowd)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    boxes = M.toBbox(rles) + rng.random((len(rles), 4))
+    assert np.array_equal(fm.iou(boxes, boxes[3:], crowd), M.iou(boxes, boxes[3:], crowd))
+    assert np.array_equal(fm.iou(boxes.tolist(), boxes[3:].tolist(), list(crowd)),
+                          M.iou(boxes.tolist(), boxes[3:].tolist(), list(crowd)))
+    assert fm.iou([], rles, [0] * len(rles)) == M.iou([], rles, [0] * len(rles)) == []
+    # The torch-native API agrees.
+    t = fm.RLEs.from_coco(rles)
+    assert torch.equal(fm.rle_iou(t, fm.RLEs.from_coco(rles[3:]), crowd), torch.from_numpy(want))
+    assert torch.equal(fm.rle_area(t), torch.from_numpy(M.area(rles).astype(np.int64)))
+    assert torch.equal(fm.rle_to_bbox(t), torch.from_numpy(M.toBbox(rles)))
+
+
+@pytest.mark.parametrize("h,w", [(1, 30), (30, 1), (37, 23)])
+def test_iou_random_masks_equal_pycocotools(h, w):
+    rng = np.random.default_rng(h * w)
+    yy, xx = np.mgrid[:h, :w]
+    blobs = [((yy - rng.uniform(0, h)) ** 2 / rng.uniform(1, h) ** 2 + (xx - rng.uniform(0, w)) ** 2
+              / rng.uniform(1, w) ** 2 < 1) ^ (rng.random((h, w)) < 0.05 * k) for k in range(30)]
+    rles = M.encode(stack([b.astype(np.uint8) for b in blobs]))
+    crowd = rng.integers(0, 2, 20)
+    assert np.array_equal(fm.iou(rles[:25], rles[10:], crowd), M.iou(rles[:25], rles[10:], crowd))
+
+
+def test_frpyobjects_equal_pycocotools():
+    rng = np.random.default_rng(4)
+    h, w = 60, 80
+    polys = [rng.uniform(-5, 90, size=2 * k).tolist() for k in (3, 5, 8, 20)]
+    polys.append([10.0, 10.0, 10.0, 10.0, 30.0, 12.5, 20.0, 40.0])  # a repeated vertex
+    assert fm.frPyObjects(polys, h, w) == M.frPyObjects(polys, h, w)
+    # One polygon gives one dict (pycocotools 2.0.11 raises TypeError there: len() of a float).
+    assert fm.frPyObjects(polys[1], h, w) == M.frPyObjects([polys[1]], h, w)[0]
+    boxes = np.c_[rng.uniform(-5, 70, (6, 2)), rng.uniform(0.5, 30, (6, 2))]
+    assert fm.frPyObjects(boxes, h, w) == M.frPyObjects(boxes, h, w)
+    # Boxes as lists (pycocotools 2.0.11 raises TypeError: it wants an ndarray there).
+    assert fm.frPyObjects(boxes.tolist(), h, w) == M.frPyObjects(boxes, h, w)
+    assert fm.frPyObjects(boxes[0].tolist(), h, w) == M.frPyObjects(boxes[:1], h, w)[0]
+    unc = [{"size": [4, 5], "counts": [3, 4, 13]}, {"size": [2, 2], "counts": [0, 4]}]
+    assert fm.frPyObjects(unc, h, w) == M.frPyObjects(unc, h, w)
+    assert fm.frPyObjects(unc[0], h, w) == M.frPyObjects(unc[0], h, w)
+    with pytest.raises(TypeError, match="input type is not supported"):
+        fm.frPyObjects("polygon", h, w)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"size": [3, 4], "counts": [5, 8]}, "counts sum to more than h \\* w"),
+    ({"size": [3, 4], "counts": [5, 6]}, "counts sum to 11, not h \\* w"),
+    ({"size": [3, 4], "counts": [5, -1, 8]}, "negative"),
+    ({"size": [3, 4], "counts": b"3"}, "counts sum to 3"),
+    ({"size": [3, 4], "counts": b"3\x7f"}, "not a count character"),
+    ({"size": [3, 4], "counts": b"l"}, "truncated"),
+    ({"size": [3, 4], "counts": b"o" * 13 + b"0"}, "overflows"),
+    ({"size": [3, 4], "counts": b"52N"}, "negative"),
+    ({"size": [-3, 4], "counts": b"0"}, "non-negative"),
+    ({"size": [3], "counts": b"0"}, "'size' must be \\[h, w\\]"),
+])
+def test_malformed_rles_raise_value_error(bad, match):
+    for fn in (fm.decode, fm.area, fm.toBbox, lambda r: fm.merge([r, r]), fm.rle_decode):
+        with pytest.raises(ValueError, match=match):
+            fn(bad)
+
+
+def test_mismatched_sizes_and_layouts():
+    a = M.encode(np.asfortranarray(np.ones((3, 4), np.uint8)))
+    b = M.encode(np.asfortranarray(np.ones((4, 3), np.uint8)))
+    for fn in (fm.decode, fm.merge, lambda r: fm.iou(r[:1], r[1:], [0])):
+        with pytest.raises(ValueError, match="size"):
+            fn([a, b])
+    with pytest.raises(ValueError, match="one flag per ground truth"):
+        fm.iou([a], [a], [0, 1])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        OPS.rle_encode(torch.zeros(2, 3, 8, dtype=torch.uint8)[:, :, ::2])
+    with pytest.raises(ValueError, match="must be uint8 or bool"):
+        OPS.rle_encode(torch.zeros(2, 3, 4))
+    odd = torch.zeros(2, 3, 8, dtype=torch.uint8)[:, :, ::2]  # the public function copies instead
+    assert fm.rle_encode(odd).counts_list() == [[12], [12]]
+
+
+def test_gigapixel_counts_are_64_bit():
+    # h * w >= 2^32: counts and strings beyond pycocotools' 32 bits (no mask is allocated).
+    h, w = 2**16 + 3, 2**16 + 5
+    counts = [2**32 + 7, 5, h * w - 2**32 - 12]
+    rle = fm.RLEs.from_coco([{"size": [h, w], "counts": counts}])
+    s = fm.rle_to_string(rle)[0]
+    assert fm.rle_from_string(s, h, w).counts_list() == [counts]
+    assert fm.rle_area(rle).tolist() == [5]
+    x, y = divmod(2**32 + 7, h)
+    assert fm.rle_to_bbox(rle).tolist() == [[x, y, 1, 5]]
+    assert fm.rle_iou(rle, rle).tolist() == [[1.0]]
+
+
+# --------------------------------------------------------------------------
+# Property-based fuzzing of the COCO decoder
+
+
+@FUZZ
+@given(st.binary(max_size=40), st.integers(0, 12), st.integers(0, 12))
+def test_fuzz_rle_string_decoder_raises_only_value_error(data, h, w):
+    try:
+        rles = fm.rle_from_string([data], h, w)
+    except ValueError as err:
+        assert str(err).startswith("fastvision.rle_from_string: ") or "ASCII" in str(err)
+        return
+    masks = fm.rle_decode(rles)
+    assert masks.shape == (1, h, w)
+    if h * w:
+        assert fm.rle_to_string(fm.rle_encode(masks)) == [data]  # valid strings are canonical
+
+
+@FUZZ
+@given(st.lists(st.booleans(), min_size=1, max_size=60), st.integers(1, 8), st.data())
+def test_fuzz_mutated_rle_strings(bits, h, data):
+    w = max(1, len(bits) // h)
+    m = np.asfortranarray(np.array(bits[:h * w] + [False] * (h * w - len(bits[:h * w])), np.uint8).reshape(h, w))
+    s = bytearray(fm.encode(m)["counts"])
+    assert s == M.encode(m)["counts"]
+    op = data.draw(st.sampled_from(["flip", "drop", "insert", "none"]))
+    if op != "none" and s:
+        i = data.draw(st.integers(0, len(s) - 1))
+        if op == "flip":
+            s[i] = data.draw(st.integers(0, 255))
+        elif op == "drop":
+            del s[i]
+        else:
+            s.insert(i, data.draw(st.integers(40, 120)))
+    try:
+        out = fm.decode({"size": [h, w], "counts": bytes(s)})
+    except ValueError:
+        return
+    assert out.shape == (h, w) and set(np.unique(out)) <= {0, 1}
+
+
+# --------------------------------------------------------------------------
+# R-RLE
+
+
+NAMES = ["others", "cat", "big dog", "traffic light"]
+
+
+def grid(h, w, seed=0, k=3):
+    g = torch.randint(0, k, (h, w), generator=torch.Generator().manual_seed(seed))
+    g[: h // 3] = 0  # long runs too
+    return g
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 9), (9, 1), (16, 16), (24, 24), (5, 64)])
+def test_rrle_byte_identical_to_text4seg_and_round_trip(h, w):
+    g = grid(h, w, seed=h * w, k=4)
+    rows = [[NAMES[v] for v in r] for r in g.tolist()]
+    text = fm.rrle_encode(g, NAMES)
+    assert text == text4seg_encode_mask(rows)
+    assert fm.rrle_encode(rows) == text  # nested list of strings
+    assert fm.rrle_encode(g.numpy(), NAMES) == text
+    assert text4seg_decode_mask(text) == [v for r in rows for v in r]
+    labels, names, report = fm.rrle_decode(text, h, w, NAMES, strict=True)
+    assert torch.equal(labels, g) and names == NAMES and not report
+    labels, names, _ = fm.rrle_decode(text, h, w)  # names found in order of appearance
+    assert [names[v] for v in labels.flatten().tolist()] == [v for r in rows for v in r]
+
+
+def test_rrle_batches_equal_one_by_one():
+    grids = torch.stack([grid(9, 11, seed=s, k=4) for s in range(6)])
+    texts = fm.rrle_encode(grids, NAMES)
+    assert texts == [fm.rrle_encode(g, NAMES) for g in grids]
+    texts[2] = texts[2].replace("\n ", "\n", 1)  # one text needing a repair
+    labels, names, reports = fm.rrle_decode(texts, 9, 11)
+    assert torch.equal(labels, torch.stack([torch.tensor([names.index(n) for n in
+                                                           [NAMES[v] for v in g.flatten().tolist()]]).view(9, 11)
+                                             for g in grids]))
+    assert [bool(r) for r in reports] == [False, False, True, False, False, False]
+    labels, _, _ = fm.rrle_decode(texts, 9, 11, NAMES)
+    assert torch.equal(labels, grids)
+
+
+def test_rrle_example_format():
+    g = torch.zeros(16, 16, dtype=torch.long)
+    g[2, 5:11] = 1
+    text = fm.rrle_encode(g, ["others", "cat"])
+    assert text.startswith("others *16\n others *16\n others *5| cat *6| others *5\n others *16")
+    assert text.endswith("others *16\n") and text.count("\n ") == 15
+
+
+@pytest.mark.parametrize("form", ["row", "image", "none"])
+@pytest.mark.parametrize("dialect", sorted(fm.DIALECTS))
+def test_rrle_dialects_and_forms_round_trip(dialect, form):
+    g = grid(6, 7, seed=1, k=3)
+    text = fm.rrle_encode(g, NAMES, separators=dialect, form=form)
+    seps = fm.DIALECTS[dialect]
+    assert (seps.row in text[:-len(seps.end)]) == (form != "image") and text.endswith(seps.end)
+    labels, _, report = fm.rrle_decode(text, 6, 7, NAMES)  # tolerant: detects dialect and form
+    assert torch.equal(labels, g) and not report.repairs and report.dialect == dialect
+    labels, _, _ = fm.rrle_decode(text, 6, 7, NAMES, strict=True, separators=seps, form=form)
+    assert torch.equal(labels, g)
+
+
+def test_rrle_labels_with_separators():
+    g = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="contains the run separator"):
+        fm.rrle_encode(g, ["a", "b|c"])
+    with pytest.raises(ValueError, match="contains the count separator"):
+        fm.rrle_encode(g, ["a", "b*"])
+    text = fm.rrle_encode(g, ["a", "b|c\n*"], escape=True)
+    labels, names, _ = fm.rrle_decode(text, 1, 2, escape=True)
+    assert names == ["a", "b|c\n*"] and labels.tolist() == [[0, 1]]
+
+
+REPAIRS = [
+    ("others *3| cat *2\nothers *5\n", [[0, 0, 0, 1, 1], [0] * 5], "row separator"),
+    ("others *3|cat *2\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "run separator"),
+    ("others * 3| cat *2\n others*5\n", [[0, 0, 0, 1, 1], [0] * 5], "count separator"),
+    ("others *3| cat *1\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "padded with its last label"),
+    ("others *3| cat *4\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "cut at w"),
+    ("others *3| cat *2\n", [[0, 0, 0, 1, 1]] * 2, "rows missing"),
+    ("others *3| cat *2\n others *5\n cat *5\n", [[0, 0, 0, 1, 1], [0] * 5], "extra rows"),
+    ("others *3| kat *2\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "'kat' -> 'cat'"),
+    ("others *3| zebra *2\n others *5\n", [[0] * 5, [0] * 5], "'zebra' -> 'others'"),
+    ("<seg>others *3| cat *2\n others *2| ca", [[0, 0, 0, 1, 1], [0] * 5], "cut off"),
+    ("others *3| cat *2\n others *5", [[0, 0, 0, 1, 1], [0] * 5], "end marker"),
+    ("others *3| cat *x| cat *2\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "malformed run"),
+    ("others *3| cat| cat *1\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "without a count"),
+    ("others *3| cat *2\n\n others *5\n", [[0, 0, 0, 1, 1], [0] * 5], "blank row"),
+]
+
+
+@pytest.mark.parametrize("text,want,says", REPAIRS, ids=[r[2] for r in REPAIRS])
+def test_rrle_tolerant_repairs_and_strict_errors(text, want, says):
+    labels, names, report = fm.rrle_decode(text, 2, 5, ["others", "cat"])
+    assert labels.tolist() == want
+    assert says in str(report), str(report)
+    with pytest.raises(ValueError, match=r"fastvision.rrle_decode: .*(row \d+, column \d+|<seg>|end marker)"):
+        fm.rrle_decode(text, 2, 5, ["others", "cat"], strict=True)
+
+
+def test_streaming_equals_one_shot():
+    g = grid(12, 10, seed=5, k=4)
+    clean = fm.rrle_encode(g, NAMES)
+    messy = "Sure.\n<seg>" + clean.replace("\n ", "\n").replace("| ", "|")[:-25] + " garbage"
+    for text in (clean, "<seg>" + clean + "</seg>", messy):
+        for names in (NAMES, None):
+            dec = fm.RRLEDecoder(12, 10, names)
+            rows = []
+            for i in range(0, len(text), 7):
+                got = dec.feed(text[i:i + 7])
+                rows += got
+            labels, found, report = dec.close()
+            ref = fm.rrle_decode(text, 12, 10, names)
+            assert torch.equal(labels, ref[0]) and found == ref[1]
+            assert [i for i, _ in rows] == list(range(len(rows))) and len(rows) >= 10
+            assert torch.equal(torch.stack([r for _, r in rows]), labels[:len(rows)])
+
+
+def test_semantic_descriptors_and_back():
+    import torch.nn.functional as F
+
+    mask = torch.randint(0, 5, (2, 97, 131))
+    for grid_size in (16, (24, 20), 64):
+        sd = fm.semantic_descriptors(mask, grid_size)
+        ref = F.interpolate(mask[:, None].float(), size=sd.shape[-2:], mode="nearest-exact")[:, 0].long()
+        assert torch.equal(sd, ref)
+        for size in ((97, 131), (480, 640), (7, 5)):
+            up = fm.descriptors_to_mask(sd, size)
+            assert torch.equal(up, F.interpolate(sd[:, None].float(), size=size, mode="nearest")[:, 0].long())
+    assert fm.semantic_descriptors(mask.to("meta"), 16).shape == (2, 16, 16)
+
+
+@FUZZ
+@given(st.text(alphabet=" *|\n;,<>/segabc0123456789", max_size=80), st.integers(0, 6), st.integers(0, 6),
+       st.booleans())
+def test_fuzz_rrle_decoder_raises_only_value_error(text, h, w, strict):
+    try:
+        labels, names, report = fm.rrle_decode(text, h, w, None if h % 2 else ["a", "b"], strict=strict)
+    except ValueError as err:
+        assert strict or "names must" in str(err), err
+        return
+    assert labels.shape == (h, w) and labels.dtype == torch.long
+    assert labels.numel() == 0 or 0 <= labels.min() and labels.max() < max(len(names), 1)
+
+
+@FUZZ
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 10**6), st.data())
+def test_fuzz_mutated_rrle(h, w, seed, data):
+    g = grid(h, w, seed=seed, k=3)
+    text = list(fm.rrle_encode(g, NAMES))
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(0, len(text) - 1))
+        op = data.draw(st.sampled_from(["drop", "dup", "char"]))
+        if op == "drop" and len(text) > 1:
+            del text[i]
+        elif op == "dup":
+            text.insert(i, text[i])
+        else:
+            text[i] = data.draw(st.sampled_from(list(" *|\n9xa")))
+    labels, names, report = fm.rrle_decode("".join(text), h, w, NAMES)
+    assert labels.shape == (h, w) and 0 <= labels.min() and labels.max() < len(NAMES)
+    try:
+        fm.rrle_decode("".join(text), h, w, NAMES, strict=True)
+    except ValueError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# The registered ops: opcheck, torch.compile, direct-call fuzz
+
+
+def masks_direct_calls():
+    """The direct calls of every registered codec op that the public functions make."""
+    def workload():
+        batch = stack(list(patterns(5, 4).values())[:4])
+        rles = fm.encode(batch)
+        fm.encode(np.ascontiguousarray(batch))
+        fm.decode(rles)
+        fm.rle_decode(rles)
+        fm.area(rles)
+        fm.toBbox(rles)
+        fm.merge(rles)
+        fm.iou(rles, rles[:2], [0, 1])
+        fm.frPyObjects([[1.0, 1.0, 3.5, 1.0, 3.0, 4.0]], 5, 4)
+        text = fm.rrle_encode(grid(3, 4), NAMES)
+        fm.rrle_decode(text, 3, 4, NAMES)
+    return record_direct_calls(workload)
+
+
+def test_direct_calls_cover_every_codec_op():
+    ops = {c.op for c in masks_direct_calls()}
+    registered = {s.name for s in torch._C._jit_get_all_schemas()
+                  if s.name.startswith("fastvision::rle") or s.name.startswith("fastvision::rrle")}
+    assert ops == registered
+
+
+def test_opcheck_codec_ops():
+    for call in masks_direct_calls():
+        result = torch.library.opcheck(call.resolve(), call.args, call.kwargs,
+                                       test_utils=("test_schema", "test_faketensor"))
+        assert all(v == "SUCCESS" for v in result.values()), (call.op, result)
+
+
+def test_torch_compile_area_and_iou():
+    rles = fm.rle_encode(torch.from_numpy(np.stack(list(patterns(6, 5).values()))))
+    crowd = torch.zeros(len(rles), dtype=torch.bool)
+
+    def fn(counts, offsets, sizes):
+        return OPS.rle_area(counts, offsets, sizes) * 2, OPS.rle_iou(counts, offsets, sizes, counts, offsets, sizes,
+                                                                     crowd)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(rles.counts, rles.offsets, rles.sizes)
+    want = fn(rles.counts, rles.offsets, rles.sizes)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def codec_mutations(call):
+    """fuzz_mutations, where a dtype must raise unless it is the argument's own (or
+    uint8 for bool and back: both are valid masks and crowd flags)."""
+    out = []
+    for m in fuzz_mutations(call):
+        if m.kind == "dtype":
+            have, want = call.args[m.arg].dtype, getattr(torch, m.value)
+            same = have == want or {have, want} == {torch.uint8, torch.bool}
+            m = dataclasses.replace(m, must_raise=not same)
+        out.append(m)
+    return out
+
+
+def test_direct_call_fuzz_codec_ops():
+    calls = masks_direct_calls()
+    report = fuzz_direct_calls(calls, jobs=2, timeout=60.0, imports=("fastvision.masks",), mutations=codec_mutations)
+    report.assert_ok()
+    assert report.replays == sum(len(codec_mutations(c)) for c in calls)
+    assert report.raised > report.replays // 3
