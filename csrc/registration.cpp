@@ -48,6 +48,26 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "na_bwd(Tensor dout, Tensor? dlse, Tensor query, Tensor key, Tensor value, Tensor? rpb, "
       "Tensor out, Tensor lse, int[] kernel_size, int[] dilation, int[] stride, bool[] is_causal, "
       "float scale) -> (Tensor dquery, Tensor dkey, Tensor dvalue, Tensor drpb)");
+
+  // ---- super token attention (STViT) -----------------------------------------
+  // x (batch, C, H0, W0), stoken_size [h, w]: x is zero-padded (right, bottom) to
+  // hh * h by ww * w, hh = ceil(H0 / h), ww = ceil(W0 / w). stokens (batch, C, hh, ww)
+  // in x's dtype; affinity (batch, hh*ww, h*w, 9): every pixel's softmax over the
+  // 3x3 neighbour tokens of its cell (k = 3 * dy + dx), float32 (float64 for
+  // float64 x); asum (batch, hh, ww): each token's affinity sum, the denominators.
+  // size [H0, W0] is x's spatial size; out_size the upsampled (cropped) one.
+  m.def(
+      "super_token_sampling_fwd(Tensor x, int[] stoken_size, int n_iter) "
+      "-> (Tensor stokens, Tensor affinity, Tensor asum)");
+  m.def(
+      "super_token_sampling_bwd(Tensor dstokens, Tensor affinity, Tensor asum, int[] stoken_size, "
+      "int[] size) -> Tensor");
+  m.def(
+      "super_token_upsample_fwd(Tensor stokens, Tensor affinity, int[] stoken_size, int[] out_size) "
+      "-> Tensor");
+  m.def(
+      "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size) "
+      "-> (Tensor dstokens, Tensor daffinity)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static
