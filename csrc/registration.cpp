@@ -61,10 +61,10 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "-> (Tensor stokens, Tensor affinity, Tensor asum)");
   m.def(
       "super_token_sampling_bwd(Tensor dstokens, Tensor affinity, Tensor asum, int[] stoken_size, "
-      "int[] size) -> Tensor");
+      "int[] size) -> Tensor dx");
   m.def(
       "super_token_upsample_fwd(Tensor stokens, Tensor affinity, int[] stoken_size, int[] out_size) "
-      "-> Tensor");
+      "-> Tensor out");
   m.def(
       "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size) "
       "-> (Tensor dstokens, Tensor daffinity)");

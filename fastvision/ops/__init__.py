@@ -12,3 +12,7 @@ __all__ += ["na1d", "na2d", "na3d"]
 from .neighborhood_layers import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 __all__ += ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
+
+from .super_token import super_token_sampling, super_token_upsample
+
+__all__ += ["super_token_sampling", "super_token_upsample"]
