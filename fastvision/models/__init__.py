@@ -11,3 +11,7 @@ from fastvision.models.nat import (
 
 __all__ += ["NAT", "DiNAT", "nat_mini", "nat_tiny", "nat_small", "nat_base",
             "dinat_mini", "dinat_tiny", "dinat_small", "dinat_base", "dinat_large"]
+
+from fastvision.models.stvit import STViT, stvit_base, stvit_large, stvit_small
+
+__all__ += ["STViT", "stvit_small", "stvit_base", "stvit_large"]

@@ -16,3 +16,7 @@ __all__ += ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodA
 from .super_token import super_token_sampling, super_token_upsample
 
 __all__ += ["super_token_sampling", "super_token_upsample"]
+
+from .super_token_layers import StokenAttention
+
+__all__ += ["StokenAttention"]

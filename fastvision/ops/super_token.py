@@ -28,7 +28,7 @@ from ._library import FusedOp, Kernel
 __all__ = ["super_token_sampling", "super_token_upsample"]
 
 MAX_ITER = 1000  # the C++ kernels' bound (csrc/super_token/checks.h): a mistyped n_iter cannot hang a call
-MAX_TRITON_CHANNELS = 1024  # the Triton kernels keep a cell's 9 x C partial sums in registers
+MAX_TRITON_CHANNELS = 512  # the Triton kernels keep a cell's 9 x C partial sums in registers
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -40,10 +40,16 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _grid(a: OpArgs, stoken_size, size, size_name: str) -> tuple[int, int, int, int]:
-    """(h, w, hh, ww) of a direct call; `size` is the image's [H0, W0]."""
+    """(h, w, hh, ww) of a direct call; `size` is the image's [H0, W0] (symbolic under
+    torch.compile with dynamic shapes, where it comes from a tensor's shape)."""
     h, w = a.ints("stoken_size", stoken_size, 2, 1, 2 ** 62)
-    H0, W0 = a.ints(size_name, size, 2, 1, 2 ** 62)
-    return h, w, _ceil_div(H0, h), _ceil_div(W0, w)
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        a.fail(f"{size_name} must be a list of 2 ints [H0, W0]; got {size!r}")
+    for i, v in enumerate(size):
+        if isinstance(v, torch.SymInt):
+            continue
+        a.integer(f"{size_name}[{i}]", v, 1, 2 ** 62)
+    return h, w, _ceil_div(size[0], h), _ceil_div(size[1], w)
 
 
 def _check_sampling_fwd(x, stoken_size, n_iter):
