@@ -173,7 +173,7 @@ class STViT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.patch_embed = PatchEmbed(in_chans, embed_dim[0])
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]  # stochastic depth decay
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             self.layers.append(BasicLayer(
