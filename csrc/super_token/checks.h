@@ -48,9 +48,11 @@ inline void set_grid(const char* op, StSizes& n, const char* what) {
   FV_CHECK(n.H0 >= 1 && n.W0 >= 1, op, what, " must have height and width >= 1; got ", n.H0, " x ", n.W0);
   n.hh = ceil_div(n.H0, n.h);
   n.ww = ceil_div(n.W0, n.w);
-  int64_t padded = 0;
-  FV_CHECK(mul_fits(n.hh, n.h, &padded) && mul_fits(n.ww, n.w, &padded) && checked_numel(n.affinity()) >= 0 &&
-               checked_numel(std::vector<int64_t>{n.B, n.C, n.hh * n.h, n.ww * n.w}) >= 0,
+  // Each product is formed only once the ones it is made of are known to fit.
+  int64_t Hp = 0, Wp = 0, cells = 0, pixels = 0;
+  FV_CHECK(mul_fits(n.hh, n.h, &Hp) && mul_fits(n.ww, n.w, &Wp) && mul_fits(n.hh, n.ww, &cells) &&
+               mul_fits(n.h, n.w, &pixels) && checked_numel(std::vector<int64_t>{n.B, cells, pixels, 9}) >= 0 &&
+               checked_numel(std::vector<int64_t>{n.B, n.C, Hp, Wp}) >= 0,
            op, "stoken_size [", n.h, ", ", n.w, "] is too large for an image of ", n.H0, " x ", n.W0,
            ": the padded sizes overflow int64");
 }

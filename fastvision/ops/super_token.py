@@ -52,13 +52,25 @@ def _grid(a: OpArgs, stoken_size, size, size_name: str) -> tuple[int, int, int, 
     return h, w, _ceil_div(size[0], h), _ceil_div(size[1], w)
 
 
+def _check_fits(a: OpArgs, t: torch.Tensor, h, w, hh, ww, size) -> None:
+    """Every size the kernels form fits int64, as csrc/super_token/checks.h requires."""
+    if any(isinstance(v, torch.SymInt) for v in (*t.shape, *size)):
+        return
+    B, C = t.shape[:2]
+    limit = 2 ** 63 - 1
+    a.require(max(hh * h, ww * w, hh * ww, h * w, B * hh * ww * h * w * 9, B * C * hh * h * ww * w) <= limit,
+              f"stoken_size [{h}, {w}] is too large for an image of {size[0]} x {size[1]}: the padded sizes "
+              "overflow int64")
+
+
 def _check_sampling_fwd(x, stoken_size, n_iter):
     a = OpArgs("super_token_sampling_fwd")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         a.fail(f"x must be a 4-D tensor (batch, C, H0, W0); got {getattr(x, 'shape', type(x).__name__)}")
     a.tensor("x", x, ("batch", "C", "H0", "W0"), FLOAT_DTYPES)
     a.require(a.sizes["C"] >= 1, f"x must have at least one channel; got shape {tuple(x.shape)}")
-    _grid(a, stoken_size, list(x.shape[2:]), "x's spatial size")
+    h, w, hh, ww = _grid(a, stoken_size, list(x.shape[2:]), "x's spatial size")
+    _check_fits(a, x, h, w, hh, ww, list(x.shape[2:]))
     a.integer("n_iter", n_iter, 1, MAX_ITER)
 
 
@@ -66,6 +78,7 @@ def _check_tokens(a: OpArgs, name, t, stoken_size, size, size_name):
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         a.fail(f"{name} must be a 4-D tensor (batch, C, hh, ww); got {getattr(t, 'shape', type(t).__name__)}")
     h, w, hh, ww = _grid(a, stoken_size, size, size_name)
+    _check_fits(a, t, h, w, hh, ww, size)
     a.tensor(name, t, ("batch", "C", hh, ww), FLOAT_DTYPES)
     a.require(a.sizes["C"] >= 1, f"{name} must have at least one channel; got shape {tuple(t.shape)}")
     return h, w, hh, ww

@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+__all__ = ["super_token_sampling_fwd", "super_token_sampling_bwd", "super_token_upsample_fwd",
+           "super_token_upsample_bwd"]
+
 EPS = 1e-12  # STViT's
 
 
