@@ -4,13 +4,14 @@
 // affinity (batch, hh*ww, h*w, 9); neighbour k = 3 * dy + dx of cell (i, j)
 // is token (i + dy - 1, j + dx - 1), a zero vector outside the grid.
 //
-// Every kernel works cell by cell (tasks of (batch, cell), in parallel): the
-// cell's pixels are copied into a channel-major tile X[c][p] (zeros for the
-// padding, which takes part as in STViT), its 9 neighbour tokens into nb[k][c].
+// Every kernel works cell by cell (tasks of (batch, cell), in parallel) on the
+// image as pixel-major cell tiles X[p][c] (one transposed, zero-padded copy per
+// call; the padding takes part as in STViT) and the cell's 9 neighbour tokens
+// nb[k][c], so that the products below run over contiguous channels.
 // Then one of three small products:
-//   associate  L[k][p] = sum_c nb[k][c] X[c][p]   (logits; upsample's daffinity)
-//   aggregate  part[k][c] = sum_p A[k][p] X[c][p]  (what the cell sends each neighbour)
-//   spread     Y[c][p] = sum_k A[k][p] nb[k][c]    (upsampling; sampling's dx)
+//   associate  L[p][k] = sum_c nb[k][c] X[p][c]   (logits; upsample's daffinity)
+//   aggregate  part[k][c] = sum_p A[p][k] X[p][c]  (what the cell sends each neighbour)
+//   spread     Y[p][c] = sum_k A[p][k] nb[k][c]    (upsampling; sampling's dx)
 // Sampling runs associate + softmax + aggregate in one pass over x per
 // iteration and stores each cell's 9 x C partial sums; a second pass, per
 // token, folds the partials of the (up to) 9 cells that send to it in the fixed
@@ -34,6 +35,7 @@
 #include "../common/alloc.h"
 #include "../common/check.h"
 #include "../common/dtype.h"
+#include "../common/fast_math.h"
 #include "../common/parallel.h"
 #include "checks.h"
 
@@ -68,26 +70,31 @@ struct Geometry {
   int64_t grain() const { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 9 * n.C * P)); }
 };
 
-// X[c * P + p] = pixel p of the cell, channel c (zeros for padding).
-template <typename T>
-void gather_cell(const Geometry& g, const T* img, int64_t b, int64_t cell, T* X) {
-  const int64_t rows = g.rows(cell), cols = g.cols(cell), w = g.n.w, P = g.P;
-  const int64_t y0 = (cell / g.n.ww) * g.n.h, x0 = (cell % g.n.ww) * g.n.w;
-  if (rows < g.n.h || cols < w) std::fill(X, X + g.n.C * P, T(0));
-  for (int64_t c = 0; c < g.n.C; ++c) {
-    const T* plane = img + ((b * g.n.C + c) * g.n.H0 + y0) * g.n.W0 + x0;
-    for (int64_t r = 0; r < rows; ++r) std::copy(plane + r * g.n.W0, plane + r * g.n.W0 + cols, X + c * P + r * w);
-  }
+// The image as cell tiles (batch, hh*ww, h*w, C): zero-padded, pixel-major, so that
+// every product below runs over contiguous channels (STViT's pixel_features).
+// torch's strided copy makes the transposition.
+Tensor cell_tiles(const Geometry& g, const char* what, const Tensor& img) {
+  const StSizes& n = g.n;
+  return allocate(g.op, what, {n.B, g.N, g.P, n.C}, img.scalar_type(), img, [&] {
+    std::vector<int64_t> pad{0, n.ww * n.w - n.W0, 0, n.hh * n.h - n.H0};
+    Tensor t = torch::stable::pad(img, pad);
+    t = torch::stable::reshape(t, {n.B, n.C, n.hh, n.h, n.ww, n.w});
+    t = torch::stable::transpose(t, 1, 2);  // (B, hh, C, h, ww, w)
+    t = torch::stable::transpose(t, 2, 4);  // (B, hh, ww, h, C, w)
+    t = torch::stable::transpose(t, 4, 5);  // (B, hh, ww, h, w, C)
+    return torch::stable::contiguous(t);
+  });
 }
 
-// The valid pixels of Y[c * P + p] into the cell of img.
+// The valid pixels of Y[p * C + c] into the cell of img.
 template <typename T>
 void scatter_cell(const Geometry& g, const T* Y, int64_t b, int64_t cell, T* img) {
-  const int64_t rows = g.rows(cell), cols = g.cols(cell), w = g.n.w, P = g.P;
+  const int64_t rows = g.rows(cell), cols = g.cols(cell), w = g.n.w, C = g.n.C;
   const int64_t y0 = (cell / g.n.ww) * g.n.h, x0 = (cell % g.n.ww) * g.n.w;
-  for (int64_t c = 0; c < g.n.C; ++c) {
-    T* plane = img + ((b * g.n.C + c) * g.n.H0 + y0) * g.n.W0 + x0;
-    for (int64_t r = 0; r < rows; ++r) std::copy(Y + c * P + r * w, Y + c * P + r * w + cols, plane + r * g.n.W0);
+  for (int64_t c = 0; c < C; ++c) {
+    T* plane = img + ((b * C + c) * g.n.H0 + y0) * g.n.W0 + x0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < cols; ++q) plane[r * g.n.W0 + q] = Y[(r * w + q) * C + c];
   }
 }
 
@@ -104,82 +111,96 @@ void neighbours(const Geometry& g, const T* tok, int64_t b, int64_t cell, T* nb)
   }
 }
 
-// L[k * P + p] = sum_c nb[k * C + c] X[c * P + p]
+// The products below run over channels in chunks of kLanes (one AVX register of
+// floats), with the 9 neighbours' accumulators in registers; the remainder of C
+// (C % kLanes channels) takes a plain loop.
+constexpr int64_t kLanes = 8;
+
+// L[p * 9 + k] = sum_c nb[k * C + c] X[p * C + c] (all 9: outside the grid nb is zero, as STViT's unfold)
 template <typename T>
 FV_CPU_CLONES void associate(const T* nb, const T* X, int64_t C, int64_t P, T* L) {
-  std::fill(L, L + 9 * P, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    const T* x = X + c * P;
-    for (int k = 0; k < 9; ++k) {
-      const T a = nb[k * C + c];
-      T* l = L + k * P;
+  const int64_t C8 = C / kLanes * kLanes;
+  for (int64_t p = 0; p < P; ++p) {
+    const T* x = X + p * C;
+    T acc[9][kLanes] = {};
+    for (int64_t c0 = 0; c0 < C8; c0 += kLanes)
+      for (int k = 0; k < 9; ++k)
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p) l[p] += a * x[p];
+        for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += nb[k * C + c0 + j] * x[c0 + j];
+    for (int k = 0; k < 9; ++k) {
+      T sum = 0;
+      for (int64_t j = 0; j < kLanes; ++j) sum += acc[k][j];
+      for (int64_t c = C8; c < C; ++c) sum += nb[k * C + c] * x[c];
+      L[p * 9 + k] = sum;
     }
   }
 }
 
-// In place: A[k * P + p] = softmax over k of scale * L[k * P + p].
+// In place: L[p * 9 + k] becomes the softmax over k of scale * L[p * 9 + k]. The
+// exponentials run over all 9P entries at once (exp_fast vectorises; `shift`, 9P
+// scratch, holds each entry's row maximum).
 template <typename T>
-FV_CPU_CLONES void softmax9(T* L, int64_t P, T scale, T* mx, T* sum) {
+FV_CPU_CLONES void softmax9(T* L, int64_t P, T scale, T* shift) {
+  for (int64_t p = 0; p < P; ++p) {
+    T mx = L[p * 9] * scale;
+    for (int k = 1; k < 9; ++k) mx = std::max(mx, L[p * 9 + k] * scale);
+    for (int k = 0; k < 9; ++k) shift[p * 9 + k] = mx;
+  }
 #pragma omp simd
-  for (int64_t p = 0; p < P; ++p) mx[p] = L[p] * scale;
-  for (int k = 1; k < 9; ++k)
-#pragma omp simd
-    for (int64_t p = 0; p < P; ++p) mx[p] = std::max(mx[p], L[k * P + p] * scale);
-  std::fill(sum, sum + P, T(0));
-  for (int k = 0; k < 9; ++k)
-#pragma omp simd
-    for (int64_t p = 0; p < P; ++p) {
-      const T e = std::exp(L[k * P + p] * scale - mx[p]);
-      L[k * P + p] = e;
-      sum[p] += e;
-    }
-  for (int64_t p = 0; p < P; ++p) sum[p] = T(1) / sum[p];
-  for (int k = 0; k < 9; ++k)
-#pragma omp simd
-    for (int64_t p = 0; p < P; ++p) L[k * P + p] *= sum[p];
+  for (int64_t i = 0; i < 9 * P; ++i) L[i] = exp_fast(L[i] * scale - shift[i]);
+  for (int64_t p = 0; p < P; ++p) {
+    T sum = 0;
+    for (int k = 0; k < 9; ++k) sum += L[p * 9 + k];
+    const T inv = T(1) / sum;
+    for (int k = 0; k < 9; ++k) L[p * 9 + k] *= inv;
+  }
 }
 
-// part[k * C + c] = sum_p A[k * P + p] X[c * P + p]; psum[k] = sum_p A[k * P + p].
+// part[k * C + c] = sum_p A[p * 9 + k] X[p * C + c]; psum[k] = sum_p A[p * 9 + k].
 template <typename T>
 FV_CPU_CLONES void aggregate(const T* A, const T* X, int64_t C, int64_t P, T* part, T* psum) {
-  for (int k = 0; k < 9; ++k) {
-    const T* a = A + k * P;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t p = 0; p < P; ++p) s += a[p];
-    if (psum) psum[k] = s;
-    for (int64_t c = 0; c < C; ++c) {
-      const T* x = X + c * P;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t p = 0; p < P; ++p) acc += a[p] * x[p];
-      part[k * C + c] = acc;
+  const int64_t C8 = C / kLanes * kLanes;
+  for (int64_t c0 = 0; c0 < C8; c0 += kLanes) {
+    T acc[9][kLanes] = {};
+    for (int64_t p = 0; p < P; ++p)
+      for (int k = 0; k < 9; ++k)
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += A[p * 9 + k] * X[p * C + c0 + j];
+    for (int k = 0; k < 9; ++k)
+      for (int64_t j = 0; j < kLanes; ++j) part[k * C + c0 + j] = acc[k][j];
+  }
+  for (int64_t c = C8; c < C; ++c)
+    for (int k = 0; k < 9; ++k) {
+      T sum = 0;
+      for (int64_t p = 0; p < P; ++p) sum += A[p * 9 + k] * X[p * C + c];
+      part[k * C + c] = sum;
     }
+  if (psum) {
+    for (int k = 0; k < 9; ++k) psum[k] = 0;
+    for (int64_t p = 0; p < P; ++p)
+      for (int k = 0; k < 9; ++k) psum[k] += A[p * 9 + k];
   }
 }
 
-// Y[c * P + p] = sum_k A[k * P + p] nb[k * C + c]
+// Y[p * C + c] = sum_k A[p * 9 + k] nb[k * C + c]
 template <typename T>
 FV_CPU_CLONES void spread(const T* A, const T* nb, int64_t C, int64_t P, T* Y) {
-  for (int64_t c = 0; c < C; ++c) {
-    T* y = Y + c * P;
-    std::fill(y, y + P, T(0));
-    for (int k = 0; k < 9; ++k) {
-      const T v = nb[k * C + c];
-      const T* a = A + k * P;
+  const int64_t C8 = C / kLanes * kLanes;
+  for (int64_t p = 0; p < P; ++p) {
+    const T* a = A + p * 9;
+    for (int64_t c0 = 0; c0 < C8; c0 += kLanes) {
+      T acc[kLanes] = {};
+      for (int k = 0; k < 9; ++k)
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p) y[p] += v * a[p];
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[k] * nb[k * C + c0 + j];
+      for (int64_t j = 0; j < kLanes; ++j) Y[p * C + c0 + j] = acc[j];
+    }
+    for (int64_t c = C8; c < C; ++c) {
+      T sum = 0;
+      for (int k = 0; k < 9; ++k) sum += a[k] * nb[k * C + c];
+      Y[p * C + c] = sum;
     }
   }
-}
-
-// A[k * P + p] from the stored affinity (cell's (P, 9) block).
-template <typename T>
-void load_affinity(const T* aff, int64_t P, T* A) {
-  for (int64_t p = 0; p < P; ++p)
-    for (int k = 0; k < 9; ++k) A[k * P + p] = aff[p * 9 + k];
 }
 
 // Per token j (batch, N): out_row[c] = sum_k part[sender(j, k)][k][c], den = sum_k psum[...][k];
@@ -217,7 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
   const char* op = g.op;
   const int64_t C = n.C, P = g.P, N = g.N, tasks = n.B * N;
   const ScalarType acc = acc_scalar_type<T>();
-  const T* x = xt.const_data_ptr<T>();
+  const Tensor tiles = cell_tiles(g, "x as cell tiles", xt);
+  const T* x = tiles.const_data_ptr<T>();
   Tensor stokens = alloc_empty(op, "stokens", xt, n.tokens(), acc);
   Tensor affinity = alloc_empty(op, "affinity", xt, n.affinity(), acc);
   Tensor asum = alloc_empty(op, "asum", xt, n.asum(), acc);
@@ -230,14 +252,13 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
 
   // Initial tokens: the means of the padded cells (STViT's adaptive average pool).
   parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> X(C * P);
     for (int64_t id = begin; id < end; ++id) {
-      gather_cell(g, x, id / N, id % N, X.data());
-      for (int64_t c = 0; c < C; ++c) {
-        T s = 0;
-        for (int64_t p = 0; p < P; ++p) s += X[c * P + p];
-        tok[id * C + c] = s / static_cast<T>(P);
-      }
+      const T* X = x + id * P * C;
+      T* row = tok.data() + id * C;
+      std::fill(row, row + C, T(0));
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t c = 0; c < C; ++c) row[c] += X[p * C + c];
+      for (int64_t c = 0; c < C; ++c) row[c] /= static_cast<T>(P);
     }
   });
 
@@ -246,19 +267,14 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
     const bool last = it == n_iter - 1;
     // Pass 1, per cell: logits, softmax, the 9 partial sums (one read of x).
     parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-      std::vector<T> X(C * P), nb(9 * C), L(9 * P), mx(P), sm(P);
+      std::vector<T> nb(9 * C), L(9 * P), shift(9 * P);
       for (int64_t id = begin; id < end; ++id) {
-        const int64_t b = id / N, cell = id % N;
-        gather_cell(g, x, b, cell, X.data());
-        neighbours(g, tok.data(), b, cell, nb.data());
-        associate(nb.data(), X.data(), C, P, L.data());
-        softmax9(L.data(), P, scale, mx.data(), sm.data());
-        if (last) {
-          T* a = aff + id * P * 9;
-          for (int64_t p = 0; p < P; ++p)
-            for (int k = 0; k < 9; ++k) a[p * 9 + k] = L[k * P + p];
-        }
-        aggregate(L.data(), X.data(), C, P, part.data() + id * 9 * C, psum.data() + id * 9);
+        const T* X = x + id * P * C;
+        neighbours(g, tok.data(), id / N, id % N, nb.data());
+        associate(nb.data(), X, C, P, L.data());
+        softmax9(L.data(), P, scale, shift.data());
+        if (last) std::copy(L.begin(), L.end(), aff + id * P * 9);
+        aggregate(L.data(), X, C, P, part.data() + id * 9 * C, psum.data() + id * 9);
       }
     });
     // Pass 2, per token: fold, normalise.
@@ -285,11 +301,10 @@ template <typename T>
 void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
   const int64_t C = g.n.C, P = g.P, N = g.N;
   parallel_for(g.op, 0, g.n.B * N, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> A(9 * P), nb(9 * C), Y(C * P);
+    std::vector<T> nb(9 * C), Y(C * P);
     for (int64_t id = begin; id < end; ++id) {
-      load_affinity(aff + id * P * 9, P, A.data());
       neighbours(g, rows, id / N, id % N, nb.data());
-      spread(A.data(), nb.data(), C, P, Y.data());
+      spread(aff + id * P * 9, nb.data(), C, P, Y.data());
       scatter_cell(g, Y.data(), id / N, id % N, img);
     }
   });
@@ -333,20 +348,17 @@ std::tuple<Tensor, Tensor> upsample_backward(const Geometry& g, const Tensor& do
   std::vector<T> part = host_vector<T>(g.op, "per-cell partial sums", tasks * 9 * C);
   Tensor daff = alloc_empty(g.op, "daffinity", affinity, n.affinity(), acc_scalar_type<T>());
   Tensor dst = alloc_empty(g.op, "dstokens", st, n.tokens(), acc_scalar_type<T>());
-  const T* go = dout.const_data_ptr<T>();
+  const Tensor tiles = cell_tiles(g, "dout as cell tiles", dout);
+  const T* go = tiles.const_data_ptr<T>();
   const T* aff = affinity.const_data_ptr<T>();
   T* da = daff.mutable_data_ptr<T>();
   parallel_for(g.op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> X(C * P), nb(9 * C), L(9 * P), A(9 * P);
+    std::vector<T> nb(9 * C);
     for (int64_t id = begin; id < end; ++id) {
-      const int64_t b = id / N, cell = id % N;
-      gather_cell(g, go, b, cell, X.data());  // cropped pixels have no gradient: zeros
-      neighbours(g, rows.data(), b, cell, nb.data());
-      associate(nb.data(), X.data(), C, P, L.data());
-      for (int64_t p = 0; p < P; ++p)
-        for (int k = 0; k < 9; ++k) da[(id * P + p) * 9 + k] = L[k * P + p];
-      load_affinity(aff + id * P * 9, P, A.data());
-      aggregate(A.data(), X.data(), C, P, part.data() + id * 9 * C, static_cast<T*>(nullptr));
+      const T* X = go + id * P * C;  // cropped pixels have no gradient: zeros
+      neighbours(g, rows.data(), id / N, id % N, nb.data());
+      associate(nb.data(), X, C, P, da + id * P * 9);
+      aggregate(aff + id * P * 9, X, C, P, part.data() + id * 9 * C, static_cast<T*>(nullptr));
     }
   });
   T* ds = dst.mutable_data_ptr<T>();
