@@ -264,9 +264,23 @@ def test_workloads():
         out = m(torch.randn(2, 3, 224, 224, device="meta", dtype=torch.bfloat16))
         out.float().sum().backward()
 
-    from fastvision.models import dinat_mini, vim_tiny
+    from conformance.super_token import GPU as STOKEN_GPU
+    from fastvision.ops import super_token_sampling, super_token_upsample
+
+    def stoken_case(c, dtype):
+        x = torch.randn(c["batch"], c["C"], c["H"], c["W"], device="meta", dtype=dtype).requires_grad_()
+        stokens, affinity = super_token_sampling(x, c["stoken"], c["n_iter"])
+        _grad(super_token_upsample(stokens.tanh(), affinity, c["stoken"], (c["H"], c["W"])).sum(), [x])
+
+    for c in STOKEN_GPU:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            name = f"{c['batch']}x{c['C']}x{c['H']}x{c['W']}-s{c['stoken']}-it{c['n_iter']}"
+            yield f"tests:stoken {name}", dtype, lambda c=c, d=dtype: stoken_case(c, d)
+
+    from fastvision.models import dinat_mini, stvit_small, vim_tiny
     yield "tests:dinat_mini", torch.bfloat16, lambda: model(dinat_mini)
     yield "tests:vim_tiny", torch.bfloat16, lambda: model(vim_tiny)
+    yield "tests:stvit_small", torch.bfloat16, lambda: model(stvit_small)
 
 
 def bench_shapes() -> dict[str, list[dict]]:
@@ -303,9 +317,23 @@ def bench_workloads():
         q, k, v = (torch.empty(size, device="meta", dtype=dtype).requires_grad_() for _ in range(3))
         _grad(op(q, k, v, s["k"], dilation=s["d"], backend="triton").sum(), (q, k, v))
 
+    def stoken(s, dtype, layer: bool):
+        from fastvision.ops import StokenAttention, super_token_sampling, super_token_upsample
+        x = torch.empty(s["batch"], s["dim"], *s["size"], device="meta", dtype=dtype).requires_grad_()
+        if layer:
+            with torch.device("meta"):
+                m = StokenAttention(s["dim"], s["stoken"], s["n_iter"], num_heads=s["heads"], qkv_bias=True,
+                                    backend="triton").to(dtype)
+            out = m(x)
+        else:
+            stokens, affinity = super_token_sampling(x, s["stoken"], s["n_iter"], backend="triton")
+            out = super_token_upsample(stokens, affinity, s["stoken"], s["size"], backend="triton")
+        _grad(out.sum(), [x])
+
     run = {"selective_scan": scan, "bi_selective_scan": bi,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
-           "na3d": lambda s, d: na(na3d, s, d)}
+           "na3d": lambda s, d: na(na3d, s, d),
+           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}
     for op, cases in shapes.items():
         if op not in run:
             print(f"compile_check: no adapter for benchmark suite {op!r}; its shapes are not checked",

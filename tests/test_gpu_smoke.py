@@ -6,7 +6,8 @@ Covers selective_scan (constant, variable and grouped B/C; reverse; with and
 without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
 backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
-not a power of two, additional_keys/values) in float32, float16 and bfloat16.
+not a power of two, additional_keys/values) and super token sampling + upsampling
+on Triton (padding, n_iter 2, 320 channels) in float32, float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
 on any device: ``bench/compile_check.py`` runs the fast path of every case on
@@ -25,7 +26,8 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
+from fastvision.ops import (bi_selective_scan, na1d, na2d, na3d, selective_scan, super_token_sampling,
+                            super_token_upsample)
 from fastvision.testing import assert_close
 
 import test_neighborhood as tn
@@ -37,7 +39,7 @@ NA = {1: na1d, 2: na2d, 3: na3d}
 
 @dataclass(frozen=True)
 class SmokeCase:
-    """One configuration. kind: 'scan', 'bi_scan' or 'na'; params: the
+    """One configuration. kind: 'scan', 'bi_scan', 'na' or 'stoken'; params: the
     tests' make_inputs arguments plus the op's flags; backends: the fast
     backends to check (each against backend='reference')."""
     name: str
@@ -80,6 +82,10 @@ CASES = [
     _na("na3d-rpb-dilation", 3, (5, 6, 7), (3, 3, 3), (1, 2, 1), rpb=True, head_dim=32, head_dim_v=32),
     _na("na3d-causal-stride-gqa-dv", 3, (6, 5, 8), (2, 3, 4), (1, 1, 2), (2, 1, 3), (True, False, False),
         heads=4, kv_heads=2, head_dim=16, head_dim_v=32),
+    # Super tokens: every kernel (pool, cell, fold, spread) forward and backward.
+    SmokeCase("stoken-s8-padded", "stoken", dict(batch=2, C=64, H=30, W=27, stoken=(8, 8), n_iter=1)),
+    SmokeCase("stoken-s4x3-iter2-c96", "stoken", dict(batch=1, C=96, H=17, W=20, stoken=(4, 3), n_iter=2)),
+    SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
 ]
 
 
@@ -105,6 +111,9 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
         names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
         x = dict(zip(names, f))
         x.update({n + "_b": v for n, v in zip(names, b) if n != "z"})
+    elif case.kind == "stoken":
+        g = torch.Generator().manual_seed(seed)
+        x = dict(x=torch.randn(p["batch"], p["C"], p["H"], p["W"], generator=g).to(device, dtype))
     else:
         q, k, v, rpb = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb)
@@ -128,6 +137,11 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         f = [x.get(n) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         b = [x.get(n + "_b") for n in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
         return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
+    if case.kind == "stoken":
+        stokens, affinity = super_token_sampling(x["x"], p["stoken"], p["n_iter"], backend=backend)
+        # A nonlinearity between the ops, so that both backward kernels see a general gradient.
+        out = super_token_upsample(torch.tanh(stokens), affinity, p["stoken"], (p["H"], p["W"]), backend=backend)
+        return {"out": out, "affinity": affinity}
     out, lse = NA[p["nd"]](x["q"], x["k"], x["v"], p["kernel_size"], p["stride"], p["dilation"],
                            p["is_causal"], None, x.get("additional_keys"), x.get("additional_values"),
                            rpb=x.get("rpb"), return_lse=True, backend=backend)
@@ -199,6 +213,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
     if case.kind == "na":
         spatial = tuple(min(L, k * d + 2) for L, k, d in zip(p["spatial"], p["kernel_size"], p["dilation"]))
         p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
+    elif case.kind == "stoken":
+        p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)
