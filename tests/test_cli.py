@@ -175,7 +175,7 @@ def test_suites_are_discovered_from_the_package():
     assert modules == set(suites.FAMILIES)
     family_of = {op: s.make_inputs.__module__ for op, s in bench.SUITES.items()}
     assert set(family_of.values()) == {f"fastvision.bench.suites.{f}" for f in suites.FAMILIES}
-    assert set(bench.SUITES) == {"selective_scan", "bi_selective_scan", "na2d", "na1d"}
+    assert set(bench.SUITES) == {"selective_scan", "bi_selective_scan", "na2d", "na1d", "super_token", "super_token_ops"}
     for suite in bench.SUITES.values():
         assert suite.fused_op in FUSED_OPS
         assert FUSED_OPS[suite.fused_op].why_not("cpu", "cpu", **suite.facts(suite.cases[0].shape)) is None

@@ -33,7 +33,7 @@ import triton.language as tl
 __all__ = ["super_token_sampling_fwd", "super_token_sampling_bwd", "super_token_upsample_fwd",
            "super_token_upsample_bwd"]
 
-EPS = 1e-12  # STViT's
+EPS = tl.constexpr(1e-12)  # STViT's (a constexpr: kernels may read no other globals)
 
 
 @triton.jit
