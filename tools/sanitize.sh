@@ -52,7 +52,8 @@ for lib in "${libs[@]}"; do
 done
 
 rm -rf "$reports" && mkdir -p "$reports"
-tests=(tests/test_fuzz.py tests/test_entry_points.py tests/test_selective_scan.py tests/test_neighborhood.py)
+tests=(tests/test_fuzz.py tests/test_entry_points.py tests/test_selective_scan.py tests/test_neighborhood.py
+       tests/test_super_token.py)
 [ -e tests/test_conformance.py ] && tests+=(tests/test_conformance.py)
 
 echo "sanitize: running ${tests[*]} with LD_PRELOAD=$preload"
