@@ -4,14 +4,13 @@
 // affinity (batch, hh*ww, h*w, 9); neighbour k = 3 * dy + dx of cell (i, j)
 // is token (i + dy - 1, j + dx - 1), a zero vector outside the grid.
 //
-// Every kernel works cell by cell (tasks of (batch, cell), in parallel) on the
-// image as pixel-major cell tiles X[p][c] (one transposed, zero-padded copy per
-// call; the padding takes part as in STViT) and the cell's 9 neighbour tokens
-// nb[k][c], so that the products below run over contiguous channels.
+// Every kernel works cell by cell (tasks of (batch, cell), in parallel), reading
+// the cell's pixels straight from the NCHW image (the padding reads as zeros and
+// takes part, as in STViT) and its 9 neighbour tokens nb[k][c].
 // Then one of three small products:
-//   associate  L[p][k] = sum_c nb[k][c] X[p][c]   (logits; upsample's daffinity)
-//   aggregate  part[k][c] = sum_p A[p][k] X[p][c]  (what the cell sends each neighbour)
-//   spread     Y[p][c] = sum_k A[p][k] nb[k][c]    (upsampling; sampling's dx)
+//   associate  L[p][k] = sum_c nb[k][c] x_p[c]    (logits; upsample's daffinity)
+//   aggregate  part[k][c] = sum_p A[p][k] x_p[c]  (what the cell sends each neighbour)
+//   spread     y_p[c] = sum_k A[p][k] nb[k][c]     (upsampling; sampling's dx)
 // Sampling runs associate + softmax + aggregate in one pass over x per
 // iteration and stores each cell's 9 x C partial sums; a second pass, per
 // token, folds the partials of the (up to) 9 cells that send to it in the fixed
@@ -70,31 +69,43 @@ struct Geometry {
   int64_t grain() const { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 9 * n.C * P)); }
 };
 
-// The image as cell tiles (batch, hh*ww, h*w, C): zero-padded, pixel-major, so that
-// every product below runs over contiguous channels (STViT's pixel_features).
-// torch's strided copy makes the transposition.
-Tensor cell_tiles(const Geometry& g, const char* what, const Tensor& img) {
-  const StSizes& n = g.n;
-  return allocate(g.op, what, {n.B, g.N, g.P, n.C}, img.scalar_type(), img, [&] {
-    std::vector<int64_t> pad{0, n.ww * n.w - n.W0, 0, n.hh * n.h - n.H0};
-    Tensor t = torch::stable::pad(img, pad);
-    t = torch::stable::reshape(t, {n.B, n.C, n.hh, n.h, n.ww, n.w});
-    t = torch::stable::transpose(t, 1, 2);  // (B, hh, C, h, ww, w)
-    t = torch::stable::transpose(t, 2, 4);  // (B, hh, ww, h, C, w)
-    t = torch::stable::transpose(t, 4, 5);  // (B, hh, ww, h, w, C)
-    return torch::stable::contiguous(t);
-  });
+// The products below read and write the NCHW images directly, a cell row at a
+// time in chunks of kLanes pixels (one AVX register of floats; a partial chunk
+// goes through a zero-padded copy), with the 9 neighbours' accumulators in
+// registers. Pixels of the padding are zero vectors: they are skipped where
+// they add nothing, and their logits are 0.
+constexpr int64_t kLanes = 8;
+
+// Where a cell's pixels are: pixel p = r * w + q of cell `cell` of batch b is
+// image element (b, c, y0 + r, x0 + q) for r < rows, q < cols (else padding).
+struct CellView {
+  int64_t base, y0, x0, rows, cols;  // base: element (b, 0, 0, 0)
+  CellView(const Geometry& g, int64_t b, int64_t cell)
+      : base(b * g.n.C * g.n.H0 * g.n.W0), y0((cell / g.n.ww) * g.n.h), x0((cell % g.n.ww) * g.n.w),
+        rows(g.rows(cell)), cols(g.cols(cell)) {}
+  int64_t at(const Geometry& g, int64_t c, int64_t r, int64_t q) const {
+    return base + (c * g.n.H0 + y0 + r) * g.n.W0 + x0 + q;
+  }
+  int64_t valid(int64_t r, int64_t q0) const {  // valid pixels of the chunk at (r, q0)
+    return r < rows ? std::clamp<int64_t>(cols - q0, 0, kLanes) : 0;
+  }
+};
+
+// The chunk's kLanes values: `src` itself when all are valid, else a zero-padded copy in tmp.
+template <typename T>
+inline const T* chunk(const T* src, int64_t n, T* tmp) {
+  if (n == kLanes) return src;
+  for (int64_t j = 0; j < kLanes; ++j) tmp[j] = j < n ? src[j] : T(0);
+  return tmp;
 }
 
-// The valid pixels of Y[p * C + c] into the cell of img.
+// AT[k * P + p] = A[p * 9 + k] (P rounded up to whole chunks: the tail is zero).
 template <typename T>
-void scatter_cell(const Geometry& g, const T* Y, int64_t b, int64_t cell, T* img) {
-  const int64_t rows = g.rows(cell), cols = g.cols(cell), w = g.n.w, C = g.n.C;
-  const int64_t y0 = (cell / g.n.ww) * g.n.h, x0 = (cell % g.n.ww) * g.n.w;
-  for (int64_t c = 0; c < C; ++c) {
-    T* plane = img + ((b * C + c) * g.n.H0 + y0) * g.n.W0 + x0;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < cols; ++q) plane[r * g.n.W0 + q] = Y[(r * w + q) * C + c];
+void transpose_affinity(const Geometry& g, const T* A, T* AT) {
+  const int64_t P = g.P, Pr = ceil_div(P, kLanes) * kLanes;
+  for (int k = 0; k < 9; ++k) {
+    for (int64_t p = 0; p < P; ++p) AT[k * Pr + p] = A[p * 9 + k];
+    for (int64_t p = P; p < Pr; ++p) AT[k * Pr + p] = 0;
   }
 }
 
@@ -111,29 +122,83 @@ void neighbours(const Geometry& g, const T* tok, int64_t b, int64_t cell, T* nb)
   }
 }
 
-// The products below run over channels in chunks of kLanes (one AVX register of
-// floats), with the 9 neighbours' accumulators in registers; the remainder of C
-// (C % kLanes channels) takes a plain loop.
-constexpr int64_t kLanes = 8;
-
-// L[p * 9 + k] = sum_c nb[k * C + c] X[p * C + c] (all 9: outside the grid nb is zero, as STViT's unfold)
+// L[p * 9 + k] = sum_c nb[k * C + c] x_p[c] for every pixel p of the cell (0 for padding).
 template <typename T>
-FV_CPU_CLONES void associate(const T* nb, const T* X, int64_t C, int64_t P, T* L) {
-  const int64_t C8 = C / kLanes * kLanes;
-  for (int64_t p = 0; p < P; ++p) {
-    const T* x = X + p * C;
-    T acc[9][kLanes] = {};
-    for (int64_t c0 = 0; c0 < C8; c0 += kLanes)
-      for (int k = 0; k < 9; ++k)
+FV_CPU_CLONES void associate(const Geometry& g, const T* img, const CellView& v, const T* nb, T* L) {
+  const int64_t C = g.n.C, w = g.n.w;
+  T tmp[kLanes];
+  for (int64_t r = 0; r < g.n.h; ++r)
+    for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
+      const int64_t n = v.valid(r, q0), m = std::min(kLanes, w - q0);
+      T acc[9][kLanes] = {};
+      if (n > 0)
+        for (int64_t c = 0; c < C; ++c) {
+          const T* x = chunk(img + v.at(g, c, r, q0), n, tmp);
+          for (int k = 0; k < 9; ++k) {
+            const T s = nb[k * C + c];
 #pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += nb[k * C + c0 + j] * x[c0 + j];
+            for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += s * x[j];
+          }
+        }
+      for (int64_t j = 0; j < m; ++j)
+        for (int k = 0; k < 9; ++k) L[(r * w + q0 + j) * 9 + k] = acc[k][j];
+    }
+}
+
+// part[k * C + c] = sum_p A[p * 9 + k] x_p[c] (AT: A transposed); psum[k] = sum_p A[p * 9 + k],
+// padding included (its pixels count in the affinity sums, as in STViT).
+template <typename T>
+FV_CPU_CLONES void aggregate(const Geometry& g, const T* img, const CellView& v, const T* AT, T* part, T* psum) {
+  const int64_t C = g.n.C, w = g.n.w, Pr = ceil_div(g.P, kLanes) * kLanes;
+  T tmp[kLanes];
+  for (int64_t c = 0; c < C; ++c) {
+    T acc[9][kLanes] = {};
+    for (int64_t r = 0; r < v.rows; ++r)
+      for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
+        const int64_t n = v.valid(r, q0);
+        if (n == 0) continue;
+        const T* x = chunk(img + v.at(g, c, r, q0), n, tmp);
+        const int64_t p0 = r * w + q0;
+        for (int k = 0; k < 9; ++k)
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += AT[k * Pr + p0 + j] * x[j];
+      }
     for (int k = 0; k < 9; ++k) {
-      T sum = 0;
-      for (int64_t j = 0; j < kLanes; ++j) sum += acc[k][j];
-      for (int64_t c = C8; c < C; ++c) sum += nb[k * C + c] * x[c];
-      L[p * 9 + k] = sum;
+      T s = 0;
+      for (int64_t j = 0; j < kLanes; ++j) s += acc[k][j];
+      part[k * C + c] = s;
     }
   }
+  if (psum)
+    for (int k = 0; k < 9; ++k) {
+      T s = 0;
+      for (int64_t p = 0; p < g.P; ++p) s += AT[k * Pr + p];
+      psum[k] = s;
+    }
+}
+
+// y_p[c] = sum_k A[p * 9 + k] nb[k * C + c], written into the cell's valid pixels of img.
+template <typename T>
+FV_CPU_CLONES void spread(const Geometry& g, const T* AT, const T* nb, const CellView& v, T* img) {
+  const int64_t C = g.n.C, w = g.n.w, Pr = ceil_div(g.P, kLanes) * kLanes;
+  for (int64_t r = 0; r < v.rows; ++r)
+    for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
+      const int64_t n = v.valid(r, q0), p0 = r * w + q0;
+      if (n == 0) continue;
+      T a[9][kLanes];
+      for (int k = 0; k < 9; ++k)
+        for (int64_t j = 0; j < kLanes; ++j) a[k][j] = AT[k * Pr + p0 + j];
+      for (int64_t c = 0; c < C; ++c) {
+        T acc[kLanes] = {};
+        for (int k = 0; k < 9; ++k) {
+          const T s = nb[k * C + c];
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[k][j] * s;
+        }
+        T* y = img + v.at(g, c, r, q0);
+        for (int64_t j = 0; j < n; ++j) y[j] = acc[j];
+      }
+    }
 }
 
 // In place: L[p * 9 + k] becomes the softmax over k of scale * L[p * 9 + k]. The
@@ -153,53 +218,6 @@ FV_CPU_CLONES void softmax9(T* L, int64_t P, T scale, T* shift) {
     for (int k = 0; k < 9; ++k) sum += L[p * 9 + k];
     const T inv = T(1) / sum;
     for (int k = 0; k < 9; ++k) L[p * 9 + k] *= inv;
-  }
-}
-
-// part[k * C + c] = sum_p A[p * 9 + k] X[p * C + c]; psum[k] = sum_p A[p * 9 + k].
-template <typename T>
-FV_CPU_CLONES void aggregate(const T* A, const T* X, int64_t C, int64_t P, T* part, T* psum) {
-  const int64_t C8 = C / kLanes * kLanes;
-  for (int64_t c0 = 0; c0 < C8; c0 += kLanes) {
-    T acc[9][kLanes] = {};
-    for (int64_t p = 0; p < P; ++p)
-      for (int k = 0; k < 9; ++k)
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += A[p * 9 + k] * X[p * C + c0 + j];
-    for (int k = 0; k < 9; ++k)
-      for (int64_t j = 0; j < kLanes; ++j) part[k * C + c0 + j] = acc[k][j];
-  }
-  for (int64_t c = C8; c < C; ++c)
-    for (int k = 0; k < 9; ++k) {
-      T sum = 0;
-      for (int64_t p = 0; p < P; ++p) sum += A[p * 9 + k] * X[p * C + c];
-      part[k * C + c] = sum;
-    }
-  if (psum) {
-    for (int k = 0; k < 9; ++k) psum[k] = 0;
-    for (int64_t p = 0; p < P; ++p)
-      for (int k = 0; k < 9; ++k) psum[k] += A[p * 9 + k];
-  }
-}
-
-// Y[p * C + c] = sum_k A[p * 9 + k] nb[k * C + c]
-template <typename T>
-FV_CPU_CLONES void spread(const T* A, const T* nb, int64_t C, int64_t P, T* Y) {
-  const int64_t C8 = C / kLanes * kLanes;
-  for (int64_t p = 0; p < P; ++p) {
-    const T* a = A + p * 9;
-    for (int64_t c0 = 0; c0 < C8; c0 += kLanes) {
-      T acc[kLanes] = {};
-      for (int k = 0; k < 9; ++k)
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[k] * nb[k * C + c0 + j];
-      for (int64_t j = 0; j < kLanes; ++j) Y[p * C + c0 + j] = acc[j];
-    }
-    for (int64_t c = C8; c < C; ++c) {
-      T sum = 0;
-      for (int k = 0; k < 9; ++k) sum += a[k] * nb[k * C + c];
-      Y[p * C + c] = sum;
-    }
   }
 }
 
@@ -238,8 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
   const char* op = g.op;
   const int64_t C = n.C, P = g.P, N = g.N, tasks = n.B * N;
   const ScalarType acc = acc_scalar_type<T>();
-  const Tensor tiles = cell_tiles(g, "x as cell tiles", xt);
-  const T* x = tiles.const_data_ptr<T>();
+  const T* x = xt.const_data_ptr<T>();
   Tensor stokens = alloc_empty(op, "stokens", xt, n.tokens(), acc);
   Tensor affinity = alloc_empty(op, "affinity", xt, n.affinity(), acc);
   Tensor asum = alloc_empty(op, "asum", xt, n.asum(), acc);
@@ -253,12 +270,16 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
   // Initial tokens: the means of the padded cells (STViT's adaptive average pool).
   parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
     for (int64_t id = begin; id < end; ++id) {
-      const T* X = x + id * P * C;
+      const CellView v(g, id / N, id % N);
       T* row = tok.data() + id * C;
-      std::fill(row, row + C, T(0));
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t c = 0; c < C; ++c) row[c] += X[p * C + c];
-      for (int64_t c = 0; c < C; ++c) row[c] /= static_cast<T>(P);
+      for (int64_t c = 0; c < C; ++c) {
+        T s = 0;
+        for (int64_t r = 0; r < v.rows; ++r) {
+          const T* src = x + v.at(g, c, r, 0);
+          for (int64_t q = 0; q < v.cols; ++q) s += src[q];
+        }
+        row[c] = s / static_cast<T>(P);
+      }
     }
   });
 
@@ -267,14 +288,15 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
     const bool last = it == n_iter - 1;
     // Pass 1, per cell: logits, softmax, the 9 partial sums (one read of x).
     parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-      std::vector<T> nb(9 * C), L(9 * P), shift(9 * P);
+      std::vector<T> nb(9 * C), L(9 * P), shift(9 * P), AT(9 * ceil_div(P, kLanes) * kLanes);
       for (int64_t id = begin; id < end; ++id) {
-        const T* X = x + id * P * C;
+        const CellView v(g, id / N, id % N);
         neighbours(g, tok.data(), id / N, id % N, nb.data());
-        associate(nb.data(), X, C, P, L.data());
+        associate(g, x, v, nb.data(), L.data());
         softmax9(L.data(), P, scale, shift.data());
         if (last) std::copy(L.begin(), L.end(), aff + id * P * 9);
-        aggregate(L.data(), X, C, P, part.data() + id * 9 * C, psum.data() + id * 9);
+        transpose_affinity(g, L.data(), AT.data());
+        aggregate(g, x, v, AT.data(), part.data() + id * 9 * C, psum.data() + id * 9);
       }
     });
     // Pass 2, per token: fold, normalise.
@@ -296,16 +318,16 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
   return {stokens, affinity, asum};
 }
 
-// out cell = spread(A, neighbour rows of `rows`), for every cell.
+// Every cell of img = spread(A, the neighbour rows of `rows`).
 template <typename T>
 void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
   const int64_t C = g.n.C, P = g.P, N = g.N;
   parallel_for(g.op, 0, g.n.B * N, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> nb(9 * C), Y(C * P);
+    std::vector<T> nb(9 * C), AT(9 * ceil_div(P, kLanes) * kLanes);
     for (int64_t id = begin; id < end; ++id) {
       neighbours(g, rows, id / N, id % N, nb.data());
-      spread(aff + id * P * 9, nb.data(), C, P, Y.data());
-      scatter_cell(g, Y.data(), id / N, id % N, img);
+      transpose_affinity(g, aff + id * P * 9, AT.data());
+      spread(g, AT.data(), nb.data(), CellView(g, id / N, id % N), img);
     }
   });
 }
@@ -348,17 +370,17 @@ std::tuple<Tensor, Tensor> upsample_backward(const Geometry& g, const Tensor& do
   std::vector<T> part = host_vector<T>(g.op, "per-cell partial sums", tasks * 9 * C);
   Tensor daff = alloc_empty(g.op, "daffinity", affinity, n.affinity(), acc_scalar_type<T>());
   Tensor dst = alloc_empty(g.op, "dstokens", st, n.tokens(), acc_scalar_type<T>());
-  const Tensor tiles = cell_tiles(g, "dout as cell tiles", dout);
-  const T* go = tiles.const_data_ptr<T>();
+  const T* go = dout.const_data_ptr<T>();
   const T* aff = affinity.const_data_ptr<T>();
   T* da = daff.mutable_data_ptr<T>();
   parallel_for(g.op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> nb(9 * C);
+    std::vector<T> nb(9 * C), AT(9 * ceil_div(P, kLanes) * kLanes);
     for (int64_t id = begin; id < end; ++id) {
-      const T* X = go + id * P * C;  // cropped pixels have no gradient: zeros
+      const CellView v(g, id / N, id % N);  // cropped pixels have no gradient: zeros
       neighbours(g, rows.data(), id / N, id % N, nb.data());
-      associate(nb.data(), X, C, P, da + id * P * 9);
-      aggregate(aff + id * P * 9, X, C, P, part.data() + id * 9 * C, static_cast<T*>(nullptr));
+      associate(g, go, v, nb.data(), da + id * P * 9);
+      transpose_affinity(g, aff + id * P * 9, AT.data());
+      aggregate(g, go, v, AT.data(), part.data() + id * 9 * C, static_cast<T*>(nullptr));
     }
   });
   T* ds = dst.mutable_data_ptr<T>();
