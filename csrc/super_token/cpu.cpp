@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/alloc.h"
@@ -70,11 +71,24 @@ struct Geometry {
 };
 
 // The products below read and write the NCHW images directly, a cell row at a
-// time in chunks of kLanes pixels (one AVX register of floats; a partial chunk
-// goes through a zero-padded copy), with the 9 neighbours' accumulators in
-// registers. Pixels of the padding are zero vectors: they are skipped where
-// they add nothing, and their logits are 0.
-constexpr int64_t kLanes = 8;
+// time in chunks of L pixels (L = 8, one AVX register of floats, or 4 for cells
+// at most 4 wide; a partial chunk goes through a zero-padded copy), with the 9
+// neighbours' accumulators in registers. Pixels of the padding are zero
+// vectors: they are skipped where they add nothing, and their logits are 0.
+constexpr int64_t kMaxLanes = 8;
+
+// Calls f(std::integral_constant<int64_t, L>) with the chunk length for cells `w` wide.
+template <typename F>
+void with_lanes(int64_t w, F&& f) {
+  if (w <= 4)
+    f(std::integral_constant<int64_t, 4>{});
+  else
+    f(std::integral_constant<int64_t, kMaxLanes>{});
+}
+
+// Row stride of a transposed affinity: P and a zero tail, so that a chunk
+// starting at any pixel reads inside its row.
+inline int64_t at_stride(int64_t P) { return (ceil_div(P, kMaxLanes) + 1) * kMaxLanes; }
 
 // Where a cell's pixels are: pixel p = r * w + q of cell `cell` of batch b is
 // image element (b, c, y0 + r, x0 + q) for r < rows, q < cols (else padding).
@@ -86,23 +100,23 @@ struct CellView {
   int64_t at(const Geometry& g, int64_t c, int64_t r, int64_t q) const {
     return base + (c * g.n.H0 + y0 + r) * g.n.W0 + x0 + q;
   }
-  int64_t valid(int64_t r, int64_t q0) const {  // valid pixels of the chunk at (r, q0)
-    return r < rows ? std::clamp<int64_t>(cols - q0, 0, kLanes) : 0;
+  int64_t valid(int64_t r, int64_t q0, int64_t L) const {  // valid pixels of the chunk at (r, q0)
+    return r < rows ? std::clamp<int64_t>(cols - q0, 0, L) : 0;
   }
 };
 
-// The chunk's kLanes values: `src` itself when all are valid, else a zero-padded copy in tmp.
-template <typename T>
+// The chunk's L values: `src` itself when all are valid, else a zero-padded copy in tmp.
+template <int64_t L, typename T>
 inline const T* chunk(const T* src, int64_t n, T* tmp) {
-  if (n == kLanes) return src;
-  for (int64_t j = 0; j < kLanes; ++j) tmp[j] = j < n ? src[j] : T(0);
+  if (n == L) return src;
+  for (int64_t j = 0; j < L; ++j) tmp[j] = j < n ? src[j] : T(0);
   return tmp;
 }
 
-// AT[k * P + p] = A[p * 9 + k] (P rounded up to whole chunks: the tail is zero).
+// AT[k * at_stride(P) + p] = A[p * 9 + k], zero past P.
 template <typename T>
 void transpose_affinity(const Geometry& g, const T* A, T* AT) {
-  const int64_t P = g.P, Pr = ceil_div(P, kLanes) * kLanes;
+  const int64_t P = g.P, Pr = at_stride(P);
   for (int k = 0; k < 9; ++k) {
     for (int64_t p = 0; p < P; ++p) AT[k * Pr + p] = A[p * 9 + k];
     for (int64_t p = P; p < Pr; ++p) AT[k * Pr + p] = 0;
@@ -123,49 +137,49 @@ void neighbours(const Geometry& g, const T* tok, int64_t b, int64_t cell, T* nb)
 }
 
 // L[p * 9 + k] = sum_c nb[k * C + c] x_p[c] for every pixel p of the cell (0 for padding).
-template <typename T>
-FV_CPU_CLONES void associate(const Geometry& g, const T* img, const CellView& v, const T* nb, T* L) {
+template <int64_t L, typename T>
+FV_CPU_CLONES void associate(const Geometry& g, const T* img, const CellView& v, const T* nb, T* logits) {
   const int64_t C = g.n.C, w = g.n.w;
-  T tmp[kLanes];
+  T tmp[L];
   for (int64_t r = 0; r < g.n.h; ++r)
-    for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
-      const int64_t n = v.valid(r, q0), m = std::min(kLanes, w - q0);
-      T acc[9][kLanes] = {};
+    for (int64_t q0 = 0; q0 < w; q0 += L) {
+      const int64_t n = v.valid(r, q0, L), m = std::min(L, w - q0);
+      T acc[9][L] = {};
       if (n > 0)
         for (int64_t c = 0; c < C; ++c) {
-          const T* x = chunk(img + v.at(g, c, r, q0), n, tmp);
+          const T* x = chunk<L>(img + v.at(g, c, r, q0), n, tmp);
           for (int k = 0; k < 9; ++k) {
             const T s = nb[k * C + c];
 #pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += s * x[j];
+            for (int64_t j = 0; j < L; ++j) acc[k][j] += s * x[j];
           }
         }
       for (int64_t j = 0; j < m; ++j)
-        for (int k = 0; k < 9; ++k) L[(r * w + q0 + j) * 9 + k] = acc[k][j];
+        for (int k = 0; k < 9; ++k) logits[(r * w + q0 + j) * 9 + k] = acc[k][j];
     }
 }
 
 // part[k * C + c] = sum_p A[p * 9 + k] x_p[c] (AT: A transposed); psum[k] = sum_p A[p * 9 + k],
 // padding included (its pixels count in the affinity sums, as in STViT).
-template <typename T>
+template <int64_t L, typename T>
 FV_CPU_CLONES void aggregate(const Geometry& g, const T* img, const CellView& v, const T* AT, T* part, T* psum) {
-  const int64_t C = g.n.C, w = g.n.w, Pr = ceil_div(g.P, kLanes) * kLanes;
-  T tmp[kLanes];
+  const int64_t C = g.n.C, w = g.n.w, Pr = at_stride(g.P);
+  T tmp[L];
   for (int64_t c = 0; c < C; ++c) {
-    T acc[9][kLanes] = {};
+    T acc[9][L] = {};
     for (int64_t r = 0; r < v.rows; ++r)
-      for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
-        const int64_t n = v.valid(r, q0);
+      for (int64_t q0 = 0; q0 < w; q0 += L) {
+        const int64_t n = v.valid(r, q0, L);
         if (n == 0) continue;
-        const T* x = chunk(img + v.at(g, c, r, q0), n, tmp);
+        const T* x = chunk<L>(img + v.at(g, c, r, q0), n, tmp);
         const int64_t p0 = r * w + q0;
         for (int k = 0; k < 9; ++k)
 #pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) acc[k][j] += AT[k * Pr + p0 + j] * x[j];
+          for (int64_t j = 0; j < L; ++j) acc[k][j] += AT[k * Pr + p0 + j] * x[j];
       }
     for (int k = 0; k < 9; ++k) {
       T s = 0;
-      for (int64_t j = 0; j < kLanes; ++j) s += acc[k][j];
+      for (int64_t j = 0; j < L; ++j) s += acc[k][j];
       part[k * C + c] = s;
     }
   }
@@ -178,22 +192,22 @@ FV_CPU_CLONES void aggregate(const Geometry& g, const T* img, const CellView& v,
 }
 
 // y_p[c] = sum_k A[p * 9 + k] nb[k * C + c], written into the cell's valid pixels of img.
-template <typename T>
+template <int64_t L, typename T>
 FV_CPU_CLONES void spread(const Geometry& g, const T* AT, const T* nb, const CellView& v, T* img) {
-  const int64_t C = g.n.C, w = g.n.w, Pr = ceil_div(g.P, kLanes) * kLanes;
+  const int64_t C = g.n.C, w = g.n.w, Pr = at_stride(g.P);
   for (int64_t r = 0; r < v.rows; ++r)
-    for (int64_t q0 = 0; q0 < w; q0 += kLanes) {
-      const int64_t n = v.valid(r, q0), p0 = r * w + q0;
+    for (int64_t q0 = 0; q0 < w; q0 += L) {
+      const int64_t n = v.valid(r, q0, L), p0 = r * w + q0;
       if (n == 0) continue;
-      T a[9][kLanes];
+      T a[9][L];
       for (int k = 0; k < 9; ++k)
-        for (int64_t j = 0; j < kLanes; ++j) a[k][j] = AT[k * Pr + p0 + j];
+        for (int64_t j = 0; j < L; ++j) a[k][j] = AT[k * Pr + p0 + j];
       for (int64_t c = 0; c < C; ++c) {
-        T acc[kLanes] = {};
+        T acc[L] = {};
         for (int k = 0; k < 9; ++k) {
           const T s = nb[k * C + c];
 #pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[k][j] * s;
+          for (int64_t j = 0; j < L; ++j) acc[j] += a[k][j] * s;
         }
         T* y = img + v.at(g, c, r, q0);
         for (int64_t j = 0; j < n; ++j) y[j] = acc[j];
@@ -288,15 +302,17 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
     const bool last = it == n_iter - 1;
     // Pass 1, per cell: logits, softmax, the 9 partial sums (one read of x).
     parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-      std::vector<T> nb(9 * C), L(9 * P), shift(9 * P), AT(9 * ceil_div(P, kLanes) * kLanes);
+      std::vector<T> nb(9 * C), L(9 * P), shift(9 * P), AT(9 * at_stride(P));
       for (int64_t id = begin; id < end; ++id) {
         const CellView v(g, id / N, id % N);
         neighbours(g, tok.data(), id / N, id % N, nb.data());
-        associate(g, x, v, nb.data(), L.data());
+        with_lanes(g.n.w, [&](auto lanes) { associate<lanes()>(g, x, v, nb.data(), L.data()); });
         softmax9(L.data(), P, scale, shift.data());
         if (last) std::copy(L.begin(), L.end(), aff + id * P * 9);
         transpose_affinity(g, L.data(), AT.data());
-        aggregate(g, x, v, AT.data(), part.data() + id * 9 * C, psum.data() + id * 9);
+        with_lanes(g.n.w, [&](auto lanes) {
+          aggregate<lanes()>(g, x, v, AT.data(), part.data() + id * 9 * C, psum.data() + id * 9);
+        });
       }
     });
     // Pass 2, per token: fold, normalise.
@@ -323,11 +339,11 @@ template <typename T>
 void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
   const int64_t C = g.n.C, P = g.P, N = g.N;
   parallel_for(g.op, 0, g.n.B * N, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> nb(9 * C), AT(9 * ceil_div(P, kLanes) * kLanes);
+    std::vector<T> nb(9 * C), AT(9 * at_stride(P));
     for (int64_t id = begin; id < end; ++id) {
       neighbours(g, rows, id / N, id % N, nb.data());
       transpose_affinity(g, aff + id * P * 9, AT.data());
-      spread(g, AT.data(), nb.data(), CellView(g, id / N, id % N), img);
+      with_lanes(g.n.w, [&](auto lanes) { spread<lanes()>(g, AT.data(), nb.data(), CellView(g, id / N, id % N), img); });
     }
   });
 }
@@ -374,13 +390,15 @@ std::tuple<Tensor, Tensor> upsample_backward(const Geometry& g, const Tensor& do
   const T* aff = affinity.const_data_ptr<T>();
   T* da = daff.mutable_data_ptr<T>();
   parallel_for(g.op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<T> nb(9 * C), AT(9 * ceil_div(P, kLanes) * kLanes);
+    std::vector<T> nb(9 * C), AT(9 * at_stride(P));
     for (int64_t id = begin; id < end; ++id) {
       const CellView v(g, id / N, id % N);  // cropped pixels have no gradient: zeros
       neighbours(g, rows.data(), id / N, id % N, nb.data());
-      associate(g, go, v, nb.data(), da + id * P * 9);
       transpose_affinity(g, aff + id * P * 9, AT.data());
-      aggregate(g, go, v, AT.data(), part.data() + id * 9 * C, static_cast<T*>(nullptr));
+      with_lanes(g.n.w, [&](auto lanes) {
+        associate<lanes()>(g, go, v, nb.data(), da + id * P * 9);
+        aggregate<lanes()>(g, go, v, AT.data(), part.data() + id * 9 * C, static_cast<T*>(nullptr));
+      });
     }
   });
   T* ds = dst.mutable_data_ptr<T>();
