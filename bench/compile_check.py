@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -87,6 +88,12 @@ QUICK_ARCHS = (90,)
 
 # --------------------------------------------------------------------------
 # Recording launches
+
+
+@functools.cache
+def _source_digest(module: str) -> str:
+    """sha256 prefix of a kernel module's source."""
+    return hashlib.sha256(Path(importlib.import_module(module).__file__).read_bytes()).hexdigest()[:16]
 
 
 def _tensor_spec(x):
@@ -188,71 +195,31 @@ def smoke_workloads():
 
 
 def test_workloads():
-    """The GPU tests' shapes, called as the tests call them (fast path only)."""
+    """The GPU tests' shapes, called as the tests call them (fast path only):
+    every conformance spec's gpu_cases in each dtype and compile_cases, the
+    deterministic-mode test and the models' GPU tests."""
     _import_tests()
     import torch
-    import test_neighborhood as tn
-    import test_neighborhood_gpu as tng
-    import test_selective_scan as tss
-    import test_selective_scan_gpu as tssg
-    from fastvision.ops import bi_selective_scan, na1d, na2d, na3d, selective_scan
+    from conformance import all_specs
 
-    def na_case(c, dtype):
-        q, k, v, rpb = _meta(tn.make_inputs(c, dtype))
-        out, lse = tn.call(tn.NA[c["nd"]], c, q, k, v, rpb)
-        _grad(_loss(out, lse), (q, k, v, rpb))
+    from fastvision.testing import case_id
 
-    for p in _param_grid(tng.test_forward_lse_backward_vs_reference):
-        c, dtype = p["c"], p["dtype"]
-        name = f"{c['nd']}d-{c['spatial']}-k{c['kernel_size']}-D{c['head_dim']}"
-        yield f"tests:na {name}", dtype, lambda c=c, d=dtype: na_case(c, d)
+    for spec in all_specs():
+        # test_gpu_backends_vs_float32_reference, and test_gpu_torch_compile_fullgraph (float32)
+        runs = [(case, seed, dtype) for seed, case in enumerate(spec.gpu_cases)
+                for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+        runs += [(case, seed, torch.float32) for seed, case in enumerate(spec.compile_cases)]
+        for case, seed, dtype in runs:
+            def run(spec=spec, case=case, dtype=dtype, seed=seed):
+                spec.forward_backward(spec.sample(case, dtype, seed).to("meta"), backend="triton")
+            yield f"tests:{spec.name} {case_id(case)}", dtype, run
 
-    def na_compile():
-        c = tn.edge(2, (12, 12), (5, 5), (2, 1), rpb=True)
-        q, k, v, rpb = _meta(tn.make_inputs(c))
-        out = na2d(q, k, v, 5, dilation=(2, 1), rpb=rpb) + na2d(q, k, v, 3, is_causal=(True, False))
-        _grad(out.sum(), (q, k, v, rpb))
-    yield "tests:na compile", torch.float32, na_compile
-
-    def na1d_na3d():
-        x = torch.randn(2, 64, 4, 32, device="meta", dtype=torch.bfloat16)
-        na1d(x, x, x, 7, dilation=2)
-        y = torch.randn(1, 6, 8, 8, 2, 16, device="meta", dtype=torch.float16)
-        na3d(y, y, y, 3)
-    yield "tests:na1d/na3d run", torch.bfloat16, na1d_na3d
-
-    for p in _param_grid(tssg.test_forward_backward_vs_reference):
-        if p["backend"] == "cuda":  # the CUDA C++ kernels: see the nvcc part
-            continue
-        def scan(p=p):
-            t = _meta(tss.make_inputs(2, 8, p["L"], p["N"], p["bc"], 2, dtype=p["dtype"], seed=7))
-            out, last = selective_scan(*t, delta_softplus=True, return_last_state=True, reverse=p["reverse"],
-                                       backend="triton")
-            _grad(_loss(out, last), t)
-        yield f"tests:scan {p['bc']} N={p['N']} L={p['L']} rev={p['reverse']}", p["dtype"], scan
-
-    for p in _param_grid(tssg.test_bi_selective_scan_vs_reference):
-        if p["backend"] == "cuda":
-            continue
-        def bi(dtype=p["dtype"]):
-            fwd = _meta(tss.make_inputs(2, 16, 197, 16, "var", dtype=dtype, seed=1))
-            bwd = _meta(tss.make_inputs(2, 16, 197, 16, "var", dtype=dtype, seed=2))
-            del bwd[6]
-            out = bi_selective_scan(*fwd, *bwd, delta_softplus=True, backend="triton")
-            _grad(_loss(out), fwd + bwd)
-        yield "tests:bi_scan", p["dtype"], bi
-
-    def scan_vs_cpu():
-        t = _meta(tss.make_inputs(2, 32, 600, 16, "var", seed=3))
-        selective_scan(*t, delta_softplus=True)
-    yield "tests:scan cuda vs cpu", torch.float32, scan_vs_cpu
-
-    def scan_compile():
-        u, delta, A, B, C, D, z, bias = _meta(tss.make_inputs(2, 8, 64, 16, "var"))
-        out = selective_scan(u, delta, A, B, C, D, z, bias, True, reverse=True) + \
-            bi_selective_scan(u, delta, A, B, C, D, z, bias, u, delta, A, B, C, D, bias)
-        _grad(out.sum(), (u, delta, A, B, C, D, z, bias))
-    yield "tests:scan compile", torch.float32, scan_compile
+    def deterministic():
+        import test_deterministic as td
+        with td.deterministic():
+            td._scan_grads(td._scan_inputs("meta", batch=4, dim=64, N=16, L=300, groups=1), "triton")
+            td._na_grads(*td._na_inputs("meta"), "triton")
+    yield "tests:deterministic", torch.float32, deterministic
 
     def model(builder):
         # The tests run the models under torch.autocast("cuda", bfloat16); on
@@ -263,19 +230,6 @@ def test_workloads():
         m = m.to(torch.bfloat16)
         out = m(torch.randn(2, 3, 224, 224, device="meta", dtype=torch.bfloat16))
         out.float().sum().backward()
-
-    from conformance.super_token import GPU as STOKEN_GPU
-    from fastvision.ops import super_token_sampling, super_token_upsample
-
-    def stoken_case(c, dtype):
-        x = torch.randn(c["batch"], c["C"], c["H"], c["W"], device="meta", dtype=dtype).requires_grad_()
-        stokens, affinity = super_token_sampling(x, c["stoken"], c["n_iter"])
-        _grad(super_token_upsample(stokens.tanh(), affinity, c["stoken"], (c["H"], c["W"])).sum(), [x])
-
-    for c in STOKEN_GPU:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            name = f"{c['batch']}x{c['C']}x{c['H']}x{c['W']}-s{c['stoken']}-it{c['n_iter']}"
-            yield f"tests:stoken {name}", dtype, lambda c=c, d=dtype: stoken_case(c, d)
 
     from fastvision.models import dinat_mini, stvit_small, vim_tiny
     yield "tests:dinat_mini", torch.bfloat16, lambda: model(dinat_mini)
@@ -407,7 +361,8 @@ def configurations(launches: list[dict]) -> list[dict]:
         fn = _kernel(launch["module"], launch["name"])
         signature, constexprs, attrs, options, spec = _bind(fn, launch["args"], launch["kwargs"], 90)
         key = (launch["module"], launch["name"], repr(spec),
-               repr(sorted((k, v) for k, v in launch["kwargs"].items() if k not in fn.arg_names)))
+               repr(sorted((k, v) for k, v in launch["kwargs"].items() if k not in fn.arg_names)),
+               _source_digest(launch["module"]))  # a --cache entry is stale once the kernels change
         if key not in configs:
             names = fn.arg_names
             consts = {names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
@@ -472,16 +427,16 @@ def describe(c: dict) -> str:
         tk = "x".join(str(k[f"TK{i}"]) for i in range(3 - k["NDIM"], 3))
         causal = "".join("c" if k[f"C{i}"] else "-" for i in range(3 - k["NDIM"], 3))
         return (f"{k['NDIM']}d D={k['D']}/{k['DV']} pad={k['D_PAD']}/{k['DV_PAD']} TQ={tq} TK={tk}"
-                + (" rpb" if k["HAS_RPB"] else "") + (f" causal={causal}" if "c" in causal else ""))
+                + (" rpb" if k["HAS_RPB"] else "") + (f" causal={causal}" if "c" in causal else "")
+                + (" dlse" if k.get("HAS_DLSE") else "") + (" deterministic" if k.get("DETERMINISTIC") else ""))
     if "N_PAD" in k:
         bc = "/".join(("var" if k.get(f) else "const") for f in ("VAR_B", "VAR_C") if f in k)
         parts = [f"N_PAD={k['N_PAD']} CHUNK={k['CHUNK']} B/C={bc}"]
         if "VAR_BB" in k:
             parts.append("bwd B/C=" + "/".join("var" if k[f] else "const" for f in ("VAR_BB", "VAR_CB")))
-        parts += [flag.lower() for flag in ("REVERSE", "HAS_Z", "HAS_DLAST", "SOFTPLUS") if k.get(flag)]
+        parts += [flag.lower() for flag in ("REVERSE", "HAS_Z", "HAS_DLAST", "SOFTPLUS", "DETERMINISTIC")
+                  if k.get(flag)]
         return " ".join(parts)
-    if "DV_PAD" in k:
-        return f"DV_PAD={k['DV_PAD']} BLOCK={k.get('BLOCK')}" + (" dlse" if k.get("HAS_DLSE") else "")
     return " ".join(f"{n}={v}" for n, v in k.items())
 
 

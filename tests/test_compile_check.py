@@ -53,14 +53,14 @@ def test_interception_finds_every_kernel_in_every_dtype():
     rows = [line.split() for line in r.stdout.splitlines() if line.strip()]
     found = {(row[0], row[1]) for row in rows}
     kernels = _jit_kernels()
-    assert len(kernels) >= 7
+    assert {"_na_fwd_kernel", "_selective_scan_bwd_kernel"} <= kernels, kernels  # the pattern still finds them
     for kernel in kernels:
         for dtype in ("fp32", "fp16", "bf16"):
             assert (kernel, dtype) in found, f"{kernel} {dtype} not launched by any workload"
     text = r.stdout
     # Features the wrappers must have reached: 3-D NA, rpb, causal, reverse/const scans, wide head dims.
     for feature in ("3d D=", " rpb", "causal=", "reverse", "B/C=const/const", "pad=128/128", "N_PAD=256",
-                    "dlse", "has_dlast"):
+                    "dlse", "has_dlast", "deterministic"):
         assert feature in text, f"no launched configuration has {feature!r}"
     assert re.search(r"(\d+) configurations from (\d+) launches", r.stderr)
 
@@ -68,13 +68,13 @@ def test_interception_finds_every_kernel_in_every_dtype():
 def test_over_limit_fails_and_report_parses(tmp_path):
     out = tmp_path / "report.json"
     text = tmp_path / "report.txt"
-    r = _run("--source", "smoke", "--kernels", "_na_bwd_pre_kernel", "--dtypes", "float16", "--arch", "90",
+    r = _run("--source", "smoke", "--kernels", "_na_bwd_dq_kernel", "--dtypes", "float16", "--arch", "90",
              "--no-cuda", "--smem-limit", "64", "--json", str(out), "--text", str(text))
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report) >= {"meta", "triton", "cuda", "summary"}
     rows = report["triton"]
-    assert rows and all(row["kernel"] == "_na_bwd_pre_kernel" and row["arch"] == 90 for row in rows)
+    assert rows and all(row["kernel"] == "_na_bwd_dq_kernel" and row["arch"] == 90 for row in rows)
     for row in rows:
         assert row["error"] is None, row["error"]
         assert isinstance(row["regs"], int) and 0 < row["regs"] <= 255
@@ -124,7 +124,7 @@ def test_quick_set_covers_every_kernel():
     def config(kernel, dtype, **k):
         return dict(kernel=kernel, dtype=dtype, constexprs=k, labels=["bench:x"], launches=1)
     configs = [config("_na_fwd_kernel", "bfloat16", D_PAD=32), config("_na_fwd_kernel", "bfloat16", D_PAD=16),
-               config("_na_bwd_pre_kernel", "float32", DV_PAD=32),
+               config("_na_other_kernel", "float32", D_PAD=8),  # a kernel outside the main classes
                config("_selective_scan_fwd_kernel", "float16", N_PAD=16),
                config("_selective_scan_fwd_kernel", "float16", N_PAD=256)]
     chosen = cc.quick_filter(configs)

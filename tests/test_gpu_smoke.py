@@ -30,8 +30,8 @@ from fastvision.ops import (bi_selective_scan, na1d, na2d, na3d, selective_scan,
                             super_token_upsample)
 from fastvision.testing import assert_close
 
-import test_neighborhood as tn
-import test_selective_scan as tss
+import conformance.neighborhood as tn
+import conformance.selective_scan as tss
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NA = {1: na1d, 2: na2d, 3: na3d}
@@ -115,13 +115,8 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
         g = torch.Generator().manual_seed(seed)
         x = dict(x=torch.randn(p["batch"], p["C"], p["H"], p["W"], generator=g).to(device, dtype))
     else:
-        q, k, v, rpb = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
-        x = dict(q=q, k=k, v=v, rpb=rpb)
-        if p["n_extra"]:
-            g = torch.Generator().manual_seed(seed + 1)
-            shape = (p["batch"], p["n_extra"], p["kv_heads"])
-            x["additional_keys"] = torch.randn(*shape, p["head_dim"], generator=g).to(device, dtype)
-            x["additional_values"] = torch.randn(*shape, p["head_dim_v"], generator=g).to(device, dtype)
+        q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
+        x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
     return {n: t.requires_grad_() for n, t in x.items() if t is not None}
 
 

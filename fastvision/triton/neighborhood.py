@@ -238,6 +238,32 @@ def _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2,
 
 
 @triton.jit
+def _query_tile_logits(q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+                       qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                       ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2, lk0, lk1, lk2,
+                       g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+                       D: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+                       NDIM: tl.constexpr, HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key block `blk` of a query tile's region, as every query-major pass reads
+    it: the keys' key/value rows and validity, the keys, the base-2 logits
+    (rpb added) and the attended-pair mask; and the rpb index (with rpb)."""
+    kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
+    k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
+    kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+    kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
+                 mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
+    mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
+                                         kg0, kg1, kg2, NDIM, True)
+    idx = kv_row  # no rpb: unused
+    if HAS_RPB:
+        idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
+        R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+        s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+    return kv_row, k_valid, kt, s, mask, idx
+
+
+@triton.jit
 def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
     """acc + a @ b over the attended pairs only (mask: a's shape), as the
     reference's sums over each window are.
@@ -320,18 +346,11 @@ def _na_fwd_kernel(
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     acc = tl.zeros([TQ0 * TQ1 * TQ2, DV_PAD], tl.float32)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -422,17 +441,11 @@ def _na_bwd_dq_kernel(
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     am = tl.full([TQ0 * TQ1 * TQ2], -1, tl.int64)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         s = tl.where(mask, s, float("-inf"))
         bm = tl.max(s, 1)
         m_new = tl.maximum(m_i, bm)
@@ -470,19 +483,13 @@ def _na_bwd_dq_kernel(
     # ---- pass 2: dS, dq, drpb
     dq = tl.zeros([TQ0 * TQ1 * TQ2, D_PAD], tl.float32)
     for blk in range(0, nb0 * nb1 * nb2):
-        kg0, kg1, kg2 = _key_block(blk, ks0, ks1, ks2, nb1, nb2, lk0, lk1, lk2, TK0, TK1, TK2)
-        k_valid = (kg0 < ke0) & (kg1 < ke1) & (kg2 < ke2)
-        kv_row = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
-        kt = tl.load(k_ptr + kv_row[:, None] * D + dq_[None, :],
-                     mask=k_valid[:, None] & (dq_ < D)[None, :], other=0.0)
+        kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
+            q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
+            qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, ks0, ks1, ks2, ke0, ke1, ke2, nb1, nb2,
+            lk0, lk1, lk2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2,
+            D, TK0, TK1, TK2, NDIM, HAS_RPB, DOT_PREC)
         vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
                      mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale2
-        mask = q_valid[:, None] & _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2,
-                                             kg0, kg1, kg2, NDIM, True)
-        if HAS_RPB:
-            idx = _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM, True)
-            s += tl.load(rpb_ptr + h * R + idx, mask=mask, other=0.0) * 1.4426950408889634
         p = tl.where(mask, tl.exp2(s - m_i[:, None]) * inv[:, None], 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = tl.where(mask, p * (dp - dm[:, None]), 0.0)
