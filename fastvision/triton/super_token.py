@@ -124,11 +124,12 @@ def _cell_kernel(x_ptr, tok_ptr, sb, st, sc, aff_ptr, daff_ptr, part_ptr, psum_p
 
 
 @triton.jit
-def _fold_kernel(part_ptr, psum_ptr, tok_ptr, out_ptr, asum_ptr, C, hh, ww, NORMALIZE: tl.constexpr,
+def _fold_kernel(out_ptr, part_ptr, psum_ptr, tok_ptr, asum_ptr, C, hh, ww, NORMALIZE: tl.constexpr,
                  WRITE_TOK: tl.constexpr, WRITE_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Token t of batch b: the sum over k = 0..8 (fixed order) of the partials of the cell
     that has t as its neighbour k; divided by (affinity sum + eps) when NORMALIZE.
-    Written to tok (B, N, C) float32 and/or out (B, C, hh, ww) (and asum (B, hh, ww))."""
+    Written to tok (B, N, C) float32 and/or out (B, C, hh, ww) (and asum (B, hh, ww)).
+    out comes first: compile_check names a configuration by its first pointer's dtype."""
     pid = tl.program_id(0).to(tl.int64)
     N = hh * ww
     b, t = pid // N, pid % N
@@ -216,7 +217,7 @@ def super_token_sampling_fwd(x: torch.Tensor, stoken_size: list[int], n_iter: in
         last = it == n_iter - 1
         _cell_kernel[(B * N,)](x, tok, N * C, C, 1, affinity, affinity, part, psum, C ** -0.5, C, H0, W0, hh, ww,
                                **geo, SAMPLE=True, WRITE_AFF=last, **blocks)
-        _fold_kernel[(B * N,)](part, psum, tok, stokens, asum, C, hh, ww, NORMALIZE=True, WRITE_TOK=not last,
+        _fold_kernel[(B * N,)](stokens, part, psum, tok, asum, C, hh, ww, NORMALIZE=True, WRITE_TOK=not last,
                                WRITE_OUT=last, BLOCK_C=blocks["BLOCK_C"], num_warps=blocks["num_warps"])
     return stokens, affinity, asum
 
@@ -261,6 +262,6 @@ def super_token_upsample_bwd(dout: torch.Tensor, stokens: torch.Tensor, affinity
     blocks = _blocks(C, h * w)
     _cell_kernel[(B * N,)](dout, stokens, C * N, 1, N, affinity, daffinity, part, part, 1.0, C, H0, W0, hh, ww,
                            h=h, w=w, SAMPLE=False, WRITE_AFF=False, **blocks)
-    _fold_kernel[(B * N,)](part, part, part, dstokens, part, C, hh, ww, NORMALIZE=False, WRITE_TOK=False,
+    _fold_kernel[(B * N,)](dstokens, part, part, part, part, C, hh, ww, NORMALIZE=False, WRITE_TOK=False,
                            WRITE_OUT=True, BLOCK_C=blocks["BLOCK_C"], num_warps=blocks["num_warps"])
     return dstokens, daffinity
