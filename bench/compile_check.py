@@ -231,9 +231,10 @@ def test_workloads():
         out = m(torch.randn(2, 3, 224, 224, device="meta", dtype=torch.bfloat16))
         out.float().sum().backward()
 
-    from fastvision.models import dinat_mini, vim_tiny
+    from fastvision.models import dinat_mini, stvit_small, vim_tiny
     yield "tests:dinat_mini", torch.bfloat16, lambda: model(dinat_mini)
     yield "tests:vim_tiny", torch.bfloat16, lambda: model(vim_tiny)
+    yield "tests:stvit_small", torch.bfloat16, lambda: model(stvit_small)
 
 
 def bench_shapes() -> dict[str, list[dict]]:
@@ -290,9 +291,23 @@ def bench_workloads():
         _decode_launch(torch.empty(n * 64, dtype=torch.int64, device="meta"),
                        torch.empty(n + 1, dtype=torch.int64, device="meta"), s["h"], s["w"])
 
+    def stoken(s, dtype, layer: bool):
+        from fastvision.ops import StokenAttention, super_token_sampling, super_token_upsample
+        x = torch.empty(s["batch"], s["dim"], *s["size"], device="meta", dtype=dtype).requires_grad_()
+        if layer:
+            with torch.device("meta"):
+                m = StokenAttention(s["dim"], s["stoken"], s["n_iter"], num_heads=s["heads"], qkv_bias=True,
+                                    backend="triton").to(dtype)
+            out = m(x)
+        else:
+            stokens, affinity = super_token_sampling(x, s["stoken"], s["n_iter"], backend="triton")
+            out = super_token_upsample(stokens, affinity, s["stoken"], s["size"], backend="triton")
+        _grad(out.sum(), [x])
+
     run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
-           "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode}
+           "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode,
+           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}
     for op, cases in shapes.items():
         if not cases:  # a CPU-only suite
             continue

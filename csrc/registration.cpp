@@ -94,6 +94,26 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "rrle_decode(Tensor text, Tensor text_offsets, Tensor names, Tensor name_offsets, int fill, int h, int w, "
       "str run_sep, str row_sep, str count_sep, str end, bool strict, int form) -> (Tensor labels, "
       "Tensor label_bytes, Tensor label_offsets, Tensor repairs)");
+
+  // ---- super token attention (STViT) -----------------------------------------
+  // x (batch, C, H0, W0), stoken_size [h, w]: x is zero-padded (right, bottom) to
+  // hh * h by ww * w, hh = ceil(H0 / h), ww = ceil(W0 / w). stokens (batch, C, hh, ww)
+  // in x's dtype; affinity (batch, hh*ww, h*w, 9): every pixel's softmax over the
+  // 3x3 neighbour tokens of its cell (k = 3 * dy + dx), float32 (float64 for
+  // float64 x); asum (batch, hh, ww): each token's affinity sum, the denominators.
+  // size [H0, W0] is x's spatial size; out_size the upsampled (cropped) one.
+  m.def(
+      "super_token_sampling_fwd(Tensor x, int[] stoken_size, int n_iter) "
+      "-> (Tensor stokens, Tensor affinity, Tensor asum)");
+  m.def(
+      "super_token_sampling_bwd(Tensor dstokens, Tensor affinity, Tensor asum, int[] stoken_size, "
+      "int[] size) -> Tensor dx");
+  m.def(
+      "super_token_upsample_fwd(Tensor stokens, Tensor affinity, int[] stoken_size, int[] out_size) "
+      "-> Tensor out");
+  m.def(
+      "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size) "
+      "-> (Tensor dstokens, Tensor daffinity)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

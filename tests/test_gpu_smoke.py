@@ -6,8 +6,9 @@ Covers selective_scan (constant, variable and grouped B/C; reverse; with and
 without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
 backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
-not a power of two, additional_keys/values), and criss_cross_attention on
-Triton (several w, partner and channel blocks; H or W = 1) in float32,
+not a power of two, additional_keys/values), criss_cross_attention on
+Triton (several w, partner and channel blocks; H or W = 1) and super token
+sampling + upsampling on Triton (padding, n_iter 2, 320 channels) in float32,
 float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
@@ -27,7 +28,8 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan
+from fastvision.ops import (bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan,
+                            super_token_sampling, super_token_upsample)
 from fastvision.testing import assert_close
 
 import conformance.neighborhood as tn
@@ -39,7 +41,7 @@ NA = {1: na1d, 2: na2d, 3: na3d}
 
 @dataclass(frozen=True)
 class SmokeCase:
-    """One configuration. kind: 'scan', 'bi_scan' or 'na'; params: the
+    """One configuration. kind: 'scan', 'bi_scan', 'na' or 'stoken'; params: the
     tests' make_inputs arguments plus the op's flags; backends: the fast
     backends to check (each against backend='reference')."""
     name: str
@@ -86,6 +88,10 @@ CASES = [
     SmokeCase("cca-ccnet-like", "cca", dict(B=2, Cqk=16, C=128, H=33, W=45)),
     SmokeCase("cca-one-row", "cca", dict(B=1, Cqk=8, C=70, H=1, W=40)),
     SmokeCase("cca-one-column", "cca", dict(B=2, Cqk=5, C=3, H=37, W=1)),
+    # Super tokens: every kernel (pool, cell, fold, spread) forward and backward.
+    SmokeCase("stoken-s8-padded", "stoken", dict(batch=2, C=64, H=30, W=27, stoken=(8, 8), n_iter=1)),
+    SmokeCase("stoken-s4x3-iter2-c96", "stoken", dict(batch=1, C=96, H=17, W=20, stoken=(4, 3), n_iter=2)),
+    SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
 ]
 
 
@@ -116,6 +122,9 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
         qk = (p["B"], p["Cqk"], p["H"], p["W"])
         x = {n: (torch.randn(*shape, generator=g) * 0.5).to(device, dtype)
              for n, shape in (("q", qk), ("k", qk), ("v", (p["B"], p["C"], p["H"], p["W"])))}
+    elif case.kind == "stoken":
+        g = torch.Generator().manual_seed(seed)
+        x = dict(x=torch.randn(p["batch"], p["C"], p["H"], p["W"], generator=g).to(device, dtype))
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -136,6 +145,11 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
     if case.kind == "cca":
         return {"out": criss_cross_attention(x["q"], x["k"], x["v"], backend=backend)}
+    if case.kind == "stoken":
+        stokens, affinity = super_token_sampling(x["x"], p["stoken"], p["n_iter"], backend=backend)
+        # A nonlinearity between the ops, so that both backward kernels see a general gradient.
+        out = super_token_upsample(torch.tanh(stokens), affinity, p["stoken"], (p["H"], p["W"]), backend=backend)
+        return {"out": out, "affinity": affinity}
     out, lse = NA[p["nd"]](x["q"], x["k"], x["v"], p["kernel_size"], p["stride"], p["dilation"],
                            p["is_causal"], None, x.get("additional_keys"), x.get("additional_values"),
                            rpb=x.get("rpb"), return_lse=True, backend=backend)
@@ -209,6 +223,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
     elif case.kind == "cca":
         p = dict(B=1, Cqk=min(p["Cqk"], 4), C=min(p["C"], 12), H=min(p["H"], 10), W=min(p["W"], 12))
+    elif case.kind == "stoken":
+        p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)

@@ -15,3 +15,7 @@ __all__ += ["NAT", "DiNAT", "nat_mini", "nat_tiny", "nat_small", "nat_base",
 from fastvision.models.ccnet import ccnet_head
 
 __all__ += ["ccnet_head"]
+
+from fastvision.models.stvit import STViT, stvit_base, stvit_large, stvit_small
+
+__all__ += ["STViT", "stvit_small", "stvit_base", "stvit_large"]

@@ -20,3 +20,11 @@ __all__ += ["criss_cross_attention"]
 from .criss_cross_layers import CrissCrossAttention, RCCAModule
 
 __all__ += ["CrissCrossAttention", "RCCAModule"]
+
+from .super_token import super_token_sampling, super_token_upsample
+
+__all__ += ["super_token_sampling", "super_token_upsample"]
+
+from .super_token_layers import StokenAttention
+
+__all__ += ["StokenAttention"]
