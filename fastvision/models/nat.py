@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.init import trunc_normal_
 
+from fastvision.models._common import init_linear_and_layernorm
 from fastvision.models.vim import DropPath
 from fastvision.ops.neighborhood_layers import NeighborhoodAttention2D
 
@@ -186,19 +186,7 @@ class NAT(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        # As the original: every Linear (qkv, proj, mlp, head) trunc_normal(.02) with zero
-        # bias, LayerNorms to (1, 0); convs keep PyTorch's default, rpb its trunc_normal(.02).
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_and_layernorm)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self):

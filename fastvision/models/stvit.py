@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.init import trunc_normal_
 
+from fastvision.models._common import init_linear_and_layernorm
 from fastvision.models.vim import DropPath
 from fastvision.ops.super_token_layers import StokenAttention
 
@@ -185,17 +185,7 @@ class STViT(nn.Module):
         self.norm = nn.BatchNorm2d(projection or self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(projection or self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_linear_and_layernorm)
 
     def forward_features(self, x):
         x = self.pos_drop(self.patch_embed(x))
