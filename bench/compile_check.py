@@ -988,6 +988,15 @@ def main(argv=None) -> int:
     if args.cached_only:  # the Triton configurations; CUDA sources still compile (a minute or two)
         missing = [f"sm_{j['arch']} {j['kernel']} {SHORT.get(j['dtype'])} {j['config']}" for j in todo_tri]
         todo_tri = []
+
+    def remember(job, res):
+        """Appends a successful result to --cache (a stopped run resumes from it)."""
+        if cache_file is not None and not res.get("error"):
+            import triton
+            cache_file.write(json.dumps(dict(key=job["key"], arch=job["arch"], triton=triton.__version__,
+                                             result=res)) + "\n")
+            cache_file.flush()
+
     with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_worker_init,
                                 initargs=(env,)) as pool:
         futs = {pool.submit(compile_cuda, j): ("cuda", j) for j in todo_cuda}
@@ -1002,20 +1011,12 @@ def main(argv=None) -> int:
                 res = dict(error=f"{type(err).__name__}: {err}", kernels=[], compile_s=None)
             if kind == "cuda":
                 cuda_results.append((job, res))
-                if cache_file is not None and not res.get("error"):
-                    import triton
-                    cache_file.write(json.dumps(dict(key=job["key"], arch=job["arch"], triton=triton.__version__,
-                                                     result=res)) + "\n")
-                    cache_file.flush()
+                remember(job, res)
                 print(f"[{done}/{len(futs)}] nvcc {job['source']} sm_{job['arch']}: "
                       f"{'ERROR' if res['error'] else 'ok'} ({res['compile_s']} s)", file=sys.stderr, flush=True)
             else:
                 results.append((job, res))
-                if cache_file is not None and not res.get("error"):
-                    import triton
-                    cache_file.write(json.dumps(dict(key=job["key"], arch=job["arch"], triton=triton.__version__,
-                                                     result=res)) + "\n")
-                    cache_file.flush()
+                remember(job, res)
                 print(f"[{done}/{len(futs)}] sm_{job['arch']} {job['kernel']} {SHORT.get(job['dtype'])} "
                       f"{job['config']}: {'ERROR' if res['error'] else 'regs %s' % res['regs']} "
                       f"({res['compile_s']} s)", file=sys.stderr, flush=True)
