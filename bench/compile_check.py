@@ -451,7 +451,8 @@ def describe(c: dict) -> str:
         causal = "".join("c" if k[f"C{i}"] else "-" for i in range(3 - k["NDIM"], 3))
         return (f"{k['NDIM']}d D={k['D']}/{k['DV']} pad={k['D_PAD']}/{k['DV_PAD']} TQ={tq} TK={tk}"
                 + (" rpb" if k["HAS_RPB"] else "") + (f" causal={causal}" if "c" in causal else "")
-                + (" dlse" if k.get("HAS_DLSE") else "") + (" deterministic" if k.get("DETERMINISTIC") else ""))
+                + (" dlse" if k.get("HAS_DLSE") else "") + (" deterministic" if k.get("DETERMINISTIC") else "")
+                + (" safe" if k.get("SAFE") else ""))
     if "N_PAD" in k:
         bc = "/".join(("var" if k.get(f) else "const") for f in ("VAR_B", "VAR_C") if f in k)
         parts = [f"N_PAD={k['N_PAD']} CHUNK={k['CHUNK']} B/C={bc}"]
@@ -464,10 +465,11 @@ def describe(c: dict) -> str:
 
 
 def is_target(c: dict) -> bool:
-    """The configurations that should not spill: fp16/bf16 at head dims 32-128, scan N <= 64."""
-    if c["dtype"] not in ("float16", "bfloat16"):
-        return False
+    """The configurations that should not spill: fp16/bf16 at head dims 32-128, scan N <= 64.
+    (Not NA's SAFE re-runs: they only work on programs whose operands held inf or NaN.)"""
     k = c["constexprs"]
+    if c["dtype"] not in ("float16", "bfloat16") or k.get("SAFE"):
+        return False
     if "NDIM" in k:
         return 32 <= max(k["D"], k["DV"]) <= 128 and min(k["D"], k["DV"]) >= 32
     if "N_PAD" in k:

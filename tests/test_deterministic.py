@@ -98,7 +98,8 @@ def _check_partials_path(module, kernel_name, monkeypatch, inputs, grads, refere
     with deterministic():
         first = grads(inputs, "triton")
         second = grads(inputs, "triton")
-    assert [launch["DETERMINISTIC"] for launch in spy.launches] == [False, True, True]
+    main = [launch for launch in spy.launches if not launch.get("SAFE")]  # (NA: not the inf/NaN re-runs)
+    assert [launch["DETERMINISTIC"] for launch in main] == [False, True, True]
     for i, (a, f, s, r) in enumerate(zip(atomics, first, second, reference)):
         assert torch.equal(f, s), f"input {i}"
         assert_close(f, r, msg=f"input {i} vs reference")

@@ -61,10 +61,14 @@ Saturated softmax (one logit far above the rest, e.g. logits ~1e3-1e4)
     (as the reference's do).
 
 inf and NaN in the inputs reach what they reach in the reference: masked
-logits are replaced by -inf before use, and the products whose left factor
-is a masked-out zero (P V, dS K, P^T dO, dS^T Q) go through _masked_dot,
-which keeps 0 * inf = NaN of a row of the tile the other row does not
-attend out of the sum (a block holding inf or NaN takes a slower path).
+logits are replaced by -inf before use. The products whose left factor is a
+masked-out zero (P V, dS K, P^T dO, dS^T Q) would still spread an inf or NaN
+of a row the other row does not attend (0 * inf = NaN), so every kernel runs
+twice: the main launch (SAFE=False) uses plain dots and flags each program
+whose right-hand operands held inf or NaN; the second (SAFE=True) exits at
+once for unflagged programs and recomputes the flagged ones with
+_masked_dot's exact path. The rare path's tiles then cost the main kernels no
+registers (they spilled with it inline).
 
 Runs on CPU tensors under TRITON_INTERPRET=1 as well; nothing newer than
 triton 3.6 is used.
@@ -264,22 +268,29 @@ def _query_tile_logits(q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, d
 
 
 @triton.jit
-def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
+def _nonfinite(x):
+    """1 (int32) when the tile holds inf or NaN, else 0."""
+    return tl.max(((x != x) | (x == float("inf")) | (x == float("-inf"))).to(tl.int32))
+
+
+@triton.jit
+def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr, SAFE: tl.constexpr):
     """acc + a @ b over the attended pairs only (mask: a's shape), as the
     reference's sums over each window are.
 
     Outside the mask a is an exact 0, and a plain tl.dot would still
     multiply it by b: an inf or NaN in a row of b that the row of a does not
-    attend would spread into it (0 * inf = NaN). So when a block of b holds
-    inf or NaN (rare), those entries go through tl.dot as 0 and are added
-    afterwards one row of b at a time, only for attended pairs, in IEEE
-    arithmetic as the reference's sum (x * inf is NaN for x == 0 or NaN,
-    +-inf otherwise; +inf + -inf is NaN). A loop of small tiles rather than
-    more dots: every tile this rare branch holds costs registers (and spills)
-    in the common path as well.
+    attend would spread into it (0 * inf = NaN). Without SAFE this is the
+    plain dot (the main launch, which flags such blocks: module docstring).
+    With SAFE, when the block of b holds inf or NaN those entries go through
+    tl.dot as 0 and are added afterwards one row of b at a time, only for
+    attended pairs, in IEEE arithmetic as the reference's sum (x * inf is
+    NaN for x == 0 or NaN, +-inf otherwise; +inf + -inf is NaN).
     """
     bad = (b != b) | (b == float("inf")) | (b == float("-inf"))
-    if tl.max(bad.to(tl.int32)) > 0:
+    if not SAFE:
+        acc += tl.dot(a.to(b.dtype), b, input_precision=DOT_PREC)
+    elif tl.max(bad.to(tl.int32)) > 0:
         acc += tl.dot(a.to(b.dtype), tl.where(bad, 0.0, b).to(b.dtype), input_precision=DOT_PREC)
         k = tl.arange(0, a.shape[1])
         bad_rows = tl.max(bad.to(tl.int32), 1)
@@ -303,15 +314,18 @@ def _masked_dot(acc, a, b, mask, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _na_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr, flag_ptr,
         H, HKV, n_tiles, scale2,
         L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
         HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, SAFE: tl.constexpr):
     pid = tl.program_id(0)
+    if SAFE:  # the re-run: only the programs whose operands held inf or NaN
+        if tl.load(flag_ptr + pid) == 0:
+            return
     tile = pid % n_tiles
     bh = pid // n_tiles
     b = bh // H
@@ -342,6 +356,7 @@ def _na_fwd_kernel(
     m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     acc = tl.zeros([TQ0 * TQ1 * TQ2, DV_PAD], tl.float32)
+    bad = pid * 0  # 1 once an operand of a masked product held inf or NaN
     for blk in range(0, nb0 * nb1 * nb2):
         kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
             q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
@@ -356,7 +371,8 @@ def _na_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_ptr + kv_row[:, None] * DV + dv_[None, :],
                      mask=k_valid[:, None] & (dv_ < DV)[None, :], other=0.0)
-        acc = _masked_dot(acc * alpha[:, None], p, vt, mask, DOT_PREC)
+        acc = _masked_dot(acc * alpha[:, None], p, vt, mask, DOT_PREC, SAFE)
+        bad = tl.maximum(bad, _nonfinite(vt))
         m_i = m_new
 
     # As the reference: an all -inf window gives NaN (0 / 0) and lse -inf, a
@@ -370,19 +386,21 @@ def _na_fwd_kernel(
     tl.store(out_ptr + row[:, None] * DV + dv_[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (dv_ < DV)[None, :])
     tl.store(lse_ptr + row, lse, mask=q_valid)
+    if not SAFE:
+        tl.store(flag_ptr + pid, bad)
 
 
 @triton.jit
 def _na_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, out_ptr, dlse_ptr, dq_ptr, drpb_ptr, stat_ptr, amax_ptr,
-        H, HKV, n_tiles, scale, scale2,
+        flag_ptr, H, HKV, n_tiles, scale, scale2,
         L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
         HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, DOT_PREC: tl.constexpr,
         D: tl.constexpr, DV: tl.constexpr,
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr):
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, DETERMINISTIC: tl.constexpr, SAFE: tl.constexpr):
     """Per query tile: the row statistics (pass 1), then dq and drpb (pass 2).
 
     Pass 1 recomputes each row's max logit m and normaliser l (online, as the
@@ -402,6 +420,9 @@ def _na_bwd_dq_kernel(
     launcher sums in a fixed order.
     """
     pid = tl.program_id(0)
+    if SAFE:  # the re-run: only the programs whose operands held inf or NaN
+        if tl.load(flag_ptr + pid) == 0:
+            return
     tile = pid % n_tiles
     bh = pid // n_tiles
     b = bh // H
@@ -479,6 +500,7 @@ def _na_bwd_dq_kernel(
 
     # ---- pass 2: dS, dq, drpb
     dq = tl.zeros([TQ0 * TQ1 * TQ2, D_PAD], tl.float32)
+    bad = pid * 0
     for blk in range(0, nb0 * nb1 * nb2):
         kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
             q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
@@ -491,8 +513,9 @@ def _na_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = tl.where(mask, p * (dp - dm[:, None]), 0.0)
         ds = tl.where(kv_row[None, :] == am[:, None], dsmax[:, None], ds)
-        dq = _masked_dot(dq, ds, kt, mask, DOT_PREC)
-        if HAS_RPB:
+        dq = _masked_dot(dq, ds, kt, mask, DOT_PREC, SAFE)
+        bad = tl.maximum(bad, _nonfinite(kt))
+        if HAS_RPB and not SAFE:  # (dS is right in the main launch: added once)
             if DETERMINISTIC:
                 tl.store(drpb_ptr + row.to(tl.int64)[:, None] * R + idx, ds, mask=mask)
             else:
@@ -501,24 +524,29 @@ def _na_bwd_dq_kernel(
     dq = dq * scale
     tl.store(dq_ptr + row[:, None] * D + dq_[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (dq_ < D)[None, :])
+    if not SAFE:
+        tl.store(flag_ptr + pid, bad)
 
 
 @triton.jit
 def _na_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, stat_ptr, amax_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, stat_ptr, amax_ptr, dk_ptr, dv_ptr, flag_ptr,
         H, HKV, n_tiles, scale, scale2, n_iter,
         L0, L1, L2, K0, K1, K2, DIL0, DIL1, DIL2, S0, S1, S2, NT0, NT1, NT2,
         C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, NDIM: tl.constexpr,
         HAS_RPB: tl.constexpr, DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
         TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-        D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+        D_PAD: tl.constexpr, DV_PAD: tl.constexpr, SAFE: tl.constexpr):
     """dk, dv over key tiles (TK box of one dilation group, one kv head); walks
     the query region of the tile in TQ blocks for each query head of the group.
     P = exp2(S - m) / l and dS = P (dP - Dm) from the query rows' statistics;
     at each row's argmax key, P = 1 / l and dS = dS_max as the dq kernel
     computed them (this kernel's logits round differently from its)."""
     pid = tl.program_id(0)
+    if SAFE:  # the re-run: only the programs whose operands held inf or NaN
+        if tl.load(flag_ptr + pid) == 0:
+            return
     tile = pid % n_tiles
     bh = pid // n_tiles
     b = bh // HKV
@@ -570,6 +598,7 @@ def _na_bwd_dkdv_kernel(
 
     dk = tl.zeros([TK0 * TK1 * TK2, D_PAD], tl.float32)
     dv = tl.zeros([TK0 * TK1 * TK2, DV_PAD], tl.float32)
+    bad = pid * 0
     for it in range(0, n_blocks * group):
         h = hk * group + it // n_blocks
         qg0, qg1, qg2 = _key_block(it % n_blocks, qs0, qs1, qs2, nb1, nb2, lq0, lq1, lq2, TQ0, TQ1, TQ2)
@@ -602,14 +631,17 @@ def _na_bwd_dkdv_kernel(
         dpt = tl.dot(vt, tl.trans(do), input_precision=DOT_PREC)
         dst = tl.where(mask, pt * (dpt - dm[None, :]), 0.0)
         dst = tl.where(is_max, dsmax[None, :], dst)
-        dv = _masked_dot(dv, pt, do, mask, DOT_PREC)
-        dk = _masked_dot(dk, dst, q, mask, DOT_PREC)
+        dv = _masked_dot(dv, pt, do, mask, DOT_PREC, SAFE)
+        dk = _masked_dot(dk, dst, q, mask, DOT_PREC, SAFE)
+        bad = tl.maximum(bad, tl.maximum(_nonfinite(do), _nonfinite(q)))
 
     dk = dk * scale
     tl.store(dk_ptr + kv_row[:, None] * D + dq_[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=k_valid[:, None] & (dq_ < D)[None, :])
     tl.store(dv_ptr + kv_row[:, None] * DV + dv_[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=k_valid[:, None] & (dv_ < DV)[None, :])
+    if not SAFE:
+        tl.store(flag_ptr + pid, bad)
 
 
 # --------------------------------------------------------------------------
@@ -725,12 +757,15 @@ class _Problem:
         return tq, tk
 
     def key_major_tiles(self, q_tile, k_tile):
-        """(query block, key tile) for the dk/dv kernel walking key tiles."""
+        """(query block, key tile) for the dk/dv kernel walking key tiles. Its query
+        block is half the forward's key block: the kernel holds four tiles of
+        logits' size (S, P, dP, dS) besides its accumulators, and spilled
+        registers at the full size (head dim 32, 64 x 64; bench/compile_check.py)."""
         tk = _user_tile(k_tile, self.nd) if k_tile is not None else _query_tile(self.ext, self.nd, self.block)
         if q_tile is not None:
             tq = _user_tile(q_tile, self.nd)
         else:
-            tq = _key_tile([min(t + k - 1, e) for t, k, e in zip(tk, self.k, self.ext)], self.block)
+            tq = _key_tile([min(t + k - 1, e) for t, k, e in zip(tk, self.k, self.ext)], self.block // 2)
         return tq, tk
 
 
@@ -760,10 +795,13 @@ def na_fwd(query, key, value, rpb, kernel_size, dilation, stride, is_causal, sca
     rpb_t, has_rpb = _rpb_arg(rpb, query, pb.H, pb.k)
     tq, tk = pb.query_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tq, pb.H)
-    _na_fwd_kernel[(n_tiles * pb.B * pb.H,)](
-        query, key, value, rpb_t, out, lse,
-        pb.H, pb.Hkv, n_tiles, float(scale) * LOG2E, *axes,
-        **pb.consts(has_rpb, tq, tk))
+    grid = n_tiles * pb.B * pb.H
+    flags = torch.empty(grid, device=query.device, dtype=torch.int32)
+    for safe in (False, True):  # the main launch, then the re-run of flagged programs
+        _na_fwd_kernel[(grid,)](
+            query, key, value, rpb_t, out, lse, flags,
+            pb.H, pb.Hkv, n_tiles, float(scale) * LOG2E, *axes,
+            SAFE=safe, **pb.consts(has_rpb, tq, tk))
     return out, lse
 
 
@@ -805,18 +843,24 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
     drpb_part = torch.zeros(part_shape, device=dev, dtype=torch.float32) if has_rpb else stat
     tq, tk = pb.query_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tq, pb.H)
-    _na_bwd_dq_kernel[(n_tiles * pb.B * pb.H,)](
-        query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax,
-        pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-        HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, **pb.consts(has_rpb, tq, tk))
+    grid = n_tiles * pb.B * pb.H
+    flags = torch.empty(grid, device=dev, dtype=torch.int32)
+    for safe in (False, True):
+        _na_bwd_dq_kernel[(grid,)](
+            query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax, flags,
+            pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
+            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **pb.consts(has_rpb, tq, tk))
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)
     n_iter = max(pb.ext).bit_length() + 1
-    _na_bwd_dkdv_kernel[(n_tiles * pb.B * pb.Hkv,)](
-        query, key, value, rpb_t, dout, stat, amax, dk, dv,
-        pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, n_iter, *axes,
-        **pb.consts(has_rpb, tq, tk))
+    grid = n_tiles * pb.B * pb.Hkv
+    flags = torch.empty(grid, device=dev, dtype=torch.int32)
+    for safe in (False, True):
+        _na_bwd_dkdv_kernel[(grid,)](
+            query, key, value, rpb_t, dout, stat, amax, dk, dv, flags,
+            pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, n_iter, *axes,
+            SAFE=safe, **pb.consts(has_rpb, tq, tk))
 
     if has_rpb:
         drpb = drpb_part.sum(0).reshape(rpb.shape)
