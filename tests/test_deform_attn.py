@@ -114,18 +114,25 @@ def test_triton_backward_paths_interpreted(deterministic):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.gpu
-def test_gpu_backward_is_bit_identical_in_deterministic_mode():
+def deterministic_gpu_run(device, runs=1, backend="auto"):
+    """The gradients of `runs` backward passes under torch.use_deterministic_algorithms(True),
+    and the inputs (bench/compile_check.py runs it on meta tensors)."""
     sample = make(case(N=2, Lq=500, M=8, D=32, P=4, levels=((32, 32), (16, 16), (8, 8), (4, 4)), loc="inside"),
-                  torch.float32, 0).to("cuda")
-    value, shapes, starts, loc, attn = sample.args
-    dout = torch.randn(2, 500, 256, device="cuda")
+                  torch.float32, 0).to(device)
+    dout = torch.randn(2, 500, 256).to(device)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [_grads(ms_deform_attn, value, shapes, starts, loc, attn, dout)[1:] for _ in range(2)]
+        grads = [_grads(lambda *a: ms_deform_attn(*a, backend=backend), *sample.args, dout)[1:]
+                 for _ in range(runs)]
     finally:
         torch.use_deterministic_algorithms(before)
+    return grads, sample.args, dout
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bit_identical_in_deterministic_mode():
+    runs, (value, shapes, starts, loc, attn), dout = deterministic_gpu_run("cuda", runs=2)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     ref = _grads(ms_deform_attn_ref, value, shapes, starts, loc, attn, dout)[1:]
     for got, want in zip(runs[0], ref):

@@ -28,6 +28,16 @@ class MSDeformAttn(nn.Module):
         n_levels: feature levels; n_heads: attention heads; n_points: sampling
             points per head and level.
         backend: the :func:`ms_deform_attn` backend (keyword only).
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import MSDeformAttn
+        >>> attn = MSDeformAttn(64, n_levels=2, n_heads=4, n_points=2)
+        >>> shapes, starts = torch.tensor([[8, 8], [4, 4]]), torch.tensor([0, 64])
+        >>> x = torch.randn(1, 80, 64)
+        >>> attn(x, torch.rand(1, 80, 2, 2), x, shapes, starts).shape
+        torch.Size([1, 80, 64])
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, *,

@@ -13,10 +13,10 @@ Every value read is masked to the positions [0, S) of its batch element, so
 level tables that do not tile value (direct calls of the op, not checked on
 CUDA) read wrong values, never outside value.
 
-Forward (``_fwd_kernel``): the sum over levels and points of the weighted
+Forward (``_msda_fwd_kernel``): the sum over levels and points of the weighted
 bilinear samples, accumulated in float32.
 
-Backward (``_bwd_sample_kernel``, same programs): each sample's location and
+Backward (``_msda_bwd_sample_kernel``, same programs): each sample's location and
 weight gradients (gathers only: the sample's four corners against its dout
 row). The value gradient is a scatter of w_k * a * dout to the corners:
 
@@ -25,7 +25,7 @@ row). The value gradient is a scatter of w_k * a * dout to the corners:
 * under torch.use_deterministic_algorithms(True) the kernel writes each
   (sample, corner)'s destination row and coefficient instead; the launcher
   sorts them by destination (stable: sample order within a row), and
-  ``_dvalue_gather_kernel`` sums every value row's contributions in that
+  ``_msda_dvalue_gather_kernel`` sums every value row's contributions in that
   order: bit-identical runs.
 
 Runs on CPU tensors under TRITON_INTERPRET=1 as well; nothing newer than
@@ -82,7 +82,7 @@ def _load_rows(value, r, v, d, dmask, D):
 
 
 @triton.jit
-def _fwd_kernel(value, shapes, starts, loc, attn, out, NLq, Lq, S, M, D, L, P,
+def _msda_fwd_kernel(value, shapes, starts, loc, attn, out, NLq, Lq, S, M, D, L, P,
                 BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     m = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -116,7 +116,7 @@ def _scatter_corner(dvalue, keys, coefs, e, r, v, c, g, d, dmask, D, none, rmask
 
 
 @triton.jit
-def _bwd_sample_kernel(dout, value, shapes, starts, loc, attn, dloc, dattn, dvalue, keys, coefs,
+def _msda_bwd_sample_kernel(dout, value, shapes, starts, loc, attn, dloc, dattn, dvalue, keys, coefs,
                        NLq, Lq, S, M, D, L, P, none, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                        DETERMINISTIC: tl.constexpr):
     m = tl.program_id(1)
@@ -148,7 +148,7 @@ def _bwd_sample_kernel(dout, value, shapes, starts, loc, attn, dloc, dattn, dval
 
 
 @triton.jit
-def _dvalue_gather_kernel(dout, order, coefs, bounds, dvalue, LP, D, BLOCK_D: tl.constexpr):
+def _msda_dvalue_gather_kernel(dout, order, coefs, bounds, dvalue, LP, D, BLOCK_D: tl.constexpr):
     """Value row r: the sum, in sorted order, of coef * dout row of its contributions
     (order[bounds[r]:bounds[r + 1]] are (sample, corner) indexes e; sample e // 4 has
     dout row e // 4 // LP)."""
@@ -181,7 +181,7 @@ def ms_deform_attn_fwd(value, value_spatial_shapes, value_level_start_index, sam
     out = value.new_empty((N, Lq, M * D))
     if out.numel() == 0:
         return out.zero_()
-    _fwd_kernel[_grid(N, Lq, M)](value, value_spatial_shapes, value_level_start_index, sampling_locations,
+    _msda_fwd_kernel[_grid(N, Lq, M)](value, value_spatial_shapes, value_level_start_index, sampling_locations,
                                  attention_weights, out, N * Lq, Lq, S, M, D, L, P, BLOCK_Q=BLOCK_Q,
                                  BLOCK_D=triton.next_power_of_2(max(D, 1)))
     return out
@@ -206,7 +206,7 @@ def ms_deform_attn_bwd(dout, value, value_spatial_shapes, value_level_start_inde
         dvalue = torch.zeros(value.shape, **f32)
         keys = coefs = dvalue  # unused
     block_d = triton.next_power_of_2(D)
-    _bwd_sample_kernel[_grid(N, Lq, M)](dout, value, value_spatial_shapes, value_level_start_index,
+    _msda_bwd_sample_kernel[_grid(N, Lq, M)](dout, value, value_spatial_shapes, value_level_start_index,
                                         sampling_locations, attention_weights, dloc, dattn, dvalue, keys, coefs,
                                         N * Lq, Lq, S, M, D, L, P, N * S * M, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d,
                                         DETERMINISTIC=deterministic)
@@ -217,5 +217,5 @@ def ms_deform_attn_bwd(dout, value, value_spatial_shapes, value_level_start_inde
         return dvalue, dloc, dattn
     sorted_keys, order = torch.sort(keys, stable=True)
     bounds = torch.searchsorted(sorted_keys, torch.arange(rows + 1, device=value.device, dtype=torch.int64))
-    _dvalue_gather_kernel[(rows,)](dout, order, coefs, bounds, dvalue, L * P, D, BLOCK_D=block_d)
+    _msda_dvalue_gather_kernel[(rows,)](dout, order, coefs, bounds, dvalue, L * P, D, BLOCK_D=block_d)
     return dvalue, dloc, dattn
