@@ -182,7 +182,7 @@ def test_triton_kernels_stay_inside_value_with_inconsistent_tables(deterministic
     a NaN-filled buffer, so a read outside it shows as NaN; dvalue's neighbours stay untouched."""
     import_triton_kernels_interpreted("fastvision.triton.deform_attn")
     from fastvision.triton import deform_attn as tk
-    value, _, _, loc, attn = make(case(loc="inside"), torch.float32, 0).args
+    value, _, _, loc, attn = make(case(N=1, Lq=3, P=2, loc="inside"), torch.float32, 0).args
     buf = torch.full((value.numel() * 3,), float("nan"))
     inner = buf[value.numel():2 * value.numel()].view(value.shape)
     inner.copy_(value)

@@ -42,7 +42,13 @@ from ._bilinear import bilinear_coordinate_grads, bilinear_corners, bilinear_wei
 
 __all__ = ["ms_deform_attn_fwd", "ms_deform_attn_bwd"]
 
-BLOCK_Q = 16
+MAX_TILE = 512  # BLOCK_Q * BLOCK_D: the dout tile and four corner tiles stay in registers
+
+
+def _blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_D): up to 16 query rows, fewer for wide heads."""
+    block_d = triton.next_power_of_2(max(D, 1))
+    return max(1, min(16, MAX_TILE // block_d)), block_d
 
 
 @triton.jit
@@ -82,14 +88,18 @@ def _load_rows(value, r, v, d, dmask, D):
 
 
 @triton.jit
-def _msda_fwd_kernel(value, shapes, starts, loc, attn, out, NLq, Lq, S, M, D, L, P,
-                BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    m = tl.program_id(1)
+def _program_rows(NLq, Lq, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head m, its BLOCK_Q flat (batch, query) rows (int64), their mask and
+    batch index, and the channel offsets d and their mask."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rmask = rows < NLq
-    n = rows // Lq
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+    return tl.program_id(1), rows, rows < NLq, rows // Lq, d, d < D
+
+
+@triton.jit
+def _msda_fwd_kernel(value, shapes, starts, loc, attn, out, NLq, Lq, S, M, D, L, P,
+                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    m, rows, rmask, n, d, dmask = _program_rows(NLq, Lq, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for l in range(L):
         for p in range(P):
@@ -117,14 +127,9 @@ def _scatter_corner(dvalue, keys, coefs, e, r, v, c, g, d, dmask, D, none, rmask
 
 @triton.jit
 def _msda_bwd_sample_kernel(dout, value, shapes, starts, loc, attn, dloc, dattn, dvalue, keys, coefs,
-                       NLq, Lq, S, M, D, L, P, none, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DETERMINISTIC: tl.constexpr):
-    m = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rmask = rows < NLq
-    n = rows // Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
+                            NLq, Lq, S, M, D, L, P, none, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DETERMINISTIC: tl.constexpr):
+    m, rows, rmask, n, d, dmask = _program_rows(NLq, Lq, D, BLOCK_Q, BLOCK_D)
     g = _load_rows(dout, rows * M + m, rmask, d, dmask, D)
     for l in range(L):
         for p in range(P):
@@ -171,8 +176,8 @@ def _sizes(value, loc):
     return N, S, M, D, Lq, L, P
 
 
-def _grid(N, Lq, M):
-    return (triton.cdiv(N * Lq, BLOCK_Q), M)
+def _grid(N, Lq, M, block_q):
+    return (triton.cdiv(N * Lq, block_q), M)
 
 
 def ms_deform_attn_fwd(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights):
@@ -181,9 +186,10 @@ def ms_deform_attn_fwd(value, value_spatial_shapes, value_level_start_index, sam
     out = value.new_empty((N, Lq, M * D))
     if out.numel() == 0:
         return out.zero_()
-    _msda_fwd_kernel[_grid(N, Lq, M)](value, value_spatial_shapes, value_level_start_index, sampling_locations,
-                                 attention_weights, out, N * Lq, Lq, S, M, D, L, P, BLOCK_Q=BLOCK_Q,
-                                 BLOCK_D=triton.next_power_of_2(max(D, 1)))
+    block_q, block_d = _blocks(D)
+    _msda_fwd_kernel[_grid(N, Lq, M, block_q)](value, value_spatial_shapes, value_level_start_index,
+                                               sampling_locations, attention_weights, out, N * Lq, Lq, S, M, D, L, P,
+                                               BLOCK_Q=block_q, BLOCK_D=block_d)
     return out
 
 
@@ -205,11 +211,12 @@ def ms_deform_attn_bwd(dout, value, value_spatial_shapes, value_level_start_inde
     else:
         dvalue = torch.zeros(value.shape, **f32)
         keys = coefs = dvalue  # unused
-    block_d = triton.next_power_of_2(D)
-    _msda_bwd_sample_kernel[_grid(N, Lq, M)](dout, value, value_spatial_shapes, value_level_start_index,
-                                        sampling_locations, attention_weights, dloc, dattn, dvalue, keys, coefs,
-                                        N * Lq, Lq, S, M, D, L, P, N * S * M, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d,
-                                        DETERMINISTIC=deterministic)
+    block_q, block_d = _blocks(D)
+    _msda_bwd_sample_kernel[_grid(N, Lq, M, block_q)](dout, value, value_spatial_shapes, value_level_start_index,
+                                                      sampling_locations, attention_weights, dloc, dattn, dvalue,
+                                                      keys, coefs, N * Lq, Lq, S, M, D, L, P, N * S * M,
+                                                      BLOCK_Q=block_q, BLOCK_D=block_d,
+                                                      DETERMINISTIC=deterministic)
     if not deterministic:
         return dvalue.to(value.dtype), dloc, dattn
     rows = N * S * M

@@ -76,11 +76,12 @@ GRADCHECK = [case(N=1, Lq=3, M=2, D=3, P=2, levels=((3, 4), (2, 1))),
              case(N=1, Lq=2, M=2, D=5, P=1, levels=((5, 2),))]
 OPCHECK = [case(N=2, Lq=3, M=2, D=4, P=2)]
 COMPILE = [case(N=1, Lq=4, M=2, D=8, P=2)]
-TRITON = [case(N=1, Lq=5, M=2, D=6, P=2), case(levels=((4, 4), (1, 3)), loc="grid", Lq=3, D=4, P=2)]
+TRITON = [case(N=1, Lq=5, M=2, D=6, P=2), case(levels=((4, 4), (1, 3)), loc="grid", Lq=3, D=40, P=2)]
 GPU = [c for c in EDGE if c["N"] > 0] + [
     case(N=2, Lq=1360, M=8, D=32, P=4, levels=((32, 32), (16, 16), (8, 8), (4, 4)), loc="inside"),
     case(N=2, Lq=300, M=8, D=32, P=4, levels=((40, 57), (20, 29), (10, 15), (5, 8)), loc="border"),
-    case(N=1, Lq=100, M=4, D=48, P=4, levels=((23, 31), (12, 16)), loc="border")]
+    case(N=1, Lq=100, M=4, D=48, P=4, levels=((23, 31), (12, 16)), loc="border"),
+    case(N=2, Lq=64, M=2, D=260, P=2, levels=((9, 13), (5, 7)), loc="border")]  # wide heads: 1 query row a program
 FUZZ = [(case(N=1, Lq=2, M=2, D=3, P=2), dt) for dt in (torch.float64, torch.float16, torch.bfloat16)]
 
 
