@@ -73,7 +73,8 @@ FV_CPU_CLONES void forward_queries(const MsdaSizes& s, const Ptrs<T>& a, int64_t
 }
 
 // Every sample of batch n, head m, level l, in query order: its location and
-// weight gradients, and its share of the level's value gradient (owned here).
+// weight gradients, and its share of the level's value gradient (owned here:
+// zeroed here too, so that the pages are first touched by the thread using them).
 template <typename T>
 FV_CPU_CLONES void backward_level(const MsdaSizes& s, const Ptrs<T>& a, int64_t n, int64_t m, int64_t l) {
   const int64_t M = s.M, D = s.D, L = s.L, P = s.P, MD = M * D;
@@ -81,6 +82,7 @@ FV_CPU_CLONES void backward_level(const MsdaSizes& s, const Ptrs<T>& a, int64_t 
   const int64_t level = (n * s.S + s.start[l]) * MD + m * D;
   const T* value = a.value + level;
   T* dvalue = a.dvalue + level;
+  for (int64_t pix = 0; pix < H * W; ++pix) std::fill(dvalue + pix * MD, dvalue + pix * MD + D, T(0));
   for (int64_t q = 0; q < s.Lq; ++q) {
     const T* __restrict g = a.dout + ((n * s.Lq + q) * M + m) * D;
     const int64_t sample0 = (((n * s.Lq + q) * M + m) * L + l) * P;
@@ -138,7 +140,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const MsdaSizes& s, const Tensor& dout,
                                                  const Tensor& value, const Tensor& loc, const Tensor& attn) {
   const ScalarType t = acc_scalar_type<T>();
-  Tensor dvalue = alloc_zeros(op, "dvalue", value, sizes_of(value), t);
+  Tensor dvalue = alloc_empty(op, "dvalue", value, sizes_of(value), t);  // each task zeroes its block
   Tensor dloc = alloc_empty(op, "dsampling_locations", loc, sizes_of(loc), t);
   Tensor dattn = alloc_empty(op, "dattention_weights", attn, sizes_of(attn), t);
   Ptrs<T> a{value.const_data_ptr<T>(), loc.const_data_ptr<T>(), attn.const_data_ptr<T>(), dout.const_data_ptr<T>(),
