@@ -220,7 +220,8 @@ def test_workloads():
             td._scan_grads(td._scan_inputs("meta", batch=4, dim=64, N=16, L=300, groups=1), "triton")
             td._na_grads(*td._na_inputs("meta"), "triton")
             import test_deform_attn as tda  # its GPU test's deterministic backward (sorted gather)
-            tda.deterministic_gpu_run("meta", backend="triton")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                tda.deterministic_gpu_run("meta", backend="triton", dtype=dtype)
     yield "tests:deterministic", torch.float32, deterministic
 
     def model(builder):

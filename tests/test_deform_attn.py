@@ -114,12 +114,12 @@ def test_triton_backward_paths_interpreted(deterministic):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def deterministic_gpu_run(device, runs=1, backend="auto"):
+def deterministic_gpu_run(device, runs=1, backend="auto", dtype=torch.float32):
     """The gradients of `runs` backward passes under torch.use_deterministic_algorithms(True),
     and the inputs (bench/compile_check.py runs it on meta tensors)."""
     sample = make(case(N=2, Lq=500, M=8, D=32, P=4, levels=((32, 32), (16, 16), (8, 8), (4, 4)), loc="inside"),
-                  torch.float32, 0).to(device)
-    dout = torch.randn(2, 500, 256).to(device)
+                  dtype, 0).to(device)
+    dout = torch.randn(2, 500, 256).to(device, dtype)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -131,12 +131,13 @@ def deterministic_gpu_run(device, runs=1, backend="auto"):
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_bit_identical_in_deterministic_mode():
-    runs, (value, shapes, starts, loc, attn), dout = deterministic_gpu_run("cuda", runs=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_backward_is_bit_identical_in_deterministic_mode(dtype):
+    runs, (value, shapes, starts, loc, attn), dout = deterministic_gpu_run("cuda", runs=2, dtype=dtype)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    ref = _grads(ms_deform_attn_ref, value, shapes, starts, loc, attn, dout)[1:]
+    ref = _grads(ms_deform_attn_ref, value.float(), shapes, starts, loc.float(), attn.float(), dout.float())[1:]
     for got, want in zip(runs[0], ref):
-        assert_close(got, want, scale=20)
+        assert_close(got, want, dtype, scale=20 if dtype == torch.float32 else 4)
 
 
 @pytest.mark.gpu
