@@ -219,6 +219,9 @@ def test_workloads():
         with td.deterministic():
             td._scan_grads(td._scan_inputs("meta", batch=4, dim=64, N=16, L=300, groups=1), "triton")
             td._na_grads(*td._na_inputs("meta"), "triton")
+            import test_deform_attn as tda  # its GPU test's deterministic backward (sorted gather)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                tda.deterministic_gpu_run("meta", backend="triton", dtype=dtype)
     yield "tests:deterministic", torch.float32, deterministic
 
     def model(builder):
@@ -245,7 +248,8 @@ def bench_shapes() -> dict[str, list[dict]]:
 
 def bench_workloads():
     import torch
-    from fastvision.ops import bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan
+    from fastvision.ops import (bi_selective_scan, criss_cross_attention, ms_deform_attn, na1d, na2d, na3d,
+                                selective_scan)
     shapes = bench_shapes()
 
     def scan_inputs(s, dtype):
@@ -304,7 +308,14 @@ def bench_workloads():
             out = super_token_upsample(stokens, affinity, s["stoken"], s["size"], backend="triton")
         _grad(out.sum(), [x])
 
-    run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca,
+    def msda(s, dtype):
+        from fastvision.bench.suites.ms_deform_attn import make_inputs
+        x, _ = make_inputs(s, "meta", dtype)
+        out = ms_deform_attn(x["value"], x["value_spatial_shapes"], x["value_level_start_index"],
+                             x["sampling_locations"], x["attention_weights"], backend="triton")
+        _grad(out.sum(), [x["value"], x["sampling_locations"], x["attention_weights"]])
+
+    run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca, "ms_deform_attn": msda,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
            "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode,
            "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}

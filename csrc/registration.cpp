@@ -59,6 +59,22 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "criss_cross_bwd(Tensor dout, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse) "
       "-> (Tensor dquery, Tensor dkey, Tensor dvalue)");
 
+  // ---- multi-scale deformable attention (Deformable DETR) -------------------
+  // value (N, S, M, D), S = sum_l H_l W_l, the levels' (H_l, W_l) row-major
+  // maps concatenated; value_spatial_shapes (L, 2) int64 (H_l, W_l);
+  // value_level_start_index (L,) int64, their exclusive cumsum (checked);
+  // sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1] (outside reads
+  // zeros); attention_weights (N, Lq, M, L, P); out (N, Lq, M * D). A point
+  // samples level l at pixel (y H_l - 0.5, x W_l - 0.5), bilinear, zeros outside
+  // (csrc/common/bilinear.h), as ms_deform_attn_core_pytorch's grid_sample.
+  m.def(
+      "ms_deform_attn_fwd(Tensor value, Tensor value_spatial_shapes, Tensor value_level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor out");
+  m.def(
+      "ms_deform_attn_bwd(Tensor dout, Tensor value, Tensor value_spatial_shapes, "
+      "Tensor value_level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor dvalue, Tensor dsampling_locations, Tensor dattention_weights)");
+
   // ---- mask codecs: COCO RLE (pycocotools' format), Text4Seg R-RLE -----------
   // Not differentiable. A batch of N RLEs is counts (all masks' counts,
   // concatenated; int64), offsets (N + 1; mask i owns counts[offsets[i]:offsets[i+1]])

@@ -8,8 +8,9 @@ backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
 not a power of two, additional_keys/values), criss_cross_attention on
 Triton (several w, partner and channel blocks; H or W = 1) and super token
-sampling + upsampling on Triton (padding, n_iter 2, 320 channels) in float32,
-float16 and bfloat16.
+sampling + upsampling on Triton (padding, n_iter 2, 320 channels) and
+ms_deform_attn on Triton (Deformable DETR's 4 levels, samples across every
+border; a head dim of 96 on a 7 x 1 level) in float32, float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
 on any device: ``bench/compile_check.py`` runs the fast path of every case on
@@ -28,10 +29,11 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import (bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan,
-                            super_token_sampling, super_token_upsample)
+from fastvision.ops import (bi_selective_scan, criss_cross_attention, ms_deform_attn, na1d, na2d, na3d,
+                            selective_scan, super_token_sampling, super_token_upsample)
 from fastvision.testing import assert_close
 
+import conformance.deform_attn as tda
 import conformance.neighborhood as tn
 import conformance.selective_scan as tss
 
@@ -92,6 +94,10 @@ CASES = [
     SmokeCase("stoken-s8-padded", "stoken", dict(batch=2, C=64, H=30, W=27, stoken=(8, 8), n_iter=1)),
     SmokeCase("stoken-s4x3-iter2-c96", "stoken", dict(batch=1, C=96, H=17, W=20, stoken=(4, 3), n_iter=2)),
     SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
+    # Multi-scale deformable attention: Deformable DETR's 4 levels (borders crossed), a wide head.
+    SmokeCase("msda-detr-levels", "msda", dict(N=2, Lq=200, M=8, D=32, P=4,
+                                               levels=((32, 40), (16, 20), (8, 10), (4, 5)))),
+    SmokeCase("msda-d96-one-level", "msda", dict(N=1, Lq=50, M=2, D=96, P=3, levels=((7, 1),))),
 ]
 
 
@@ -125,6 +131,9 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
     elif case.kind == "stoken":
         g = torch.Generator().manual_seed(seed)
         x = dict(x=torch.randn(p["batch"], p["C"], p["H"], p["W"], generator=g).to(device, dtype))
+    elif case.kind == "msda":
+        value, _, _, loc, attn = tda.make(tda.case(**p), dtype, seed).to(device).args
+        x = dict(value=value, sampling_locations=loc, attention_weights=attn)
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -145,6 +154,10 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
     if case.kind == "cca":
         return {"out": criss_cross_attention(x["q"], x["k"], x["v"], backend=backend)}
+    if case.kind == "msda":
+        shapes, starts = (t.to(x["value"].device) for t in tda.tables(p["levels"]))
+        return {"out": ms_deform_attn(x["value"], shapes, starts, x["sampling_locations"], x["attention_weights"],
+                                      backend=backend)}
     if case.kind == "stoken":
         stokens, affinity = super_token_sampling(x["x"], p["stoken"], p["n_iter"], backend=backend)
         # A nonlinearity between the ops, so that both backward kernels see a general gradient.
@@ -223,6 +236,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         p = dict(p, batch=1, spatial=spatial, heads=p["heads"] // p["kv_heads"], kv_heads=1)
     elif case.kind == "cca":
         p = dict(B=1, Cqk=min(p["Cqk"], 4), C=min(p["C"], 12), H=min(p["H"], 10), W=min(p["W"], 12))
+    elif case.kind == "msda":
+        p = dict(p, N=1, Lq=min(p["Lq"], 4), M=min(p["M"], 2), P=min(p["P"], 2), levels=p["levels"][:2])
     elif case.kind == "stoken":
         p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
     else:

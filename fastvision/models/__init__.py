@@ -19,3 +19,10 @@ __all__ += ["ccnet_head"]
 from fastvision.models.stvit import STViT, stvit_base, stvit_large, stvit_small
 
 __all__ += ["STViT", "stvit_small", "stvit_base", "stvit_large"]
+
+from fastvision.models.deformable_detr import (
+    DeformableTransformerEncoder, DeformableTransformerEncoderLayer, deformable_encoder, flatten_levels,
+)
+
+__all__ += ["DeformableTransformerEncoder", "DeformableTransformerEncoderLayer", "deformable_encoder",
+            "flatten_levels"]

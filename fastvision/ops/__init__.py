@@ -28,3 +28,11 @@ __all__ += ["super_token_sampling", "super_token_upsample"]
 from .super_token_layers import StokenAttention
 
 __all__ += ["StokenAttention"]
+
+from .deform_attn import ms_deform_attn
+
+__all__ += ["ms_deform_attn"]
+
+from .deform_attn_layers import MSDeformAttn
+
+__all__ += ["MSDeformAttn"]
