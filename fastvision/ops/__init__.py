@@ -28,3 +28,11 @@ __all__ += ["super_token_sampling", "super_token_upsample"]
 from .super_token_layers import StokenAttention
 
 __all__ += ["StokenAttention"]
+
+from .deform_conv import deform_conv2d
+
+__all__ += ["deform_conv2d"]
+
+from .deform_conv_layers import DeformConv2d
+
+__all__ += ["DeformConv2d"]
