@@ -6,7 +6,7 @@ torchvision itself is compared in tests/test_deform_conv_torchvision.py where it
 * Sampling at the borders: y <= -1, y >= H, x <= -1, x >= W read 0, exactly at
   -1 and H too; a corner outside the image reads 0.
 * Determinism: the CPU backward is bit-identical twice, across thread counts and
-  in deterministic mode.
+  in deterministic mode; on a GPU (``-m gpu``) the Triton backward twice.
 * bfloat16 backward runs and matches float32.
 * The layer: torchvision's parameter names, shapes and initialisation.
 * Direct calls' errors (C++ entry points) and the Triton launchers with small
@@ -224,3 +224,20 @@ def test_triton_launchers_with_small_blocks(use_mask):
     expect = torch.ops.fastvision.deform_conv2d_bwd(dout, x, off, w, m, *args)
     for name, a, e in zip(("dinput", "doffset", "dweight", "dmask"), got, expect):
         assert_close(a, e, scale=20, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_backward_is_bit_identical_twice(dtype):
+    s = [t.cuda() for t in _sample(dtype)]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _grads(s, "triton"), _grads(s, "triton")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    default = _grads(s, "auto")  # the default path is the same deterministic kernels
+    for a, b in zip(first, default):
+        assert torch.equal(a, b)

@@ -41,6 +41,17 @@ __all__ = ["deform_conv2d_fwd", "deform_conv2d_bwd"]
 
 
 @triton.jit
+def _corner_values(plane, at, W, valid, m0, m1, m2, m3):
+    """The four corners' values (float32, 0 where invalid) of samples whose top-left
+    corner is at offset `at` of their channel planes."""
+    v0 = tl.load(plane + at, mask=valid & m0, other=0.0).to(tl.float32)
+    v1 = tl.load(plane + at + 1, mask=valid & m1, other=0.0).to(tl.float32)
+    v2 = tl.load(plane + at + W, mask=valid & m2, other=0.0).to(tl.float32)
+    v3 = tl.load(plane + at + W + 1, mask=valid & m3, other=0.0).to(tl.float32)
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _sample_block(X, OFF, M, b, c, cmask, k, p, pmask, Cin, H, W, G, Cog, K, P, Wo, kw,
                   sh, sw, ph, pw, dh, dw, HAS_MASK: tl.constexpr):
     """mask * bilinear sample of channels c (BC) at kernel point k of positions p (BP):
@@ -59,11 +70,7 @@ def _sample_block(X, OFF, M, b, c, cmask, k, p, pmask, Cin, H, W, G, Cog, K, P, 
     y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
     w0, w1, w2, w3 = bilinear_weights(ly, lx, m0, m1, m2, m3)
     plane = X + ((b * Cin + c).to(tl.int64) * H * W)[None, :]
-    at = y0 * W + x0
-    v0 = tl.load(plane + at, mask=valid & m0, other=0.0).to(tl.float32)
-    v1 = tl.load(plane + at + 1, mask=valid & m1, other=0.0).to(tl.float32)
-    v2 = tl.load(plane + at + W, mask=valid & m2, other=0.0).to(tl.float32)
-    v3 = tl.load(plane + at + W + 1, mask=valid & m3, other=0.0).to(tl.float32)
+    v0, v1, v2, v3 = _corner_values(plane, y0 * W + x0, W, valid, m0, m1, m2, m3)
     val = w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3
     if HAS_MASK:
         m = tl.load(M + (ob * P)[None, :] + p[:, None], mask=valid, other=0.0).to(tl.float32)
@@ -150,10 +157,8 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
                     dcol += tl.dot(g_out, wt)
             tl.store(dCol + ((b * K + k) * P + p).to(tl.int64)[:, None] * Cin + c[None, :], dcol, mask=valid)
             plane = X + ((b * Cin + c).to(tl.int64) * H * W)[None, :]
-            v0 = tl.load(plane + at, mask=valid & m0[:, None], other=0.0).to(tl.float32)
-            v1 = tl.load(plane + at + 1, mask=valid & m1[:, None], other=0.0).to(tl.float32)
-            v2 = tl.load(plane + at + W, mask=valid & m2[:, None], other=0.0).to(tl.float32)
-            v3 = tl.load(plane + at + W + 1, mask=valid & m3[:, None], other=0.0).to(tl.float32)
+            v0, v1, v2, v3 = _corner_values(plane, at, W, valid, m0[:, None], m1[:, None], m2[:, None],
+                                            m3[:, None])
             gy, gx = bilinear_coordinate_grads(v0, v1, v2, v3, ly[:, None], lx[:, None])
             t_dy += tl.sum(dcol * gy, axis=1)
             t_dx += tl.sum(dcol * gx, axis=1)
