@@ -201,7 +201,7 @@ def _dc_bwd_weight_kernel(X, OFF, M, dO, dW, B, Cin, H, W, Cout, Cg, Og, Cog, G,
 
 
 @triton.jit
-def _dc_bwd_input_kernel(dCol, Start, Src, Wgt, dX, Cin, HW, Cog, G, n_qb,
+def _dc_bwd_input_kernel(dX, dCol, Start, Src, Wgt, Cin, HW, Cog, G, n_qb,
                          BQ: tl.constexpr, BC: tl.constexpr):
     """dinput[b, c, q] = sum over pixel q's pairs (in order) of w * dcol[b, k, p, c]."""
     pid = tl.program_id(0)
@@ -340,5 +340,5 @@ def deform_conv2d_bwd(dout, input, offset, weight, mask, stride, padding, dilati
     BQ = 32
     n_qb = triton.cdiv(s["H"] * s["W"], BQ)
     _dc_bwd_input_kernel[(s["B"] * s["G"] * n_qb, triton.cdiv(s["Cog"], bs["BC"]))](
-        dcol, start, src, wgt, dinput, s["Cin"], s["H"] * s["W"], s["Cog"], s["G"], n_qb, BQ=BQ, BC=bs["BC"])
+        dinput, dcol, start, src, wgt, s["Cin"], s["H"] * s["W"], s["Cog"], s["G"], n_qb, BQ=BQ, BC=bs["BC"])
     return dinput, doffset, dweight, dmask
