@@ -157,9 +157,19 @@ def _dc_gradients(backward, s, g):
     return grads
 
 
-def _dc_limits(backend: str, dtype: torch.dtype) -> str | None:
-    if backend == "triton" and dtype == torch.float64:
+# The Triton weight-gradient kernel's grid has one block per kernel point on its third
+# axis (at most 65535 blocks), the forward one per weight group.
+MAX_TRITON_GRID = 65535
+
+
+def _dc_limits(backend: str, dtype: torch.dtype, kernel_points: int = 1, groups: int = 1) -> str | None:
+    if backend != "triton":
+        return None
+    if dtype == torch.float64:
         return "has no float64 kernels (tl.dot); use backend='reference' or CPU tensors"
+    if max(kernel_points, groups) > MAX_TRITON_GRID:
+        return (f"supports up to {MAX_TRITON_GRID} kernel points (kh * kw) and weight groups; got "
+                f"{kernel_points} and {groups}")
     return None
 
 
@@ -214,7 +224,8 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
         torch.Size([2, 16, 8, 8])
     """
     stride, padding, dilation = _check_args(input, offset, weight, bias, stride, padding, dilation, mask)
-    path = _DC.resolve(backend, input.device, dtype=input.dtype)
+    path = _DC.resolve(backend, input.device, dtype=input.dtype, kernel_points=weight.shape[2] * weight.shape[3],
+                       groups=input.shape[1] // weight.shape[1])
     if path == "reference":
         return deform_conv2d_ref(input, offset, weight, bias, stride, padding, dilation, mask)
     contiguous = [t.contiguous() if t is not None else None for t in (input, offset, weight, bias, mask)]

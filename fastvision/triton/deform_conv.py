@@ -155,7 +155,7 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
                     dcol += tl.dot(g_out.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
                 else:
                     dcol += tl.dot(g_out, wt)
-            tl.store(dCol + ((b * K + k) * P + p).to(tl.int64)[:, None] * Cin + c[None, :], dcol, mask=valid)
+            tl.store(dCol + ((b.to(tl.int64) * K + k) * P + p)[:, None] * Cin + c[None, :], dcol, mask=valid)
             plane = X + ((b * Cin + c).to(tl.int64) * H * W)[None, :]
             v0, v1, v2, v3 = _corner_values(plane, at, W, valid, m0[:, None], m1[:, None], m2[:, None],
                                             m3[:, None])

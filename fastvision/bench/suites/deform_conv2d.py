@@ -27,7 +27,7 @@ CONFIG = "NCHW, DCNv2 (with mask), stride 1, padding k // 2, dilation 1, bias, o
 
 
 def _facts(shape: dict) -> dict:
-    return {"dtype": torch.float32}
+    return {"dtype": torch.float32, "kernel_points": shape["k"] ** 2, "groups": 1}
 
 
 def make_inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple[Inputs, torch.Tensor]:
