@@ -13,13 +13,14 @@ registers (offsets, corners, mask) and fed to ``tl.dot`` with the weight tile
 float32 inputs with ``input_precision="ieee"`` (no TF32).
 
 Backward, deterministic (no atomics; every program owns what it writes):
-    ``_dc_bwd_col_kernel``, per (image, position block, offset group): the
+    ``_dc_bwd_col_kernel``, per (image, position block, offset group, kernel point): the
     column gradients dcol = dout^T W (tl.dot over output channels), stored as
     (B, K, P, Cin) float32 for the input gradient, and doffset / dmask from
     dcol and the corner values, summed over the group's channels in order.
     ``_dc_bwd_weight_kernel``, per (weight group, output block, channel block,
-    kernel point): dweight = dout x columns, the columns sampled in registers
-    again, summed over images and positions in order.
+    kernel point, split): dweight = dout x columns, the columns sampled in
+    registers again, summed over a fixed range of images and positions; the
+    float32 splits are then summed in order.
     ``_dc_bwd_input_kernel``: the input gradient as a gather. The (sample,
     corner) pairs are sorted by the pixel they touch (a stable sort: a fixed
     order) and each pixel sums its pairs' mask * weight * dcol.
@@ -120,84 +121,87 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
     p = (pid % n_pb) * BP + tl.arange(0, BP)
     pmask = p < P
     go = tl.program_id(1)
+    k = tl.program_id(2)
     oh = p // Wo
     ow = p % Wo
-    for k in range(0, K):
-        i = k // kw
-        j = k % kw
-        ob = ((b * G + go) * K + k).to(tl.int64)
-        dy = tl.load(OFF + ob * 2 * P + p, mask=pmask, other=0.0).to(tl.float32)
-        dx = tl.load(OFF + ob * 2 * P + P + p, mask=pmask, other=0.0).to(tl.float32)
-        y = (oh * sh - ph + i * dh).to(tl.float32) + dy
-        x = (ow * sw - pw + j * dw).to(tl.float32) + dx
-        y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
-        w0, w1, w2, w3 = bilinear_weights(ly, lx, m0, m1, m2, m3)
-        at = (y0 * W + x0)[:, None]
-        t_dy = tl.zeros([BP], dtype=tl.float32)
-        t_dx = tl.zeros([BP], dtype=tl.float32)
-        t_m = tl.zeros([BP], dtype=tl.float32)
-        for c0 in range(go * Cog, go * Cog + Cog, BC):
-            c = c0 + tl.arange(0, BC)
-            cmask = c < go * Cog + Cog
-            valid = pmask[:, None] & cmask[None, :]
-            # dcol[p, c] = sum over c's weight group's outputs of dout[co, p] * weight[co, c - gw * Cg, k]
-            gw = c // Cg
-            co_lo = (c0 // Cg) * Og
-            co_hi = (tl.minimum(c0 + BC, go * Cog + Cog) - 1) // Cg * Og + Og
-            dcol = tl.zeros([BP, BC], dtype=tl.float32)
-            for o0 in range(co_lo, co_hi, BO):
-                co = o0 + tl.arange(0, BO)
-                g_out = tl.load(dO + ((b * Cout + co).to(tl.int64) * P)[None, :] + p[:, None],
-                                mask=pmask[:, None] & (co < co_hi)[None, :], other=0.0)
-                wmask = (co[:, None] // Og == gw[None, :]) & cmask[None, :] & (co < co_hi)[:, None]
-                wt = tl.load(Wt + (co[:, None] * Cg + (c - gw * Cg)[None, :]) * K + k, mask=wmask, other=0.0)
-                if IEEE:
-                    dcol += tl.dot(g_out.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-                else:
-                    dcol += tl.dot(g_out, wt)
-            tl.store(dCol + ((b.to(tl.int64) * K + k) * P + p)[:, None] * Cin + c[None, :], dcol, mask=valid)
-            plane = X + ((b * Cin + c).to(tl.int64) * H * W)[None, :]
-            v0, v1, v2, v3 = _corner_values(plane, at, W, valid, m0[:, None], m1[:, None], m2[:, None],
-                                            m3[:, None])
-            gy, gx = bilinear_coordinate_grads(v0, v1, v2, v3, ly[:, None], lx[:, None])
-            t_dy += tl.sum(dcol * gy, axis=1)
-            t_dx += tl.sum(dcol * gx, axis=1)
-            t_m += tl.sum(dcol * (w0[:, None] * v0 + w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3), axis=1)
-        m = tl.full([BP], 1.0, dtype=tl.float32)
-        if HAS_MASK:
-            m = tl.load(M + ob * P + p, mask=pmask, other=0.0).to(tl.float32)
-            tl.store(dMask + ob * P + p, t_m.to(dMask.dtype.element_ty), mask=pmask)
-        tl.store(dOff + ob * 2 * P + p, (m * t_dy).to(dOff.dtype.element_ty), mask=pmask)
-        tl.store(dOff + ob * 2 * P + P + p, (m * t_dx).to(dOff.dtype.element_ty), mask=pmask)
+    i = k // kw
+    j = k % kw
+    ob = ((b * G + go) * K + k).to(tl.int64)
+    dy = tl.load(OFF + ob * 2 * P + p, mask=pmask, other=0.0).to(tl.float32)
+    dx = tl.load(OFF + ob * 2 * P + P + p, mask=pmask, other=0.0).to(tl.float32)
+    y = (oh * sh - ph + i * dh).to(tl.float32) + dy
+    x = (ow * sw - pw + j * dw).to(tl.float32) + dx
+    y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
+    w0, w1, w2, w3 = bilinear_weights(ly, lx, m0, m1, m2, m3)
+    at = (y0 * W + x0)[:, None]
+    t_dy = tl.zeros([BP], dtype=tl.float32)
+    t_dx = tl.zeros([BP], dtype=tl.float32)
+    t_m = tl.zeros([BP], dtype=tl.float32)
+    for c0 in range(go * Cog, go * Cog + Cog, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < go * Cog + Cog
+        valid = pmask[:, None] & cmask[None, :]
+        # dcol[p, c] = sum over c's weight group's outputs of dout[co, p] * weight[co, c - gw * Cg, k]
+        gw = c // Cg
+        co_lo = (c0 // Cg) * Og
+        co_hi = (tl.minimum(c0 + BC, go * Cog + Cog) - 1) // Cg * Og + Og
+        dcol = tl.zeros([BP, BC], dtype=tl.float32)
+        for o0 in range(co_lo, co_hi, BO):
+            co = o0 + tl.arange(0, BO)
+            g_out = tl.load(dO + ((b * Cout + co).to(tl.int64) * P)[None, :] + p[:, None],
+                            mask=pmask[:, None] & (co < co_hi)[None, :], other=0.0)
+            wmask = (co[:, None] // Og == gw[None, :]) & cmask[None, :] & (co < co_hi)[:, None]
+            wt = tl.load(Wt + (co[:, None] * Cg + (c - gw * Cg)[None, :]) * K + k, mask=wmask, other=0.0)
+            if IEEE:
+                dcol += tl.dot(g_out.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+            else:
+                dcol += tl.dot(g_out, wt)
+        tl.store(dCol + ((b.to(tl.int64) * K + k) * P + p)[:, None] * Cin + c[None, :], dcol, mask=valid)
+        plane = X + ((b * Cin + c).to(tl.int64) * H * W)[None, :]
+        v0, v1, v2, v3 = _corner_values(plane, at, W, valid, m0[:, None], m1[:, None], m2[:, None],
+                                        m3[:, None])
+        gy, gx = bilinear_coordinate_grads(v0, v1, v2, v3, ly[:, None], lx[:, None])
+        t_dy += tl.sum(dcol * gy, axis=1)
+        t_dx += tl.sum(dcol * gx, axis=1)
+        t_m += tl.sum(dcol * (w0[:, None] * v0 + w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3), axis=1)
+    m = tl.full([BP], 1.0, dtype=tl.float32)
+    if HAS_MASK:
+        m = tl.load(M + ob * P + p, mask=pmask, other=0.0).to(tl.float32)
+        tl.store(dMask + ob * P + p, t_m.to(dMask.dtype.element_ty), mask=pmask)
+    tl.store(dOff + ob * 2 * P + p, (m * t_dy).to(dOff.dtype.element_ty), mask=pmask)
+    tl.store(dOff + ob * 2 * P + P + p, (m * t_dx).to(dOff.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
-def _dc_bwd_weight_kernel(X, OFF, M, dO, dW, B, Cin, H, W, Cout, Cg, Og, Cog, G, K, P, Wo, kw,
-                          sh, sw, ph, pw, dh, dw, n_ob,
+def _dc_bwd_weight_kernel(dW, X, OFF, M, dO, Cin, H, W, Cout, Cg, Og, Cog, G, K, P, Wo, kw,
+                          sh, sw, ph, pw, dh, dw, n_ob, n_pb, n_it, per_split,
                           HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
                           BP: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr):
+    """Split s of the sum over (image, position block) iterations [s * per_split, ...):
+    dW[s, co, cw, k] (float32); the splits are summed afterwards in order."""
     gw = tl.program_id(0) // n_ob
     o = (tl.program_id(0) % n_ob) * BO + tl.arange(0, BO)
     omask = o < Og
     co = gw * Og + o
     cw = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = cw < Cg
-    k = tl.program_id(2)
+    k = tl.program_id(2) % K
+    split = tl.program_id(2) // K
     acc = tl.zeros([BO, BC], dtype=tl.float32)
-    for b in range(0, B):
-        for p0 in range(0, P, BP):
-            p = p0 + tl.arange(0, BP)
-            pmask = p < P
-            col = _sample_block(X, OFF, M, b, gw * Cg + cw, cmask, k, p, pmask, Cin, H, W, G, Cog, K, P, Wo, kw,
-                                sh, sw, ph, pw, dh, dw, HAS_MASK)
-            g_out = tl.load(dO + ((b * Cout + co).to(tl.int64) * P)[:, None] + p[None, :],
-                            mask=omask[:, None] & pmask[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(g_out.to(tl.float32), col, input_precision="ieee")
-            else:
-                acc += tl.dot(g_out, col.to(dO.dtype.element_ty))
-    tl.store(dW + (co[:, None] * Cg + cw[None, :]) * K + k, acc.to(dW.dtype.element_ty),
-             mask=omask[:, None] & cmask[None, :])
+    for it in range(split * per_split, tl.minimum(split * per_split + per_split, n_it)):
+        b = it // n_pb
+        p = (it % n_pb) * BP + tl.arange(0, BP)
+        pmask = p < P
+        col = _sample_block(X, OFF, M, b, gw * Cg + cw, cmask, k, p, pmask, Cin, H, W, G, Cog, K, P, Wo, kw,
+                            sh, sw, ph, pw, dh, dw, HAS_MASK)
+        g_out = tl.load(dO + ((b * Cout + co).to(tl.int64) * P)[:, None] + p[None, :],
+                        mask=omask[:, None] & pmask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(g_out.to(tl.float32), col, input_precision="ieee")
+        else:
+            acc += tl.dot(g_out, col.to(dO.dtype.element_ty))
+    dst = dW + split.to(tl.int64) * Cout * Cg * K + (co[:, None] * Cg + cw[None, :]) * K + k
+    tl.store(dst, acc, mask=omask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -238,6 +242,7 @@ BLOCKS = dict(BP=64, BC=16, BO=64)
 # half the positions per block.
 BLOCKS_FP32 = dict(BP=32, BC=16, BO=64)
 LAUNCH = dict(num_warps=4, num_stages=2)
+WEIGHT_PROGRAMS = 1024  # the weight gradient's sum is split until about this many programs run
 
 
 def _blocks(dtype, blocks):
@@ -328,14 +333,23 @@ def deform_conv2d_bwd(dout, input, offset, weight, mask, stride, padding, dilati
     geo = _geometry(s)
     n_pb = triton.cdiv(s["P"], bs["BP"])
     dcol = torch.empty((s["B"], s["K"], s["P"], s["Cin"]), device=input.device, dtype=torch.float32)
-    _dc_bwd_col_kernel[(s["B"] * n_pb, s["G"])](
+    _dc_bwd_col_kernel[(s["B"] * n_pb, s["G"], s["K"])](
         input, offset, m, weight, dout, dcol, doffset, dmask if mask is not None else doffset, *geo, n_pb,
         HAS_MASK=mask is not None, IEEE=ieee, **bs, **LAUNCH)
     n_ob = triton.cdiv(s["Og"], bs["BO"])
     if s["Og"] > 0:
-        _dc_bwd_weight_kernel[(s["groups"] * n_ob, triton.cdiv(s["Cg"], bs["BC"]), s["K"])](
-            input, offset, m, dout, dweight, s["B"], *geo, n_ob, HAS_MASK=mask is not None, IEEE=ieee, **bs,
-            **LAUNCH)
+        # The sum over images and positions in `splits` parts (enough programs to fill a GPU;
+        # a function of the shapes only, so the order of the sums is fixed), added in order.
+        grid = (s["groups"] * n_ob, triton.cdiv(s["Cg"], bs["BC"]), s["K"])
+        n_it = s["B"] * n_pb
+        splits = max(1, min(n_it, WEIGHT_PROGRAMS // (grid[0] * grid[1] * grid[2]), 65535 // s["K"]))
+        per_split = triton.cdiv(n_it, splits)
+        splits = triton.cdiv(n_it, per_split)
+        partial = torch.empty((splits, *weight.shape), device=input.device, dtype=torch.float32)
+        _dc_bwd_weight_kernel[(grid[0], grid[1], s["K"] * splits)](
+            partial, input, offset, m, dout, *geo, n_ob, n_pb, n_it, per_split, HAS_MASK=mask is not None,
+            IEEE=ieee, **bs, **LAUNCH)
+        dweight = partial.sum(0).to(weight.dtype)
     start, src, wgt = _pixel_pairs(offset, mask, s)
     BQ = 32
     n_qb = triton.cdiv(s["H"] * s["W"], BQ)
