@@ -173,7 +173,7 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
 
 
 @triton.jit
-def _dc_bwd_weight_kernel(dW, X, OFF, M, dO, Cin, H, W, Cout, Cg, Og, Cog, G, K, P, Wo, kw,
+def _dc_bwd_weight_kernel(dO, dW, X, OFF, M, Cin, H, W, Cout, Cg, Og, Cog, G, K, P, Wo, kw,
                           sh, sw, ph, pw, dh, dw, n_ob, n_pb, n_it, per_split,
                           HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
                           BP: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr):
@@ -347,7 +347,7 @@ def deform_conv2d_bwd(dout, input, offset, weight, mask, stride, padding, dilati
         splits = triton.cdiv(n_it, per_split)
         partial = torch.empty((splits, *weight.shape), device=input.device, dtype=torch.float32)
         _dc_bwd_weight_kernel[(grid[0], grid[1], s["K"] * splits)](
-            partial, input, offset, m, dout, *geo, n_ob, n_pb, n_it, per_split, HAS_MASK=mask is not None,
+            dout, partial, input, offset, m, *geo, n_ob, n_pb, n_it, per_split, HAS_MASK=mask is not None,
             IEEE=ieee, **bs, **LAUNCH)
         dweight = partial.sum(0).to(weight.dtype)
     start, src, wgt = _pixel_pairs(offset, mask, s)
