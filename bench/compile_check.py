@@ -315,10 +315,20 @@ def bench_workloads():
                              x["sampling_locations"], x["attention_weights"], backend="triton")
         _grad(out.sum(), [x["value"], x["sampling_locations"], x["attention_weights"]])
 
+    def dcn(s, dtype):
+        from fastvision.ops import deform_conv2d
+        B, Cin, Cout, H, W, k, G = (s[n] for n in ("batch", "Cin", "Cout", "H", "W", "k", "G"))
+        m = dict(device="meta", dtype=dtype)
+        t = [torch.empty(B, Cin, H, W, **m), torch.empty(B, 2 * G * k * k, H, W, **m),
+             torch.empty(Cout, Cin, k, k, **m), torch.empty(Cout, **m), torch.empty(B, G * k * k, H, W, **m)]
+        t = [x.requires_grad_() for x in t]
+        _grad(deform_conv2d(t[0], t[1], t[2], t[3], 1, k // 2, 1, t[4], backend="triton").sum(), t)
+
     run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca, "ms_deform_attn": msda,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
            "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode,
-           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}
+           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False),
+           "deform_conv2d": dcn}
     for op, cases in shapes.items():
         if not cases:  # a CPU-only suite
             continue

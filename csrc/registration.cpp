@@ -130,6 +130,22 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
   m.def(
       "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size) "
       "-> (Tensor dstokens, Tensor daffinity)");
+
+  // ---- deformable convolution (DCNv1 / DCNv2; torchvision's deform_conv2d) --
+  // NCHW: input (batch, Cin, H, W); offset (batch, 2 * G * kh * kw, Ho, Wo),
+  // the (dy, dx) pairs of every kernel point (row-major kernel order) of each
+  // of G offset groups (Cin % G == 0); mask (batch, G * kh * kw, Ho, Wo) or
+  // None (DCNv1: all ones); weight (Cout, Cin / groups, kh, kw), groups =
+  // Cin / weight.shape[1]; bias (Cout,) or None; stride, padding, dilation
+  // [h, w]. Zero-padding bilinear sampling (csrc/common/bilinear.h). dmask is
+  // an empty tensor when mask is None; the bias gradient is dout's sum.
+  m.def(
+      "deform_conv2d_fwd(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+      "int[] stride, int[] padding, int[] dilation) -> Tensor out");
+  m.def(
+      "deform_conv2d_bwd(Tensor dout, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+      "int[] stride, int[] padding, int[] dilation) "
+      "-> (Tensor dinput, Tensor doffset, Tensor dweight, Tensor dmask)");
 }
 
 // `import fastvision._C` loads the schemas and CPU kernels (static

@@ -8,8 +8,9 @@ backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
 not a power of two, additional_keys/values), criss_cross_attention on
 Triton (several w, partner and channel blocks; H or W = 1) and super token
-sampling + upsampling on Triton (padding, n_iter 2, 320 channels) and
-ms_deform_attn on Triton (Deformable DETR's 4 levels, samples across every
+sampling + upsampling on Triton (padding, n_iter 2, 320 channels),
+deform_conv2d on Triton (DCNv1 / DCNv2, weight and offset groups, stride,
+kernel 5, offsets across the borders) and ms_deform_attn on Triton (Deformable DETR's 4 levels, samples across every
 border; a head dim of 96 on a 7 x 1 level) in float32, float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
@@ -29,8 +30,8 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import (bi_selective_scan, criss_cross_attention, ms_deform_attn, na1d, na2d, na3d,
-                            selective_scan, super_token_sampling, super_token_upsample)
+from fastvision.ops import (bi_selective_scan, criss_cross_attention, deform_conv2d, ms_deform_attn, na1d, na2d,
+                            na3d, selective_scan, super_token_sampling, super_token_upsample)
 from fastvision.testing import assert_close
 
 import conformance.deform_attn as tda
@@ -94,6 +95,14 @@ CASES = [
     SmokeCase("stoken-s8-padded", "stoken", dict(batch=2, C=64, H=30, W=27, stoken=(8, 8), n_iter=1)),
     SmokeCase("stoken-s4x3-iter2-c96", "stoken", dict(batch=1, C=96, H=17, W=20, stoken=(4, 3), n_iter=2)),
     SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
+    # deform_conv2d: input (B, Cin, H, W), offsets ~ scale * N(0, 1) pixels; every kernel (forward,
+    # column gradients, weight gradient, input-gradient gather).
+    SmokeCase("dcn2-r50-like", "dcn", dict(B=2, Cin=64, Cout=64, H=20, W=21, k=3, stride=1, G=1, groups=1,
+                                           mask=True, scale=1.0)),
+    SmokeCase("dcn1-groups-stride", "dcn", dict(B=1, Cin=48, Cout=40, H=17, W=13, k=3, stride=2, G=3, groups=2,
+                                                mask=False, scale=3.0)),
+    SmokeCase("dcn2-k5-borders", "dcn", dict(B=2, Cin=20, Cout=36, H=9, W=11, k=5, stride=1, G=2, groups=1,
+                                             mask=True, scale=6.0)),
     # Multi-scale deformable attention: Deformable DETR's 4 levels (borders crossed), a wide head.
     SmokeCase("msda-detr-levels", "msda", dict(N=2, Lq=200, M=8, D=32, P=4,
                                                levels=((32, 40), (16, 20), (8, 10), (4, 5)))),
@@ -134,6 +143,16 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
     elif case.kind == "msda":
         value, _, _, loc, attn = tda.make(tda.case(**p), dtype, seed).to(device).args
         x = dict(value=value, sampling_locations=loc, attention_weights=attn)
+    elif case.kind == "dcn":
+        g = torch.Generator().manual_seed(seed)
+        k, B, G = p["k"], p["B"], p["G"]
+        Ho, Wo = (p["H"] + 2 * (k // 2) - k) // p["stride"] + 1, (p["W"] + 2 * (k // 2) - k) // p["stride"] + 1
+        shapes = dict(input=(B, p["Cin"], p["H"], p["W"]), offset=(B, 2 * G * k * k, Ho, Wo),
+                      weight=(p["Cout"], p["Cin"] // p["groups"], k, k), bias=(p["Cout"],))
+        scales = dict(input=1.0, offset=p["scale"], weight=(p["Cin"] // p["groups"] * k * k) ** -0.5, bias=1.0)
+        x = {n: (torch.randn(*shape, generator=g) * scales[n]).to(device, dtype) for n, shape in shapes.items()}
+        if p["mask"]:
+            x["mask"] = torch.rand(B, G * k * k, Ho, Wo, generator=g).to(device, dtype)
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -163,6 +182,10 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         # A nonlinearity between the ops, so that both backward kernels see a general gradient.
         out = super_token_upsample(torch.tanh(stokens), affinity, p["stoken"], (p["H"], p["W"]), backend=backend)
         return {"out": out, "affinity": affinity}
+    if case.kind == "dcn":
+        k = p["k"]
+        return {"out": deform_conv2d(x["input"], x["offset"], x["weight"], x["bias"], p["stride"], k // 2, 1,
+                                     x.get("mask"), backend=backend)}
     out, lse = NA[p["nd"]](x["q"], x["k"], x["v"], p["kernel_size"], p["stride"], p["dilation"],
                            p["is_causal"], None, x.get("additional_keys"), x.get("additional_values"),
                            rpb=x.get("rpb"), return_lse=True, backend=backend)
@@ -240,6 +263,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         p = dict(p, N=1, Lq=min(p["Lq"], 4), M=min(p["M"], 2), P=min(p["P"], 2), levels=p["levels"][:2])
     elif case.kind == "stoken":
         p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
+    elif case.kind == "dcn":
+        p = dict(p, B=1, Cin=p["G"] * p["groups"] * 2, Cout=p["groups"] * 3, H=min(p["H"], 6), W=min(p["W"], 7))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)

@@ -8,7 +8,7 @@
 // fixed query row h, the column logits Ec[i][w] = sum_c Q[c,h,w] K[c,i,w] and
 // the row logits Er[j][w] = sum_c Q[c,h,w] K[c,h,j] are (H + W) x W planes
 // in per-thread scratch, and every product the op needs is one of two forms
-// (fma_planes, fma_scalars below) over such planes. No layout copies, no
+// (fma_planes below, fma_scalars of common/gemm.h) over such planes. No layout copies, no
 // (B, H, W, H + W) tensor.
 //
 // Forward: tasks of (batch, block of up to 16 query rows; a block shares the
@@ -47,14 +47,13 @@
 #include "../common/common.h"
 #include "../common/dtype.h"
 #include "../common/fast_math.h"
+#include "../common/gemm.h"
 #include "../common/parallel.h"
 #include "checks.h"
 
 namespace fastvision::cc {
 namespace {
 
-constexpr int64_t kChunk = 16;  // w per register block (two AVX2 vectors of float)
-constexpr int64_t kOuts = 4;    // outputs per register block (they share the A loads)
 
 // For each of n_rows rows t (out and A shifted by t * out_rs and t * a_rs;
 // B shared): out[o * os + w] (+)= sum_r A[r * as + w] * B[o * bo + r * br + w]
@@ -122,67 +121,6 @@ FV_CPU_CLONES void fma_planes_chunk(T* __restrict out, int64_t n_out, int64_t os
     }
 }
 
-// out[o * os + w] (+)= sum_r A[r * as + w] * S[o * so + r * sr]
-// (rows of a plane weighted by scalars), blocked as fma_planes.
-template <typename T>
-FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t os, const T* __restrict A, int64_t as,
-                               const T* __restrict S, int64_t so, int64_t sr, int64_t n_r, int64_t width,
-                               bool accumulate) {
-  int64_t o0 = 0;
-  for (; o0 + kOuts <= n_out; o0 += kOuts) {
-    int64_t w0 = 0;
-    for (; w0 + kChunk <= width; w0 += kChunk) {
-      T acc[kOuts][kChunk] = {};
-      for (int64_t r = 0; r < n_r; ++r) {
-        const T* a = A + r * as + w0;
-#pragma GCC unroll 4
-        for (int t = 0; t < kOuts; ++t) {
-          const T s = S[(o0 + t) * so + r * sr];
-#pragma omp simd
-          for (int e = 0; e < kChunk; ++e) acc[t][e] += a[e] * s;
-        }
-      }
-      for (int t = 0; t < kOuts; ++t) {
-        T* o = out + (o0 + t) * os + w0;
-#pragma omp simd
-        for (int e = 0; e < kChunk; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
-      }
-    }
-    if (w0 < width) {  // w tail, as fma_planes
-      const int64_t nw = width - w0;
-      T acc[kOuts][kChunk] = {};
-      for (int64_t r = 0; r < n_r; ++r) {
-        const T* a = A + r * as + w0;
-        for (int t = 0; t < kOuts; ++t) {
-          const T s = S[(o0 + t) * so + r * sr];
-          for (int64_t e = 0; e < nw; ++e) acc[t][e] += a[e] * s;
-        }
-      }
-      for (int t = 0; t < kOuts; ++t) {
-        T* o = out + (o0 + t) * os + w0;
-        for (int64_t e = 0; e < nw; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
-      }
-    }
-  }
-  for (; o0 < n_out; ++o0) {
-    T* o = out + o0 * os;
-    if (!accumulate)
-      for (int64_t w = 0; w < width; ++w) o[w] = T(0);
-    for (int64_t r = 0; r < n_r; ++r) {
-      const T* a = A + r * as;
-      const T s = S[o0 * so + r * sr];
-#pragma omp simd
-      for (int64_t w = 0; w < width; ++w) o[w] += a[w] * s;
-    }
-  }
-}
-
-// The sums over r run in chunks of kRChunk: a chunk's rows of the large
-// operand (kOuts planes x kRChunk rows x kChunk lanes: 8 KB of float) stay in
-// L1 while every row of the block reuses them, and when r runs over channels
-// (stride H * W) they stay within a few pages (TLB entries).
-constexpr int64_t kRChunk = 32;
-
 template <typename T>
 void fma_planes(T* out, int64_t n_out, int64_t os, int64_t out_rs, const T* A, int64_t as, int64_t a_rs,
                 const T* B, int64_t bo, int64_t br, int64_t n_r, int64_t width, int64_t n_rows, bool accumulate) {
@@ -192,18 +130,6 @@ void fma_planes(T* out, int64_t n_out, int64_t os, int64_t out_rs, const T* A, i
     const int64_t n = std::min(chunk, n_r - r0);
     fma_planes_chunk(out, n_out, os, out_rs, A + r0 * as, as, a_rs, B + r0 * br, bo, br, n, width, n_rows,
                      accumulate || r0 > 0);
-    r0 += chunk;
-  } while (r0 < n_r);
-}
-
-template <typename T>
-void fma_scalars(T* out, int64_t n_out, int64_t os, const T* A, int64_t as, const T* S, int64_t so, int64_t sr,
-                 int64_t n_r, int64_t width, bool accumulate) {
-  const int64_t chunk = kRChunk;
-  int64_t r0 = 0;
-  do {
-    const int64_t n = std::min(chunk, n_r - r0);
-    fma_scalars_chunk(out, n_out, os, A + r0 * as, as, S + r0 * sr, so, sr, n, width, accumulate || r0 > 0);
     r0 += chunk;
   } while (r0 < n_r);
 }

@@ -29,6 +29,14 @@ from .super_token_layers import StokenAttention
 
 __all__ += ["StokenAttention"]
 
+from .deform_conv import deform_conv2d
+
+__all__ += ["deform_conv2d"]
+
+from .deform_conv_layers import DeformConv2d
+
+__all__ += ["DeformConv2d"]
+
 from .deform_attn import ms_deform_attn
 
 __all__ += ["ms_deform_attn"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: The op families with a benchmark module here, in the order their suites run.
-FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks", "ms_deform_attn")
+FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks", "deform_conv2d", "ms_deform_attn")
 
 
 def load() -> None:
