@@ -28,3 +28,7 @@ __all__ += ["super_token_sampling", "super_token_upsample"]
 from .super_token_layers import StokenAttention
 
 __all__ += ["StokenAttention"]
+
+from .dcn import dcn_aggregate, dcnv4
+
+__all__ += ["dcn_aggregate", "dcnv4"]
