@@ -32,3 +32,7 @@ __all__ += ["StokenAttention"]
 from .dcn import dcn_aggregate, dcnv4
 
 __all__ += ["dcn_aggregate", "dcnv4"]
+
+from .dcn_layers import DCNv3, DCNv4
+
+__all__ += ["DCNv3", "DCNv4"]
