@@ -90,12 +90,16 @@ FV_CPU_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return s;
 }
 
+// Rows of a parallel loop per task such that a task does at least ~2^15
+// multiply-adds: small problems run inline (a thread-pool hand-off costs more).
+int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work_per_row)); }
+
 template <typename T>
 void forward_impl(const char* op, const DcnSizes& n, const T* in, const T* off, const T* msk, T* out) {
   const Grid grid = grid_of(n);
   const T s = T(n.scale);
   const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C;
-  parallel_for(op, 0, n.N * n.Ho, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(op, 0, n.N * n.Ho, grain(n.Wo * G * K * Cg * 4), [&](int64_t begin, int64_t end) {
     std::vector<T> m(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / n.Ho, ho = row % n.Ho;
@@ -128,7 +132,7 @@ void backward_impl(const char* op, const DcnSizes& n, const T* dout, const T* in
   const Grid grid = grid_of(n);
   const T s = T(n.scale);
   const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C, HW = n.H * n.W, Q = n.Ho * n.Wo;
-  parallel_for(op, 0, n.N * G, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(op, 0, n.N * G, grain(Q * K * Cg * 12), [&](int64_t begin, int64_t end) {
     std::vector<T> m(K), dm(K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;

@@ -35,9 +35,9 @@ def out_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> in
 
 def kernel_points(kh: int, kw: int, remove_center: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) of the K kernel points, x (i) outer, y (j) inner, the centre dropped with remove_center."""
-    t = torch.arange(kh * kw, device=device)
-    if remove_center:
-        t = t[t != (kw // 2) * kh + kh // 2]
+    t = torch.arange(kh * kw - int(remove_center), device=device)
+    if remove_center:  # skip the centre's index (no boolean indexing: meta tensors)
+        t = t + (t >= (kw // 2) * kh + kh // 2).long()
     return t // kh, t % kh
 
 
@@ -51,7 +51,7 @@ def sampling_locations(N, Ho, Wo, offset, kernel_size, stride, padding, dilation
     # The CUDA op's arithmetic: p0 - half * scale + (i * dil + offset) * scale.
     base_x = (torch.arange(Wo, device=dev, dtype=dtype) * sw - pw + half_w) - half_w * offset_scale
     base_y = (torch.arange(Ho, device=dev, dtype=dtype) * sh - ph + half_h) - half_h * offset_scale
-    off = offset.to(dtype).reshape(N, Ho, Wo, group, -1, 2)
+    off = offset.to(dtype).reshape(N, Ho, Wo, group, i.numel(), 2)
     x = base_x[None, None, :, None, None] + ((i * dw).to(dtype) + off[..., 0]) * offset_scale
     y = base_y[None, :, None, None, None] + ((j * dh).to(dtype) + off[..., 1]) * offset_scale
     return x, y
@@ -93,12 +93,13 @@ def dcn_aggregate_ref(input, offset, mask, kernel_size, stride=1, padding=0, dil
     Ho, Wo = (out_size(s, k, st, p, d) for s, k, st, p, d in zip((H, W), kernel_size, stride, padding, dilation))
     x, y = sampling_locations(N, Ho, Wo, offset, kernel_size, stride, padding, dilation, G, float(offset_scale),
                               bool(remove_center), acc)
-    m = mask.to(acc).reshape(N, Ho, Wo, G, -1)
+    K = x.shape[-1]
+    m = mask.to(acc).reshape(N, Ho, Wo, G, K)
     if mask_softmax:
         m = torch.softmax(m, dim=-1)
     value = input.to(acc).reshape(N, H, W, G, C // G)
-    samples = bilinear_gather(value, x.reshape(N, Ho * Wo, G, -1), y.reshape(N, Ho * Wo, G, -1))
-    out = (samples * m.reshape(N, Ho * Wo, G, -1, 1)).sum(3)
+    samples = bilinear_gather(value, x.reshape(N, Ho * Wo, G, K), y.reshape(N, Ho * Wo, G, K))
+    out = (samples * m.reshape(N, Ho * Wo, G, K, 1)).sum(3)
     return out.reshape(N, Ho, Wo, C).to(input.dtype)
 
 
