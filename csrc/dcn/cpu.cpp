@@ -76,14 +76,17 @@ void load_weights(const T* mask, int64_t K, bool softmax, T* m) {
   for (int64_t p = 0; p < K; ++p) m[p] /= sum;
 }
 
+// The channel loops, inlined into the cloned row / task functions below (a
+// cloned function is called through an indirection that would cost more than
+// Cg = 16 multiply-adds).
 template <typename T>
-FV_CPU_CLONES void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
 }
 
 template <typename T>
-FV_CPU_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
@@ -94,86 +97,98 @@ FV_CPU_CLONES T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 // multiply-adds: small problems run inline (a thread-pool hand-off costs more).
 int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work_per_row)); }
 
+// One output row (n, ho): every wo, group and kernel point.
+template <typename T>
+FV_CPU_CLONES void forward_row(const DcnSizes& n, const Grid& grid, int64_t row, const T* in, const T* off,
+                               const T* msk, T* out, T* m) {
+  const T s = T(n.scale);
+  const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C;
+  const int64_t b = row / n.Ho, ho = row % n.Ho;
+  const T by = grid_base(ho, n.sh, n.ph, n.dh, n.kh, s);
+  const T* image = in + b * n.H * n.W * C;
+  for (int64_t wo = 0; wo < n.Wo; ++wo) {
+    const int64_t q = row * n.Wo + wo;
+    const T bx = grid_base(wo, n.sw, n.pw, n.dw, n.kw, s);
+    for (int64_t g = 0; g < G; ++g) {
+      T* o = out + q * C + g * Cg;
+      std::fill(o, o + Cg, T(0));
+      load_weights(msk + (q * G + g) * K, K, n.softmax, m);
+      const T* offs = off + (q * G + g) * K * 2;
+      for (int64_t p = 0; p < K; ++p) {
+        T x, y;
+        grid.point(p, bx, by, s, offs, &x, &y);
+        const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
+        for (int k = 0; k < 4; ++k)
+          if (bl.valid[k]) axpy(o, m[p] * bl.weight(k), image + bl.index(k, n.W) * C + g * Cg, Cg);
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const char* op, const DcnSizes& n, const T* in, const T* off, const T* msk, T* out) {
   const Grid grid = grid_of(n);
-  const T s = T(n.scale);
-  const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C;
-  parallel_for(op, 0, n.N * n.Ho, grain(n.Wo * G * K * Cg * 4), [&](int64_t begin, int64_t end) {
-    std::vector<T> m(K);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / n.Ho, ho = row % n.Ho;
-      const T by = grid_base(ho, n.sh, n.ph, n.dh, n.kh, s);
-      const T* image = in + b * n.H * n.W * C;
-      for (int64_t wo = 0; wo < n.Wo; ++wo) {
-        const int64_t q = row * n.Wo + wo;
-        const T bx = grid_base(wo, n.sw, n.pw, n.dw, n.kw, s);
-        for (int64_t g = 0; g < G; ++g) {
-          T* o = out + q * C + g * Cg;
-          std::fill(o, o + Cg, T(0));
-          load_weights(msk + (q * G + g) * K, K, n.softmax, m.data());
-          const T* offs = off + (q * G + g) * K * 2;
-          for (int64_t p = 0; p < K; ++p) {
-            T x, y;
-            grid.point(p, bx, by, s, offs, &x, &y);
-            const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
-            for (int k = 0; k < 4; ++k)
-              if (bl.valid[k]) axpy(o, m[p] * bl.weight(k), image + bl.index(k, n.W) * C + g * Cg, Cg);
-          }
-        }
-      }
-    }
+  parallel_for(op, 0, n.N * n.Ho, grain(n.Wo * n.G * n.K * n.Cg * 4), [&](int64_t begin, int64_t end) {
+    std::vector<T> m(n.K);
+    for (int64_t row = begin; row < end; ++row) forward_row(n, grid, row, in, off, msk, out, m.data());
   });
+}
+
+// One (n, g): dinput[n, :, :, g, :] (owned: zeroed, then every output's
+// corners added in a fixed order) and doffset / dmask of the group's outputs.
+template <typename T>
+FV_CPU_CLONES void backward_task(const DcnSizes& n, const Grid& grid, int64_t task, const T* dout, const T* in,
+                                 const T* off, const T* msk, T* din, T* doff, T* dmsk, T* m, T* dm) {
+  const T s = T(n.scale);
+  const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C, HW = n.H * n.W, Q = n.Ho * n.Wo;
+  const int64_t b = task / G, g = task % G;
+  const T* image = in + b * HW * C + g * Cg;
+  T* dimage = din + b * HW * C + g * Cg;
+  for (int64_t pix = 0; pix < HW; ++pix) std::fill(dimage + pix * C, dimage + pix * C + Cg, T(0));
+  for (int64_t qq = 0; qq < Q; ++qq) {
+    const int64_t ho = qq / n.Wo, wo = qq % n.Wo, q = b * Q + qq;
+    const T bx = grid_base(wo, n.sw, n.pw, n.dw, n.kw, s), by = grid_base(ho, n.sh, n.ph, n.dh, n.kh, s);
+    const T* go = dout + q * C + g * Cg;
+    load_weights(msk + (q * G + g) * K, K, n.softmax, m);
+    const T* offs = off + (q * G + g) * K * 2;
+    T* doffs = doff + (q * G + g) * K * 2;
+    for (int64_t p = 0; p < K; ++p) {
+      T x, y;
+      grid.point(p, bx, by, s, offs, &x, &y);
+      const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
+      T val = 0, gx = 0, gy = 0;
+      for (int k = 0; k < 4; ++k) {
+        if (!bl.valid[k]) continue;
+        const int64_t at = bl.index(k, n.W) * C;
+        const T d = dot(go, image + at, Cg);  // dout . corner value
+        val += bl.weight(k) * d;
+        gx += bl.dwx(k) * d;
+        gy += bl.dwy(k) * d;
+        axpy(dimage + at, m[p] * bl.weight(k), go, Cg);
+      }
+      dm[p] = val;
+      doffs[2 * p] = m[p] * gx * s;
+      doffs[2 * p + 1] = m[p] * gy * s;
+    }
+    T* dms = dmsk + (q * G + g) * K;
+    if (n.softmax) {  // d logit_p = m_p (dm_p - sum_j m_j dm_j)
+      T sum = 0;
+      for (int64_t p = 0; p < K; ++p) sum += m[p] * dm[p];
+      for (int64_t p = 0; p < K; ++p) dms[p] = m[p] * (dm[p] - sum);
+    } else {
+      std::copy(dm, dm + K, dms);
+    }
+  }
 }
 
 template <typename T>
 void backward_impl(const char* op, const DcnSizes& n, const T* dout, const T* in, const T* off, const T* msk,
                    T* din, T* doff, T* dmsk) {
   const Grid grid = grid_of(n);
-  const T s = T(n.scale);
-  const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C, HW = n.H * n.W, Q = n.Ho * n.Wo;
-  parallel_for(op, 0, n.N * G, grain(Q * K * Cg * 12), [&](int64_t begin, int64_t end) {
-    std::vector<T> m(K), dm(K);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / G, g = task % G;
-      const T* image = in + b * HW * C + g * Cg;
-      T* dimage = din + b * HW * C + g * Cg;
-      for (int64_t pix = 0; pix < HW; ++pix) std::fill(dimage + pix * C, dimage + pix * C + Cg, T(0));
-      for (int64_t qq = 0; qq < Q; ++qq) {
-        const int64_t ho = qq / n.Wo, wo = qq % n.Wo, q = b * Q + qq;
-        const T bx = grid_base(wo, n.sw, n.pw, n.dw, n.kw, s), by = grid_base(ho, n.sh, n.ph, n.dh, n.kh, s);
-        const T* go = dout + q * C + g * Cg;
-        load_weights(msk + (q * G + g) * K, K, n.softmax, m.data());
-        const T* offs = off + (q * G + g) * K * 2;
-        T* doffs = doff + (q * G + g) * K * 2;
-        for (int64_t p = 0; p < K; ++p) {
-          T x, y;
-          grid.point(p, bx, by, s, offs, &x, &y);
-          const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
-          T val = 0, gx = 0, gy = 0;
-          for (int k = 0; k < 4; ++k) {
-            if (!bl.valid[k]) continue;
-            const int64_t at = bl.index(k, n.W) * C;
-            const T d = dot(go, image + at, Cg);  // dout . corner value
-            val += bl.weight(k) * d;
-            gx += bl.dwx(k) * d;
-            gy += bl.dwy(k) * d;
-            axpy(dimage + at, m[p] * bl.weight(k), go, Cg);
-          }
-          dm[p] = val;
-          doffs[2 * p] = m[p] * gx * s;
-          doffs[2 * p + 1] = m[p] * gy * s;
-        }
-        T* dms = dmsk + (q * G + g) * K;
-        if (n.softmax) {  // d logit_p = m_p (dm_p - sum_j m_j dm_j)
-          T sum = 0;
-          for (int64_t p = 0; p < K; ++p) sum += m[p] * dm[p];
-          for (int64_t p = 0; p < K; ++p) dms[p] = m[p] * (dm[p] - sum);
-        } else {
-          std::copy(dm.begin(), dm.end(), dms);
-        }
-      }
-    }
+  parallel_for(op, 0, n.N * n.G, grain(n.Ho * n.Wo * n.K * n.Cg * 12), [&](int64_t begin, int64_t end) {
+    std::vector<T> m(n.K), dm(n.K);
+    for (int64_t task = begin; task < end; ++task)
+      backward_task(n, grid, task, dout, in, off, msk, din, doff, dmsk, m.data(), dm.data());
   });
 }
 

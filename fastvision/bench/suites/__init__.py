@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: The op families with a benchmark module here, in the order their suites run.
-FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks")
+FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks", "dcn_aggregate")
 
 
 def load() -> None:
