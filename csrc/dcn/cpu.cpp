@@ -76,21 +76,36 @@ void load_weights(const T* mask, int64_t K, bool softmax, T* m) {
   for (int64_t p = 0; p < K; ++p) m[p] /= sum;
 }
 
-// The channel loops, inlined into the cloned row / task functions below (a
-// cloned function is called through an indirection that would cost more than
-// Cg = 16 multiply-adds).
+// The channel loops over the four corners of a sample at once, inlined into
+// the cloned row / task functions below (a cloned function is called through
+// an indirection that would cost more than Cg = 16 multiply-adds). A corner
+// outside the image reads a zero row and writes a scratch row, with weight 0.
 template <typename T>
-inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+inline void gather4(T* __restrict o, const T* const v[4], const T w[4], int64_t n) {
+  const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
+  for (int64_t c = 0; c < n; ++c) o[c] += w[0] * v0[c] + w[1] * v1[c] + w[2] * v2[c] + w[3] * v3[c];
 }
 
+// d[k] = go . v[k] for the four corners, and dv[k] += a[k] * go.
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
+inline void scatter4(const T* __restrict go, const T* const v[4], T* const dv[4], const T a[4], T d[4], int64_t n) {
+  const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+  T *dv0 = dv[0], *dv1 = dv[1], *dv2 = dv[2], *dv3 = dv[3];
+  T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+  for (int64_t c = 0; c < n; ++c) {
+    const T gc = go[c];
+    d0 += gc * v0[c];
+    d1 += gc * v1[c];
+    d2 += gc * v2[c];
+    d3 += gc * v3[c];
+    dv0[c] += a[0] * gc;
+    dv1[c] += a[1] * gc;
+    dv2[c] += a[2] * gc;
+    dv3[c] += a[3] * gc;
+  }
+  d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
 }
 
 // Rows of a parallel loop per task such that a task does at least ~2^15
@@ -100,7 +115,7 @@ int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} <<
 // One output row (n, ho): every wo, group and kernel point.
 template <typename T>
 FV_CPU_CLONES void forward_row(const DcnSizes& n, const Grid& grid, int64_t row, const T* in, const T* off,
-                               const T* msk, T* out, T* m) {
+                               const T* msk, T* out, T* m, const T* zeros) {
   const T s = T(n.scale);
   const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C;
   const int64_t b = row / n.Ho, ho = row % n.Ho;
@@ -118,8 +133,14 @@ FV_CPU_CLONES void forward_row(const DcnSizes& n, const Grid& grid, int64_t row,
         T x, y;
         grid.point(p, bx, by, s, offs, &x, &y);
         const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
-        for (int k = 0; k < 4; ++k)
-          if (bl.valid[k]) axpy(o, m[p] * bl.weight(k), image + bl.index(k, n.W) * C + g * Cg, Cg);
+        if (!(bl.valid[0] || bl.valid[1] || bl.valid[2] || bl.valid[3])) continue;
+        const T* v[4];
+        T w[4];
+        for (int k = 0; k < 4; ++k) {
+          v[k] = bl.valid[k] ? image + bl.index(k, n.W) * C + g * Cg : zeros;
+          w[k] = m[p] * bl.weight(k);
+        }
+        gather4(o, v, w, Cg);
       }
     }
   }
@@ -129,8 +150,8 @@ template <typename T>
 void forward_impl(const char* op, const DcnSizes& n, const T* in, const T* off, const T* msk, T* out) {
   const Grid grid = grid_of(n);
   parallel_for(op, 0, n.N * n.Ho, grain(n.Wo * n.G * n.K * n.Cg * 4), [&](int64_t begin, int64_t end) {
-    std::vector<T> m(n.K);
-    for (int64_t row = begin; row < end; ++row) forward_row(n, grid, row, in, off, msk, out, m.data());
+    std::vector<T> m(n.K), zeros(n.Cg, T(0));
+    for (int64_t row = begin; row < end; ++row) forward_row(n, grid, row, in, off, msk, out, m.data(), zeros.data());
   });
 }
 
@@ -138,7 +159,8 @@ void forward_impl(const char* op, const DcnSizes& n, const T* in, const T* off, 
 // corners added in a fixed order) and doffset / dmask of the group's outputs.
 template <typename T>
 FV_CPU_CLONES void backward_task(const DcnSizes& n, const Grid& grid, int64_t task, const T* dout, const T* in,
-                                 const T* off, const T* msk, T* din, T* doff, T* dmsk, T* m, T* dm) {
+                                 const T* off, const T* msk, T* din, T* doff, T* dmsk, T* m, T* dm,
+                                 const T* zeros, T* sink) {
   const T s = T(n.scale);
   const int64_t G = n.G, K = n.K, Cg = n.Cg, C = n.C, HW = n.H * n.W, Q = n.Ho * n.Wo;
   const int64_t b = task / G, g = task % G;
@@ -157,14 +179,22 @@ FV_CPU_CLONES void backward_task(const DcnSizes& n, const Grid& grid, int64_t ta
       grid.point(p, bx, by, s, offs, &x, &y);
       const Bilinear<T> bl = bilinear_at(y, x, n.H, n.W);
       T val = 0, gx = 0, gy = 0;
-      for (int k = 0; k < 4; ++k) {
-        if (!bl.valid[k]) continue;
-        const int64_t at = bl.index(k, n.W) * C;
-        const T d = dot(go, image + at, Cg);  // dout . corner value
-        val += bl.weight(k) * d;
-        gx += bl.dwx(k) * d;
-        gy += bl.dwy(k) * d;
-        axpy(dimage + at, m[p] * bl.weight(k), go, Cg);
+      if (bl.valid[0] || bl.valid[1] || bl.valid[2] || bl.valid[3]) {
+        const T* v[4];
+        T* dv[4];
+        T a[4], d[4];  // d[k] = dout . corner value
+        for (int k = 0; k < 4; ++k) {
+          const int64_t at = bl.index(k, n.W) * C;
+          v[k] = bl.valid[k] ? image + at : zeros;
+          dv[k] = bl.valid[k] ? dimage + at : sink + k * Cg;
+          a[k] = m[p] * bl.weight(k);
+        }
+        scatter4(go, v, dv, a, d, Cg);
+        for (int k = 0; k < 4; ++k) {
+          val += bl.weight(k) * d[k];
+          gx += bl.dwx(k) * d[k];
+          gy += bl.dwy(k) * d[k];
+        }
       }
       dm[p] = val;
       doffs[2 * p] = m[p] * gx * s;
@@ -186,9 +216,10 @@ void backward_impl(const char* op, const DcnSizes& n, const T* dout, const T* in
                    T* din, T* doff, T* dmsk) {
   const Grid grid = grid_of(n);
   parallel_for(op, 0, n.N * n.G, grain(n.Ho * n.Wo * n.K * n.Cg * 12), [&](int64_t begin, int64_t end) {
-    std::vector<T> m(n.K), dm(n.K);
+    std::vector<T> m(n.K), dm(n.K), zeros(n.Cg, T(0)), sink(4 * n.Cg);
     for (int64_t task = begin; task < end; ++task)
-      backward_task(n, grid, task, dout, in, off, msk, din, doff, dmsk, m.data(), dm.data());
+      backward_task(n, grid, task, dout, in, off, msk, din, doff, dmsk, m.data(), dm.data(), zeros.data(),
+                    sink.data());
   });
 }
 
