@@ -304,7 +304,15 @@ def bench_workloads():
             out = super_token_upsample(stokens, affinity, s["stoken"], s["size"], backend="triton")
         _grad(out.sum(), [x])
 
-    run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca,
+    def dcn(s, dtype):
+        from fastvision.ops import dcn_aggregate
+        N, H, W, G, Cg = s["batch"], s["H"], s["W"], s["G"], s["Cg"]
+        for softmax in (False, True):  # DCNv4's weights, DCNv3's softmax: two kernel variants
+            t = [torch.empty(N, H, W, c, device="meta", dtype=dtype).requires_grad_()
+                 for c in (G * Cg, G * 9 * 2, G * 9)]
+            _grad(dcn_aggregate(*t, 3, 1, 1, 1, G, 1.0, False, softmax, backend="triton").sum(), t)
+
+    run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca, "dcn_aggregate": dcn,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
            "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode,
            "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}

@@ -7,9 +7,11 @@ without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
 backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
 not a power of two, additional_keys/values), criss_cross_attention on
-Triton (several w, partner and channel blocks; H or W = 1) and super token
-sampling + upsampling on Triton (padding, n_iter 2, 320 channels) in float32,
-float16 and bfloat16.
+Triton (several w, partner and channel blocks; H or W = 1), super token
+sampling + upsampling on Triton (padding, n_iter 2, 320 channels) and
+dcn_aggregate on Triton (DCNv3 softmax with remove_center, DCNv4 weights,
+a non-square strided kernel, Cg not a power of two) in float32, float16 and
+bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
 on any device: ``bench/compile_check.py`` runs the fast path of every case on
@@ -28,10 +30,11 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import (bi_selective_scan, criss_cross_attention, na1d, na2d, na3d, selective_scan,
-                            super_token_sampling, super_token_upsample)
+from fastvision.ops import (bi_selective_scan, criss_cross_attention, dcn_aggregate, na1d, na2d, na3d,
+                            selective_scan, super_token_sampling, super_token_upsample)
 from fastvision.testing import assert_close
 
+import conformance.dcn as tdcn
 import conformance.neighborhood as tn
 import conformance.selective_scan as tss
 
@@ -41,7 +44,7 @@ NA = {1: na1d, 2: na2d, 3: na3d}
 
 @dataclass(frozen=True)
 class SmokeCase:
-    """One configuration. kind: 'scan', 'bi_scan', 'na' or 'stoken'; params: the
+    """One configuration. kind: 'scan', 'bi_scan', 'na', 'cca', 'stoken' or 'dcn'; params: the
     tests' make_inputs arguments plus the op's flags; backends: the fast
     backends to check (each against backend='reference')."""
     name: str
@@ -92,6 +95,11 @@ CASES = [
     SmokeCase("stoken-s8-padded", "stoken", dict(batch=2, C=64, H=30, W=27, stoken=(8, 8), n_iter=1)),
     SmokeCase("stoken-s4x3-iter2-c96", "stoken", dict(batch=1, C=96, H=17, W=20, stoken=(4, 3), n_iter=2)),
     SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
+    # DCNv3 / DCNv4 aggregation (channels-last); cases of tests/conformance/dcn.py.
+    SmokeCase("dcn-v3-softmax-rc", "dcn", tdcn.case(N=2, H=28, W=29, G=4, Cg=16, sm=True, rc=True, spread=0.2)),
+    SmokeCase("dcn-v4-g8-c32", "dcn", tdcn.case(N=1, H=20, W=22, G=8, Cg=32, spread=0.5)),
+    SmokeCase("dcn-3x5-stride-cg12", "dcn", tdcn.case(N=2, H=17, W=19, G=3, Cg=12, k=(3, 5), s=(2, 1), p=(1, 2),
+                                                      d=(1, 2), scale=0.5, spread=1.2)),
 ]
 
 
@@ -125,6 +133,8 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
     elif case.kind == "stoken":
         g = torch.Generator().manual_seed(seed)
         x = dict(x=torch.randn(p["batch"], p["C"], p["H"], p["W"], generator=g).to(device, dtype))
+    elif case.kind == "dcn":
+        x = dict(zip(("input", "offset", "mask"), (t.to(device) for t in tdcn.make(p, dtype, seed).args[:3])))
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -145,6 +155,9 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         return {"out": bi_selective_scan(*f, *b, True, backend=backend)}
     if case.kind == "cca":
         return {"out": criss_cross_attention(x["q"], x["k"], x["v"], backend=backend)}
+    if case.kind == "dcn":
+        kw = tdcn.make(p, torch.float32, 0).kwargs
+        return {"out": dcn_aggregate(x["input"], x["offset"], x["mask"], p["k"], **kw, backend=backend)}
     if case.kind == "stoken":
         stokens, affinity = super_token_sampling(x["x"], p["stoken"], p["n_iter"], backend=backend)
         # A nonlinearity between the ops, so that both backward kernels see a general gradient.
@@ -225,6 +238,8 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         p = dict(B=1, Cqk=min(p["Cqk"], 4), C=min(p["C"], 12), H=min(p["H"], 10), W=min(p["W"], 12))
     elif case.kind == "stoken":
         p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
+    elif case.kind == "dcn":
+        p = dict(p, N=1, H=min(p["H"], 6), W=min(p["W"], 7), G=min(p["G"], 2))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)

@@ -205,9 +205,10 @@ def _geometry(input, kernel_size, stride, padding, dilation, group, remove_cente
 
 def _blocks(Cg: int, blocks: dict | None) -> dict:
     """BC: the channels of a group, padded to a power of 2; BQ outputs (BR input rows) per program,
-    so that a [BQ, BC] tile holds about 2048 elements."""
+    so that a [BQ, BC] tile holds about 1024 elements (the kernels hold four corner tiles and an
+    accumulator: larger tiles spill at 4 warps)."""
     BC = triton.next_power_of_2(max(Cg, 1))
-    bq = max(1, min(64, 2048 // BC))
+    bq = max(1, min(64, 1024 // BC))
     return {"BQ": bq, "BR": bq, "BC": BC, **(blocks or {})}
 
 
