@@ -144,8 +144,11 @@ _DCN = FusedOp(
 # Public API
 
 
-def dcn_aggregate(input: Tensor, offset: Tensor, mask: Tensor, kernel_size, stride=1, padding=0, dilation=1,
-                  group: int = 1, offset_scale: float = 1.0, remove_center: bool = False,
+IntPair = int | tuple[int, int]
+
+
+def dcn_aggregate(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: IntPair, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, group: int = 1, offset_scale: float = 1.0, remove_center: bool = False,
                   mask_softmax: bool = False, *, backend: str = "auto") -> Tensor:
     """DCNv3 / DCNv4 aggregation, fused: InternImage's ``DCNv3Function`` (the CUDA op) on any device.
 
@@ -197,7 +200,7 @@ def dcn_aggregate(input: Tensor, offset: Tensor, mask: Tensor, kernel_size, stri
                 G, offset_scale, remove_center, mask_softmax)
 
 
-def split_offset_mask(offset_mask: Tensor, kernel_size, group: int, remove_center=False) -> tuple[Tensor, Tensor]:
+def split_offset_mask(offset_mask: Tensor, kernel_size: IntPair, group: int, remove_center: bool | int = False) -> tuple[Tensor, Tensor]:
     """DCNv4's packed (N, Ho, Wo, >= G * K * 3) -> (offset (N, Ho, Wo, G * K * 2), mask (N, Ho, Wo, G * K)).
 
     Per group: 2K offsets ((dx, dy) pairs), then K weights; the channels past
@@ -215,7 +218,7 @@ def split_offset_mask(offset_mask: Tensor, kernel_size, group: int, remove_cente
 
 def dcnv4(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
           pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-          offset_scale: float, im2col_step: int = 256, remove_center=0, *, softmax: bool = False,
+          offset_scale: float, im2col_step: int = 256, remove_center: bool | int = 0, *, softmax: bool = False,
           backend: str = "auto") -> Tensor:
     """DCNv4's op in its packed layout, with ``DCNv4Function.apply``'s arguments.
 
@@ -224,6 +227,14 @@ def dcnv4(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stri
     ``im2col_step`` is accepted and unused (no batch chunking here); any kernel
     size and any group_channels (DCNv4 supports 3x3 only). ``softmax`` is
     DCNv4's kernel flag (its modules pass False). See :func:`dcn_aggregate`.
+
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import dcnv4
+        >>> x, offset_mask = torch.randn(1, 8, 8, 32), torch.randn(1, 8, 8, 56)  # 2 groups: 54 -> 56
+        >>> dcnv4(x, offset_mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0).shape
+        torch.Size([1, 8, 8, 32])
     """
     C = input.shape[-1] if isinstance(input, torch.Tensor) else None
     G, Cg = as_int(group, "group", minimum=1), as_int(group_channels, "group_channels", minimum=0)

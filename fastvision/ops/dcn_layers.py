@@ -90,11 +90,20 @@ def _center_feature_blend(owner: nn.Module, query, x, x_proj):
 
 
 class DCNv3(nn.Module):
-    """InternImage's DCNv3 module; input and output (N, H, W, channels)."""
+    """InternImage's DCNv3 module; input and output (N, H, W, channels).
 
-    def __init__(self, channels=64, kernel_size=3, dw_kernel_size=None, stride=1, pad=1, dilation=1, group=4,
-                 offset_scale=1.0, act_layer="GELU", norm_layer="LN", center_feature_scale=False,
-                 remove_center=False, *, backend: str = "auto"):
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import DCNv3
+        >>> DCNv3(32, group=4)(torch.randn(2, 7, 9, 32)).shape
+        torch.Size([2, 7, 9, 32])
+    """
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, dw_kernel_size: int | None = None, stride: int = 1,
+                 pad: int = 1, dilation: int = 1, group: int = 4, offset_scale: float = 1.0, act_layer: str = "GELU",
+                 norm_layer: str = "LN", center_feature_scale: bool = False, remove_center: bool | int = False, *,
+                 backend: str = "auto"):
         super().__init__()
         channels, group = _check_channels(channels, group)
         dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
@@ -133,7 +142,7 @@ class DCNv3(nn.Module):
             nn.init.xavier_uniform_(m.weight)
             nn.init.constant_(m.bias, 0.0)
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4 or input.shape[-1] != self.channels:
             raise ValueError(f"DCNv3: input must be a (N, H, W, {self.channels}) tensor; got {tuple(input.shape)}")
         x = self.input_proj(input)
@@ -149,11 +158,20 @@ class DCNv3(nn.Module):
 
 
 class DCNv4(nn.Module):
-    """OpenGVLab's DCNv4 module; input and output (N, L, channels), L = H * W."""
+    """OpenGVLab's DCNv4 module; input and output (N, L, channels), L = H * W.
 
-    def __init__(self, channels=64, kernel_size=3, stride=1, pad=1, dilation=1, group=4, offset_scale=1.0,
-                 dw_kernel_size=None, center_feature_scale=False, remove_center=False, output_bias=True,
-                 without_pointwise=False, *, backend: str = "auto", **kwargs):
+    Example::
+
+        >>> import torch
+        >>> from fastvision.ops import DCNv4
+        >>> DCNv4(32, group=2)(torch.randn(2, 6 * 7, 32), shape=(6, 7)).shape
+        torch.Size([2, 42, 32])
+    """
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
+                 group: int = 4, offset_scale: float = 1.0, dw_kernel_size: int | None = None,
+                 center_feature_scale: bool = False, remove_center: bool | int = False, output_bias: bool = True,
+                 without_pointwise: bool = False, *, backend: str = "auto", **kwargs: object):
         super().__init__()
         channels, group = _check_channels(channels, group)
         self.offset_scale = offset_scale
@@ -191,7 +209,7 @@ class DCNv4(nn.Module):
             if self.output_proj.bias is not None:
                 nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, input, shape=None):
+    def forward(self, input: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
         if input.dim() != 3 or input.shape[-1] != self.channels:
             raise ValueError(f"DCNv4: input must be a (N, L, {self.channels}) tensor; got {tuple(input.shape)}")
         N, L, C = input.shape
