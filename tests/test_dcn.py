@@ -14,7 +14,6 @@
 * The Triton launchers under the interpreter with small blocks.
 """
 
-import contextlib
 import math
 
 import pytest
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from fastvision.ops import DCNv3, DCNv4, dcn_aggregate, dcnv4
 from fastvision.reference.dcn import dcn_aggregate_ref, dcnv3_core_pytorch, dcnv4_ref
 from fastvision.testing import assert_close, import_triton_kernels_interpreted
+from test_deterministic import deterministic
 
 
 def _inputs(N=1, H=6, W=7, G=2, Cg=4, K=9, Ho=None, Wo=None, spread=1.5, dtype=torch.float32, seed=0,
@@ -272,16 +272,6 @@ def test_dcnv4_packed_padding_gets_zero_gradient():
 # Determinism, half precision
 
 
-@contextlib.contextmanager
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
-
-
 def _grads(x, off, m, backend="auto", **kw):
     leaves = [t.clone().requires_grad_() for t in (x, off, m)]
     out = dcn_aggregate(*leaves, 3, 1, 1, 1, off.shape[-1] // 18, backend=backend, **kw)  # 3x3: K = 9
@@ -400,3 +390,11 @@ def test_gpu_backward_is_bit_identical_in_deterministic_mode(dtype):
     want = _grads(*(t.float() for t in (x, off, m)), mask_softmax=True)
     for a, b in zip(first, want):
         assert_close(a.float(), b, dtype, scale=4)
+
+
+def test_triton_limits_say_why():
+    from fastvision.ops.dcn import _DCN
+    assert _DCN.limits("triton", group_channels=1024, group=65535) is None
+    assert "up to 1024 channels per group; got 1025" in _DCN.limits("triton", group_channels=1025, group=1)
+    assert "up to 65535 groups" in _DCN.limits("triton", group_channels=1, group=65536)
+    assert _DCN.limits("cpu", group_channels=4096, group=70000) is None

@@ -24,6 +24,7 @@ __all__ = ["dcn_aggregate", "dcnv4", "split_offset_mask"]
 MAX_SIDE = 2 ** 20    # H, W, stride, padding, dilation (as csrc/dcn/checks.h)
 MAX_KERNEL = 1024     # kh, kw
 MAX_TRITON_CG = 1024  # channels per group of the Triton kernels (one [block, Cg] tile)
+MAX_TRITON_GROUPS = 65535  # groups: the second axis of the Triton launch grid
 _MINIMUM = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
 
 
@@ -128,9 +129,11 @@ def _dcn_gradients(backward, s, g):
     return {"input": di, "offset": do, "mask": dm}
 
 
-def _dcn_limits(backend: str, group_channels: int) -> str | None:
+def _dcn_limits(backend: str, group_channels: int, group: int = 1) -> str | None:
     if backend == "triton" and group_channels > MAX_TRITON_CG:
         return f"supports up to {MAX_TRITON_CG} channels per group; got {group_channels}"
+    if backend == "triton" and group > MAX_TRITON_GROUPS:
+        return f"supports up to {MAX_TRITON_GROUPS} groups (its launch grid's second axis); got {group}"
     return None
 
 
@@ -193,7 +196,7 @@ def dcn_aggregate(input: Tensor, offset: Tensor, mask: Tensor, kernel_size: IntP
     check_same_device(input=input, offset=offset, mask=mask)
     offset_scale = as_float(offset_scale, "offset_scale")
     mask_softmax = as_bool(mask_softmax, "mask_softmax")
-    path = _DCN.resolve(backend, input.device, group_channels=input.shape[3] // G)
+    path = _DCN.resolve(backend, input.device, group_channels=input.shape[3] // G, group=G)
     if path == "reference":
         return dcn_aggregate_ref(input, offset, mask, k, s, p, d, G, offset_scale, remove_center, mask_softmax)
     return _DCN(path, input.contiguous(), offset.contiguous(), mask.contiguous(), list(k), list(s), list(p), list(d),

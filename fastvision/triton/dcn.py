@@ -90,11 +90,14 @@ def _weight(MaskRow, p, qmask, mx, sm, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
-def _corners(Img, y, x, H, W, C, c, cmask):
-    """Addresses of the four corners' channel rows ([BQ, BC]), their load masks and the fractions."""
+def _corners(Img, y, x, H, W, C, c):
+    """The sample's top-left (y0, x0), the addresses of its four corners' channel rows ([BQ, BC]),
+    the fractions and which corners are valid (bilinear_corners)."""
     y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
-    a0 = Img[:, None] + ((y0.to(tl.int64) * W + x0) * C)[:, None] + c[None, :]
-    return a0, a0 + C, a0 + W * C, a0 + (W + 1) * C, ly, lx, m0, m1, m2, m3
+    at = (y0.to(tl.int64) * W + x0) * C
+    row = ((at * 0 + W) * C)[:, None]  # W * C in int64: an image row may exceed 2^31 elements
+    a0 = Img[:, None] + at[:, None] + c[None, :]
+    return y0, x0, a0, a0 + C, a0 + row, a0 + row + C, ly, lx, m0, m1, m2, m3
 
 
 @triton.jit
@@ -113,7 +116,7 @@ def _dcn_fwd_kernel(In, Off, Mask, Out, H, W, Ho, Wo, NQ, G, Cg, K, kh, kw, sh, 
     for p in range(0, K):
         x, y = _point(p, OffRow, qmask, bx, by, kh, dh, dw, center, remove_center, scale)
         m = _weight(MaskRow, p, qmask, mx, sm, SOFTMAX)
-        a0, a1, a2, a3, ly, lx, m0, m1, m2, m3 = _corners(Img, y, x, H, W, C, c, cmask)
+        _, _, a0, a1, a2, a3, ly, lx, m0, m1, m2, m3 = _corners(Img, y, x, H, W, C, c)
         w0, w1, w2, w3 = bilinear_weights(ly, lx, m0 & qmask, m1 & qmask, m2 & qmask, m3 & qmask)
         v0 = tl.load(a0, mask=(m0 & qmask)[:, None] & cmask, other=0.0).to(tl.float32)
         v1 = tl.load(a1, mask=(m1 & qmask)[:, None] & cmask, other=0.0).to(tl.float32)
@@ -145,13 +148,12 @@ def _dcn_bwd_sample_kernel(dOut, In, Off, Mask, dOff, dM, Coef, Target, R, H, W,
     for p in range(0, K):
         x, y = _point(p, OffRow, qmask, bx, by, kh, dh, dw, center, remove_center, scale)
         m = _weight(MaskRow, p, qmask, mx, sm, SOFTMAX)
-        y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
+        y0, x0, a0, a1, a2, a3, ly, lx, m0, m1, m2, m3 = _corners(Img, y, x, H, W, C, c)
         m0, m1, m2, m3 = m0 & qmask, m1 & qmask, m2 & qmask, m3 & qmask
-        a0 = Img[:, None] + ((y0.to(tl.int64) * W + x0) * C)[:, None] + c[None, :]
         d0 = tl.sum(go * tl.load(a0, mask=m0[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
-        d1 = tl.sum(go * tl.load(a0 + C, mask=m1[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
-        d2 = tl.sum(go * tl.load(a0 + W * C, mask=m2[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
-        d3 = tl.sum(go * tl.load(a0 + (W + 1) * C, mask=m3[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
+        d1 = tl.sum(go * tl.load(a1, mask=m1[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
+        d2 = tl.sum(go * tl.load(a2, mask=m2[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
+        d3 = tl.sum(go * tl.load(a3, mask=m3[:, None] & cmask, other=0.0).to(tl.float32), axis=1)
         w0, w1, w2, w3 = bilinear_weights(ly, lx, m0, m1, m2, m3)
         gy, gx = bilinear_coordinate_grads(d0, d1, d2, d3, ly, lx)
         tl.store(dM + row * K + p, w0 * d0 + w1 * d1 + w2 * d2 + w3 * d3, mask=qmask)
@@ -160,14 +162,15 @@ def _dcn_bwd_sample_kernel(dOut, In, Off, Mask, dOff, dM, Coef, Target, R, H, W,
         # Scatter list: coefficient and target input row (n, pixel, g) of each corner.
         e = (row * K + p) * 4
         top = (pix0 + y0.to(tl.int64) * W + x0) * G + g
+        below = (top * 0 + W) * G  # int64
         tl.store(Coef + e, m * w0, mask=qmask)
         tl.store(Coef + e + 1, m * w1, mask=qmask)
         tl.store(Coef + e + 2, m * w2, mask=qmask)
         tl.store(Coef + e + 3, m * w3, mask=qmask)
         tl.store(Target + e, tl.where(m0, top, sentinel), mask=qmask)
         tl.store(Target + e + 1, tl.where(m1, top + G, sentinel), mask=qmask)
-        tl.store(Target + e + 2, tl.where(m2, top + W * G, sentinel), mask=qmask)
-        tl.store(Target + e + 3, tl.where(m3, top + (W + 1) * G, sentinel), mask=qmask)
+        tl.store(Target + e + 2, tl.where(m2, top + below, sentinel), mask=qmask)
+        tl.store(Target + e + 3, tl.where(m3, top + below + G, sentinel), mask=qmask)
 
 
 @triton.jit

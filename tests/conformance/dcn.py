@@ -161,7 +161,7 @@ def _bad_v4():
 def _facts(sample):
     x = sample.args[0]
     group = sample.kwargs.get("group") if "group" in sample.kwargs else sample.args[10]
-    return {"group_channels": x.shape[-1] // group}
+    return {"group_channels": x.shape[-1] // group, "group": group}
 
 
 _COMMON = dict(fused_op="dcn_aggregate", outputs=("out",), cases=EDGE + RANDOM, basic_cases=BASIC, half_cases=HALF,

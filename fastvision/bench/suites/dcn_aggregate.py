@@ -32,7 +32,7 @@ CONFIG = ("channels-last: input (N, H, W, G * Cg), offset (N, H, W, G * 9 * 2), 
 
 
 def _facts(shape: dict) -> dict:
-    return {"group_channels": shape["Cg"]}
+    return {"group_channels": shape["Cg"], "group": shape["G"]}
 
 
 def make_inputs(shape: dict, device: str, dtype: torch.dtype) -> tuple[Inputs, torch.Tensor]:
