@@ -315,7 +315,7 @@ def bench_workloads():
                              x["sampling_locations"], x["attention_weights"], backend="triton")
         _grad(out.sum(), [x["value"], x["sampling_locations"], x["attention_weights"]])
 
-    def dcn(s, dtype):
+    def deform_conv(s, dtype):
         from fastvision.ops import deform_conv2d
         B, Cin, Cout, H, W, k, G = (s[n] for n in ("batch", "Cin", "Cout", "H", "W", "k", "G"))
         m = dict(device="meta", dtype=dtype)
@@ -324,11 +324,19 @@ def bench_workloads():
         t = [x.requires_grad_() for x in t]
         _grad(deform_conv2d(t[0], t[1], t[2], t[3], 1, k // 2, 1, t[4], backend="triton").sum(), t)
 
+    def dcn_agg(s, dtype):
+        from fastvision.ops import dcn_aggregate
+        N, H, W, G, Cg = s["batch"], s["H"], s["W"], s["G"], s["Cg"]
+        for softmax in (False, True):  # DCNv4's weights, DCNv3's softmax: two kernel variants
+            t = [torch.empty(N, H, W, c, device="meta", dtype=dtype).requires_grad_()
+                 for c in (G * Cg, G * 9 * 2, G * 9)]
+            _grad(dcn_aggregate(*t, 3, 1, 1, 1, G, 1.0, False, softmax, backend="triton").sum(), t)
+
     run = {"selective_scan": scan, "bi_selective_scan": bi, "criss_cross": cca, "ms_deform_attn": msda,
+           "dcn_aggregate": dcn_agg, "deform_conv2d": deform_conv,
            "na1d": lambda s, d: na(na1d, s, d), "na2d": lambda s, d: na(na2d, s, d),
            "na3d": lambda s, d: na(na3d, s, d), "rle_encode": rle_encode, "rle_decode": rle_decode,
-           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False),
-           "deform_conv2d": dcn}
+           "super_token": lambda s, d: stoken(s, d, True), "super_token_ops": lambda s, d: stoken(s, d, False)}
     for op, cases in shapes.items():
         if not cases:  # a CPU-only suite
             continue

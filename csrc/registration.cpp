@@ -111,6 +111,21 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "str run_sep, str row_sep, str count_sep, str end, bool strict, int form) -> (Tensor labels, "
       "Tensor label_bytes, Tensor label_offsets, Tensor repairs)");
 
+  // ---- DCNv3 / DCNv4 aggregation (InternImage's DCNv3 op; DCNv4) -------------
+  // Channels-last: input (N, H, W, group * Cg); offset (N, Ho, Wo, group * K * 2),
+  // (dx, dy) pixel pairs; mask (N, Ho, Wo, group * K), softmax-ed over each
+  // group's K points in the kernel when mask_softmax; out (N, Ho, Wo, group * Cg).
+  // kernel_size, stride, padding, dilation: [h, w]; K = kh * kw (- 1 with
+  // remove_center); kernel points x outer, y inner; sampling rule in
+  // csrc/dcn/cpu.cpp. One dtype, contiguous.
+  m.def(
+      "dcn_fwd(Tensor input, Tensor offset, Tensor mask, int[] kernel_size, int[] stride, int[] padding, "
+      "int[] dilation, int group, float offset_scale, bool remove_center, bool mask_softmax) -> Tensor out");
+  m.def(
+      "dcn_bwd(Tensor dout, Tensor input, Tensor offset, Tensor mask, int[] kernel_size, int[] stride, "
+      "int[] padding, int[] dilation, int group, float offset_scale, bool remove_center, bool mask_softmax) "
+      "-> (Tensor dinput, Tensor doffset, Tensor dmask)");
+
   // ---- super token attention (STViT) -----------------------------------------
   // x (batch, C, H0, W0), stoken_size [h, w]: x is zero-padded (right, bottom) to
   // hh * h by ww * w, hh = ceil(H0 / h), ww = ceil(W0 / w). stokens (batch, C, hh, ww)

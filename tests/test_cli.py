@@ -177,7 +177,8 @@ def test_suites_are_discovered_from_the_package():
     assert set(family_of.values()) == {f"fastvision.bench.suites.{f}" for f in suites.FAMILIES}
     assert set(bench.SUITES) == {"selective_scan", "bi_selective_scan", "na2d", "na1d", "criss_cross", "super_token",
                                  "super_token_ops", "rle_encode", "rle_decode", "rle_iou", "rrle_encode",
-                                 "rrle_decode", "deform_conv2d", "ms_deform_attn"}
+                                 "rrle_decode", "deform_conv2d", "dcn_aggregate",
+                                 "ms_deform_attn"}
     assert {op for op, s in bench.SUITES.items() if s.family == "masks"} == {
         "rle_encode", "rle_decode", "rle_iou", "rrle_encode", "rrle_decode"}
     for suite in bench.SUITES.values():

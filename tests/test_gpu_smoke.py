@@ -7,11 +7,13 @@ without z/D/delta_bias/softplus; d_state 5 to 256) on the Triton and CUDA C++
 backends, bi_selective_scan on both, and na1d/na2d/na3d on Triton (rpb,
 causal, stride, dilation, GQA/MQA, head_dim_v != head_dim, a head_dim that is
 not a power of two, additional_keys/values), criss_cross_attention on
-Triton (several w, partner and channel blocks; H or W = 1) and super token
+Triton (several w, partner and channel blocks; H or W = 1), super token
 sampling + upsampling on Triton (padding, n_iter 2, 320 channels),
 deform_conv2d on Triton (DCNv1 / DCNv2, weight and offset groups, stride,
-kernel 5, offsets across the borders) and ms_deform_attn on Triton (Deformable DETR's 4 levels, samples across every
-border; a head dim of 96 on a 7 x 1 level) in float32, float16 and bfloat16.
+kernel 5, offsets across the borders), dcn_aggregate on Triton (DCNv3 softmax
+with remove_center, DCNv4 weights, a non-square strided kernel, Cg not a power
+of two) and ms_deform_attn on Triton (Deformable DETR's 4 levels, samples across
+every border; a head dim of 96 on a 7 x 1 level) in float32, float16 and bfloat16.
 
 The cases are data (:data:`CASES`), run by one function (:func:`check_case`)
 on any device: ``bench/compile_check.py`` runs the fast path of every case on
@@ -30,10 +32,12 @@ import pytest
 import torch
 
 from fastvision import _extension
-from fastvision.ops import (bi_selective_scan, criss_cross_attention, deform_conv2d, ms_deform_attn, na1d, na2d,
-                            na3d, selective_scan, super_token_sampling, super_token_upsample)
+from fastvision.ops import (bi_selective_scan, criss_cross_attention, dcn_aggregate, deform_conv2d,
+                            ms_deform_attn, na1d, na2d, na3d, selective_scan, super_token_sampling,
+                            super_token_upsample)
 from fastvision.testing import assert_close
 
+import conformance.dcn as tdcn
 import conformance.deform_attn as tda
 import conformance.neighborhood as tn
 import conformance.selective_scan as tss
@@ -44,7 +48,7 @@ NA = {1: na1d, 2: na2d, 3: na3d}
 
 @dataclass(frozen=True)
 class SmokeCase:
-    """One configuration. kind: 'scan', 'bi_scan', 'na' or 'stoken'; params: the
+    """One configuration. kind: 'scan', 'bi_scan', 'na', 'cca', 'stoken' or 'dcn'; params: the
     tests' make_inputs arguments plus the op's flags; backends: the fast
     backends to check (each against backend='reference')."""
     name: str
@@ -97,16 +101,21 @@ CASES = [
     SmokeCase("stoken-s2-c320", "stoken", dict(batch=1, C=320, H=9, W=7, stoken=(2, 2), n_iter=1)),
     # deform_conv2d: input (B, Cin, H, W), offsets ~ scale * N(0, 1) pixels; every kernel (forward,
     # column gradients, weight gradient, input-gradient gather).
-    SmokeCase("dcn2-r50-like", "dcn", dict(B=2, Cin=64, Cout=64, H=20, W=21, k=3, stride=1, G=1, groups=1,
-                                           mask=True, scale=1.0)),
-    SmokeCase("dcn1-groups-stride", "dcn", dict(B=1, Cin=48, Cout=40, H=17, W=13, k=3, stride=2, G=3, groups=2,
-                                                mask=False, scale=3.0)),
-    SmokeCase("dcn2-k5-borders", "dcn", dict(B=2, Cin=20, Cout=36, H=9, W=11, k=5, stride=1, G=2, groups=1,
-                                             mask=True, scale=6.0)),
+    SmokeCase("dcn2-r50-like", "deform_conv",
+              dict(B=2, Cin=64, Cout=64, H=20, W=21, k=3, stride=1, G=1, groups=1, mask=True, scale=1.0)),
+    SmokeCase("dcn1-groups-stride", "deform_conv",
+              dict(B=1, Cin=48, Cout=40, H=17, W=13, k=3, stride=2, G=3, groups=2, mask=False, scale=3.0)),
+    SmokeCase("dcn2-k5-borders", "deform_conv",
+              dict(B=2, Cin=20, Cout=36, H=9, W=11, k=5, stride=1, G=2, groups=1, mask=True, scale=6.0)),
     # Multi-scale deformable attention: Deformable DETR's 4 levels (borders crossed), a wide head.
     SmokeCase("msda-detr-levels", "msda", dict(N=2, Lq=200, M=8, D=32, P=4,
                                                levels=((32, 40), (16, 20), (8, 10), (4, 5)))),
     SmokeCase("msda-d96-one-level", "msda", dict(N=1, Lq=50, M=2, D=96, P=3, levels=((7, 1),))),
+    # DCNv3 / DCNv4 aggregation (channels-last); cases of tests/conformance/dcn.py.
+    SmokeCase("dcn-v3-softmax-rc", "dcn", tdcn.case(N=2, H=28, W=29, G=4, Cg=16, sm=True, rc=True, spread=0.2)),
+    SmokeCase("dcn-v4-g8-c32", "dcn", tdcn.case(N=1, H=20, W=22, G=8, Cg=32, spread=0.5)),
+    SmokeCase("dcn-3x5-stride-cg12", "dcn", tdcn.case(N=2, H=17, W=19, G=3, Cg=12, k=(3, 5), s=(2, 1), p=(1, 2),
+                                                      d=(1, 2), scale=0.5, spread=1.2)),
 ]
 
 
@@ -143,7 +152,7 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
     elif case.kind == "msda":
         value, _, _, loc, attn = tda.make(tda.case(**p), dtype, seed).to(device).args
         x = dict(value=value, sampling_locations=loc, attention_weights=attn)
-    elif case.kind == "dcn":
+    elif case.kind == "deform_conv":
         g = torch.Generator().manual_seed(seed)
         k, B, G = p["k"], p["B"], p["G"]
         Ho, Wo = (p["H"] + 2 * (k // 2) - k) // p["stride"] + 1, (p["W"] + 2 * (k // 2) - k) // p["stride"] + 1
@@ -153,6 +162,8 @@ def make_inputs(case: SmokeCase, device, dtype, seed: int = 0) -> dict:
         x = {n: (torch.randn(*shape, generator=g) * scales[n]).to(device, dtype) for n, shape in shapes.items()}
         if p["mask"]:
             x["mask"] = torch.rand(B, G * k * k, Ho, Wo, generator=g).to(device, dtype)
+    elif case.kind == "dcn":
+        x = dict(zip(("input", "offset", "mask"), (t.to(device) for t in tdcn.make(p, dtype, seed).args[:3])))
     else:
         q, k, v, rpb, ak, av = (t.to(device) if t is not None else None for t in tn.make_inputs(p, dtype, seed))
         x = dict(q=q, k=k, v=v, rpb=rpb, additional_keys=ak, additional_values=av)
@@ -177,12 +188,15 @@ def run(case: SmokeCase, x: dict, backend: str) -> dict:
         shapes, starts = (t.to(x["value"].device) for t in tda.tables(p["levels"]))
         return {"out": ms_deform_attn(x["value"], shapes, starts, x["sampling_locations"], x["attention_weights"],
                                       backend=backend)}
+    if case.kind == "dcn":
+        kw = tdcn.make(p, torch.float32, 0).kwargs
+        return {"out": dcn_aggregate(x["input"], x["offset"], x["mask"], p["k"], **kw, backend=backend)}
     if case.kind == "stoken":
         stokens, affinity = super_token_sampling(x["x"], p["stoken"], p["n_iter"], backend=backend)
         # A nonlinearity between the ops, so that both backward kernels see a general gradient.
         out = super_token_upsample(torch.tanh(stokens), affinity, p["stoken"], (p["H"], p["W"]), backend=backend)
         return {"out": out, "affinity": affinity}
-    if case.kind == "dcn":
+    if case.kind == "deform_conv":
         k = p["k"]
         return {"out": deform_conv2d(x["input"], x["offset"], x["weight"], x["bias"], p["stride"], k // 2, 1,
                                      x.get("mask"), backend=backend)}
@@ -263,8 +277,10 @@ def shrunk(case: SmokeCase) -> SmokeCase:
         p = dict(p, N=1, Lq=min(p["Lq"], 4), M=min(p["M"], 2), P=min(p["P"], 2), levels=p["levels"][:2])
     elif case.kind == "stoken":
         p = dict(p, batch=1, H=min(p["H"], 2 * p["stoken"][0] + 1), W=min(p["W"], 2 * p["stoken"][1] + 1))
-    elif case.kind == "dcn":
+    elif case.kind == "deform_conv":
         p = dict(p, B=1, Cin=p["G"] * p["groups"] * 2, Cout=p["groups"] * 3, H=min(p["H"], 6), W=min(p["W"], 7))
+    elif case.kind == "dcn":
+        p = dict(p, N=1, H=min(p["H"], 6), W=min(p["W"], 7), G=min(p["G"], 2))
     else:
         p = dict(p, batch=1, dim=2, L=min(p["L"], 20), N=min(p["N"], 32))
     return SmokeCase(case.name, case.kind, p, case.backends)

@@ -62,7 +62,7 @@ done
 rm -rf "$reports" && mkdir -p "$reports"
 tests=(tests/test_fuzz.py tests/test_entry_points.py tests/test_selective_scan.py tests/test_neighborhood.py
        tests/test_criss_cross.py tests/test_super_token.py tests/test_masks.py
-       tests/test_deform_conv.py tests/test_deform_attn.py)
+       tests/test_deform_conv.py tests/test_dcn.py tests/test_deform_attn.py)
 [ -e tests/test_conformance.py ] && tests+=(tests/test_conformance.py)
 # A test file among the arguments replaces the default list.
 for arg in "$@"; do

@@ -37,6 +37,14 @@ from .deform_conv_layers import DeformConv2d
 
 __all__ += ["DeformConv2d"]
 
+from .dcn import dcn_aggregate, dcnv4
+
+__all__ += ["dcn_aggregate", "dcnv4"]
+
+from .dcn_layers import DCNv3, DCNv4
+
+__all__ += ["DCNv3", "DCNv4"]
+
 from .deform_attn import ms_deform_attn
 
 __all__ += ["ms_deform_attn"]
