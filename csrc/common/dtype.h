@@ -21,6 +21,12 @@ namespace fastvision {
 // The dtype kernels accumulate in: float64 for float64 inputs, else float32.
 inline ScalarType acc_dtype(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
 
+// t as a new tensor in the accumulate dtype: the float kernels' copy of a half
+// or bfloat16 input (the out-of-memory message names it).
+inline Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
+  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
+}
+
 template <typename acc>
 constexpr ScalarType acc_scalar_type() {
   return sizeof(acc) == 8 ? ScalarType::Double : ScalarType::Float;

@@ -397,10 +397,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
 
 Dims dims_of(const CcSizes& n) { return {n.B, n.Cqk, n.C, n.H, n.W, n.H * n.W}; }
 
-Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
-  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
-}
-
 std::tuple<Tensor, Tensor> criss_cross_fwd_cpu(Tensor query, Tensor key, Tensor value) {
   constexpr const char* op = "criss_cross_fwd";
   const CcSizes n = check_cc_inputs(op, query, key, value);

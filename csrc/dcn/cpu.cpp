@@ -226,10 +226,6 @@ void backward_impl(const char* op, const DcnSizes& n, const T* dout, const T* in
 // ---------------------------------------------------------------------------
 // Op entry points (schemas in csrc/registration.cpp).
 
-Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
-  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
-}
-
 template <typename T>
 const T* ptr(const Tensor& t) { return t.const_data_ptr<T>(); }
 

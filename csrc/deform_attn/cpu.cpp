@@ -115,10 +115,6 @@ FV_CPU_CLONES void backward_level(const MsdaSizes& s, const Ptrs<T>& a, int64_t 
   }
 }
 
-Tensor widen(const char* op, const char* what, const Tensor& t, ScalarType acc) {
-  return alloc_cast(op, std::string(what) + " in " + dtype_name(acc), t, acc);
-}
-
 constexpr int64_t kQueriesPerTask = 16;
 
 template <typename T>
