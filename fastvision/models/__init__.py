@@ -19,3 +19,15 @@ __all__ += ["ccnet_head"]
 from fastvision.models.stvit import STViT, stvit_base, stvit_large, stvit_small
 
 __all__ += ["STViT", "stvit_small", "stvit_base", "stvit_large"]
+
+from fastvision.models.official import load_official
+
+__all__ += ["load_official"]
+
+# With timm installed, every builder is also timm.create_model("fastvision_<name>").
+import importlib.util as _util  # noqa: E402
+
+if _util.find_spec("timm") is not None:
+    from fastvision.models import timm_models as _timm_models
+
+    _timm_models.register()
