@@ -136,6 +136,8 @@ def load_official(model: nn.Module, checkpoint: str | dict, strict: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_official: model must be a torch.nn.Module; got {type(model).__name__}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"load_official: layout must be one of {sorted(LAYOUTS)}; got {layout!r}")
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
@@ -145,8 +147,6 @@ def load_official(model: nn.Module, checkpoint: str | dict, strict: bool = True,
         state = {k[len("module."):]: v for k, v in state.items()}
     target = model.state_dict()
 
-    if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"load_official: layout must be one of {sorted(LAYOUTS)}; got {layout!r}")
     # fastvision's names first: a published layout is taken only where it matches more keys.
     candidates = [LAYOUTS[layout]] if layout else [Layout("", ""), *LAYOUTS.values()]
     converted = [(c, *c.convert(state)) for c in candidates]
