@@ -9,6 +9,10 @@ torch is ``FASTVISION_WHEEL_TORCH`` (default ``torch==2.14.1 torchvision==0.29.1
 the CUDA build on this machine's disk, where the project's own venv has torch 2.13
 CPU); the venv is made once per ``FASTVISION_WHEEL_VENV`` directory (default: a
 temporary one) so reruns need not reinstall torch.
+
+``FASTVISION_WHEEL_PYTHONS`` (interpreters, separated by spaces) adds a venv per
+interpreter (torch from the package registry: another CPython has no torch on this
+disk; about 4 GB each) in which the same abi3 wheel must run the op.
 """
 
 import os
@@ -21,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = os.environ.get("FASTVISION_WHEELS")
 TORCH = os.environ.get("FASTVISION_WHEEL_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
+PYTHONS = os.environ.get("FASTVISION_WHEEL_PYTHONS", "").split()
 pytestmark = pytest.mark.skipif(not WHEELS, reason="set FASTVISION_WHEELS to the folder of the built wheels "
                                                    "(tools/build_wheels.py --cpu --out DIR)")
 
@@ -42,18 +47,22 @@ def _run(cmd, **kw):
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
+def _venv(path: Path, interpreter: str, packages: list[str]) -> Path:
+    """`path`'s python (made with `interpreter` and `packages` unless it exists),
+    with the CPU wheel installed (replacing any earlier one; --no-deps: torch stays)."""
     (wheel,) = sorted(Path(WHEELS).glob("fastvision-*+cpu-*.whl"))[-1:]
-    path = Path(os.environ.get("FASTVISION_WHEEL_VENV") or tmp_path_factory.mktemp("wheel") / "venv")
     python = path / "bin" / "python"
     if not python.exists():
-        _run([sys.executable, "-m", "venv", str(path)])
-        _run([str(python), "-m", "pip", "install", "--quiet", *TORCH, "timm", "pytest", "hypothesis"])
-    # The wheel replaces any earlier one; nothing else may change (--no-deps: torch stays).
+        _run([interpreter, "-m", "venv", str(path)])
+        _run([str(python), "-m", "pip", "install", "--quiet", *packages])
     _run([str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)])
-    _run([str(python), "-m", "pip", "install", "--quiet", "numpy"])
     return python
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    path = Path(os.environ.get("FASTVISION_WHEEL_VENV") or tmp_path_factory.mktemp("wheel") / "venv")
+    return _venv(path, sys.executable, [*TORCH, "numpy", "timm", "pytest", "hypothesis"])
 
 
 def test_cpu_wheel_runs_with_another_torch(venv, tmp_path):
@@ -80,3 +89,13 @@ def test_torchvision_tests_pass_with_the_wheel(venv, tmp_path):
     tail = result.stdout[-6000:] + result.stderr[-3000:]
     assert result.returncode == 0, tail
     assert " passed" in tail and " skipped" not in tail.split("\n")[-2], tail
+
+
+@pytest.mark.parametrize("interpreter", PYTHONS)
+def test_cpu_wheel_runs_on_other_pythons(interpreter, tmp_path_factory, tmp_path):
+    version = _run([interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]).strip()
+    base = os.environ.get("FASTVISION_WHEEL_VENV")
+    path = Path(f"{base}-py{version}") if base else tmp_path_factory.mktemp("wheel") / f"py{version}"
+    python = _venv(path, interpreter, [TORCH[0], "numpy"])
+    out = _run([str(python), "-c", SMOKE], cwd=tmp_path)
+    assert out.startswith(f"ok {version}."), out

@@ -42,6 +42,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
@@ -123,13 +124,14 @@ def cuda_architectures(nvcc: Path) -> tuple[list[int], int]:
 # build
 
 
-def build(variant: str, out: Path, env_extra: dict[str, str], cmake_defines: dict[str, str]) -> Path:
+def build(variant: str, out: Path, env_extra: dict[str, str], cmake_defines: dict[str, str],
+          build_dir: str | None = None) -> Path:
     """`pip wheel` of the checkout into `out` (built against this environment's torch),
     then the local version `+<variant>` put into its name and metadata."""
     env = {**os.environ, **env_extra}
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", tmp,
-               "-C", f"build-dir=build/wheel-{variant}", str(ROOT)]
+               "-C", f"build-dir={build_dir or f'build/wheel-{variant}'}", str(ROOT)]
         for k, v in cmake_defines.items():
             cmd[-1:-1] = ["-C", f"cmake.define.{k}={v}"]
         run(cmd, env=env, cwd=ROOT)
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", type=int, nargs="*", metavar="SM",
                         help="SASS architectures instead of the nvcc's Turing..Blackwell list "
                              "(the last also gets PTX); for quick trial builds")
+    parser.add_argument("--reuse-editable-build", action="store_true",
+                        help="build the CPU wheel in the editable install's build directory "
+                             "(build/cp310-abi3-<platform>), reusing its objects (CI)")
     parser.add_argument("--check-only", action="store_true", help="check the wheels already in --out")
     parser.add_argument("--out", type=Path, required=True, help="where the wheels and index.html go")
     args = parser.parse_args(argv)
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in sorted(out.glob("fastvision-*.whl")):
             problems += check_wheel(w, None)  # CUDA wheels: the architectures are listed, not compared
     if args.cpu:
-        wheel = build("cpu", out, {"FASTVISION_CUDA": "0"}, {})
+        editable = f"build/cp310-abi3-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
+        wheel = build("cpu", out, {"FASTVISION_CUDA": "0"}, {}, editable if args.reuse_editable_build else None)
         problems += check_wheel(wheel, None)
     for major in args.cuda:
         nvcc = find_nvcc(major, out / ".buildenv")

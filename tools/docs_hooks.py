@@ -87,13 +87,21 @@ def family_section(family: str, api: list[str], text: str | None = None) -> tupl
     raise LookupError(f"README.md has no '### ' section importing {family}'s API ({sorted(short)})")
 
 
+def _slug(title: str) -> str:
+    """The anchor mkdocs gives a heading (python-markdown's toc slugify)."""
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", title).strip().lower())
+
+
 def _rewrite_links(markdown: str, page_dir: str, files: list[File], config) -> str:
     """README links made valid on a page in `page_dir` (``""`` or ``"ops"``)."""
     up = "../" * (page_dir.count("/") + 1) if page_dir else ""
+    anchors = {_slug(h) for h in re.findall(r"(?m)^#+ (.+)$", markdown)}
 
     def repl(m):
         text, target = m.group(1), m.group(2)
-        if re.match(r"[a-z]+://", target) or target.startswith("#"):
+        if target.startswith("#"):  # a README section not on this page: the text alone
+            return m.group(0) if target[1:] in anchors else text
+        if re.match(r"[a-z]+://", target):
             return m.group(0)
         path, _, anchor = target.partition("#")
         if path.startswith("docs/") and path.endswith(".md"):
