@@ -99,3 +99,21 @@ def test_cpu_wheel_runs_on_other_pythons(interpreter, tmp_path_factory, tmp_path
     python = _venv(path, interpreter, [TORCH[0], "numpy"])
     out = _run([str(python), "-c", SMOKE], cwd=tmp_path)
     assert out.startswith(f"ok {version}."), out
+
+
+def test_cuda_wheel_loads_its_cuda_kernels_under_a_cuda_torch(venv, tmp_path):
+    """A +cuXY wheel of the venv torch's CUDA major: _C_cuda loads (no GPU needed),
+    although it was built against another torch (here a CPU one). Runs when such a
+    wheel is in FASTVISION_WHEELS (tools/build_wheels.py --cuda 13); the CPU wheel is
+    put back afterwards."""
+    major = _run([str(venv), "-c", "import torch; print((torch.version.cuda or '0').split('.')[0])"]).strip()
+    wheels = sorted(Path(WHEELS).glob(f"fastvision-*+cu{major}*-*.whl"))
+    if not wheels:
+        pytest.skip(f"no +cu{major}* wheel in {WHEELS}")
+    try:
+        _run([str(venv), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheels[-1])])
+        info = _run([str(venv.parent / "fastvision"), "info"], cwd=tmp_path)
+        assert "_C_cuda     CUDA C++ kernels: loaded" in info, info
+        assert f"fastvision  {wheels[-1].name.split('-')[1]}" in info
+    finally:
+        _venv(venv.parent.parent, sys.executable, [])

@@ -28,6 +28,12 @@ __all__ += ["load_official"]
 import importlib.util as _util  # noqa: E402
 
 if _util.find_spec("timm") is not None:
-    from fastvision.models import timm_models as _timm_models
+    try:
+        from fastvision.models import timm_models as _timm_models
 
-    _timm_models.register()
+        _timm_models.register()
+    except Exception as _err:  # e.g. a torchvision that does not match torch: timm does not import
+        import warnings
+
+        warnings.warn(f"fastvision: timm is installed but failed to import ({_err}); "
+                      f"the model builders are not registered with timm", stacklevel=2)
