@@ -7,8 +7,10 @@ symbols that only CUDA builds of torch have.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,13 @@ CUDA_BUILT = importlib.util.find_spec("fastvision._C_cuda") is not None
 CUDA_LOADED = False
 CUDA_ERROR: str | None = None
 if CUDA_BUILT and torch.version.cuda is not None:
+    # _C_cuda calls the stable C shim's CUDA functions (aoti_torch_get_current_cuda_stream),
+    # defined in libtorch_cuda.so. It cannot link that library (a wheel is built against
+    # any torch, a CPU one too), and torch loads it privately (RTLD_LOCAL): make its
+    # symbols global before loading _C_cuda (already loaded: this only widens them).
+    _torch_cuda = Path(torch.__file__).parent / "lib" / "libtorch_cuda.so"
+    if _torch_cuda.exists():
+        ctypes.CDLL(str(_torch_cuda), mode=ctypes.RTLD_GLOBAL)
     try:
         _load("_C_cuda")
         CUDA_LOADED = True

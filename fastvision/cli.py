@@ -29,6 +29,15 @@ def _triton_version() -> str | None:
         return None
 
 
+def _fastvision_version() -> str:
+    """The installed distribution's version: a wheel's says which build it is
+    (0.1.0+cpu, 0.1.0+cu130); a checkout without metadata gives the package's."""
+    try:
+        return importlib.metadata.version("fastvision")
+    except importlib.metadata.PackageNotFoundError:
+        return fastvision.__version__
+
+
 def op_backends(cuda_available: bool) -> dict[str, dict[str, dict[str, str | None]]]:
     """fused op -> device -> backend -> None where it can run, else the op's reason
     (``FusedOp.why_not``; inputs aside). Only the backends that take tensors on that
@@ -46,7 +55,7 @@ def op_backends(cuda_available: bool) -> dict[str, dict[str, dict[str, str | Non
 def collect_info() -> dict:
     """What is installed and which backends run where; never raises for a broken build."""
     info = {
-        "fastvision": fastvision.__version__,
+        "fastvision": _fastvision_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

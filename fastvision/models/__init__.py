@@ -26,3 +26,20 @@ from fastvision.models.deformable_detr import (
 
 __all__ += ["DeformableTransformerEncoder", "DeformableTransformerEncoderLayer", "deformable_encoder",
             "flatten_levels"]
+from fastvision.models.official import load_official
+
+__all__ += ["load_official"]
+
+# With timm installed, every builder is also timm.create_model("fastvision_<name>").
+import importlib.util as _util  # noqa: E402
+
+if _util.find_spec("timm") is not None:
+    try:
+        from fastvision.models import timm_models as _timm_models
+
+        _timm_models.register()
+    except Exception as _err:  # e.g. a torchvision that does not match torch: timm does not import
+        import warnings
+
+        warnings.warn(f"fastvision: timm is installed but failed to import ({_err}); "
+                      f"the model builders are not registered with timm", stacklevel=2)
