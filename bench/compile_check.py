@@ -309,7 +309,7 @@ def bench_workloads():
         _grad(out.sum(), [x])
 
     def msda(s, dtype):
-        from fastvision.bench.suites.ms_deform_attn import make_inputs
+        from fastvision.bench.suites.deform_attn import make_inputs
         x, _ = make_inputs(s, "meta", dtype)
         out = ms_deform_attn(x["value"], x["value_spatial_shapes"], x["value_level_start_index"],
                              x["sampling_locations"], x["attention_weights"], backend="triton")

@@ -1,12 +1,13 @@
 """fastvision.models.load_official on generated checkpoints with the published key sets
 of every model family: the names and shapes the original repositories' files hold
 (written down independently of fastvision's modules: tests/test_nat_dinat.py,
-tests/test_mamba_vim.py, tests/data/stvit_state_dict_shapes.json, and here for CCNet
-and mmseg's CCHead), wrapped as the published files wrap them.
+tests/test_mamba_vim.py, tests/data/stvit_state_dict_shapes.json, tests/test_deform_attn.py,
+and here for CCNet and mmseg's CCHead), wrapped as the published files wrap them.
 
 NAT/DiNAT (bare state dicts), Vim and STViT (under 'model') need no key map; CCNet's
 head does (speedinghzl/CCNet: the whole segmentation network, the head under
-``head.`` with a bare ``gamma``; mmseg: ``decode_head.`` with FCNHead's names).
+``head.`` with a bare ``gamma``; mmseg: ``decode_head.`` with FCNHead's names), and so
+does Deformable DETR's encoder (the detector's file: ``transformer.encoder.``).
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_deform_attn import published_encoder_state_dict
 from test_mamba_vim import VIM_MIXER_KEYS, VIM_TINY_TOP_KEYS
 from test_nat_dinat import CONFIGS, nat_model_keys
 
@@ -71,6 +73,16 @@ def mmseg_cchead_keys(in_ch=2048, channels=512, classes=19):
             "backbone.stem.0.weight": (32, 3, 3, 3), "auxiliary_head.convs.0.conv.weight": (256, 1024, 3, 3)}
 
 
+def deformable_detr_keys():
+    """Deformable DETR's r50 checkpoint (under 'model'): the encoder's entries and a few
+    of the detector's other parts."""
+    keys = {k: tuple(v.shape) for k, v in published_encoder_state_dict().items()}
+    keys.update({"transformer.level_embed": (4, 256), "backbone.0.body.conv1.weight": (64, 3, 7, 7),
+                 "transformer.decoder.layers.0.cross_attn.value_proj.weight": (256, 256),
+                 "query_embed.weight": (300, 512), "class_embed.0.weight": (91, 256)})
+    return keys
+
+
 def _nat(builder):
     _, depths, heads, dim, mlp, _, ls = CONFIGS[builder]
     return lambda: nat_model_keys(depths, heads, dim, mlp, layer_scale=ls is not None)
@@ -86,6 +98,7 @@ PUBLISHED += [("vim_tiny", _vim_tiny, "model", None, {})]
 PUBLISHED += [(n, _stvit(n), "model", None, {}) for n in ("stvit_small", "stvit_base", "stvit_large")]
 PUBLISHED += [("ccnet_head", ccnet_official_keys, None, "ccnet_official", dict(in_channels=2048, num_classes=19)),
               ("ccnet_head", mmseg_cchead_keys, "state_dict", "mmseg_cchead", dict(in_channels=2048, num_classes=19))]
+PUBLISHED += [("deformable_encoder", lambda: deformable_detr_keys(), "model", "deformable_detr", {})]
 
 
 def test_every_family_has_a_published_key_set():

@@ -77,8 +77,13 @@ class DeformableTransformerEncoder(nn.Module):
 
     def forward(self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
                 pos: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
+        # spatial_shapes: the (L, 2) int64 tensor, or (H, W) pairs as Python ints (what
+        # torch.export takes as constants: the reference points depend on their values).
+        levels = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else [tuple(p) for p in spatial_shapes]
+        if not isinstance(spatial_shapes, Tensor):
+            spatial_shapes = torch.as_tensor(levels, dtype=torch.long, device=src.device)
         output = src
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, device=src.device)
+        reference_points = self.get_reference_points(levels, valid_ratios, device=src.device)
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return output

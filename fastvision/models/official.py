@@ -6,7 +6,8 @@ state dict, or one wrapped under ``'model'`` / ``'state_dict'`` /
 without DataParallel's ``module.`` prefix. Where a published layout names the
 weights differently, its :class:`Layout` maps the keys (the layout whose keys
 match the model best is taken; none where the names already are fastvision's,
-which holds for NAT/DiNAT, Vim and STViT; :data:`LAYOUTS` lists the others). It reports missing and unexpected
+which holds for NAT/DiNAT, Vim and STViT; :data:`LAYOUTS` lists the others: CCNet's
+head and Deformable DETR's encoder, parts of published networks). It reports missing and unexpected
 keys and shape mismatches by name, and refuses (``strict=True``) to load a
 checkpoint with any.
 """
@@ -60,6 +61,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in [
             (r"^conv_seg\.", "bottleneck.3.")),
            note=_CCNET_SEG + "; mmseg's ConvModules use ReLU where CCNet (and fastvision) use "
                              "InPlaceABN's leaky ReLU (0.01): the weights load, the activations differ"),
+    Layout("deformable_detr", "fundamentalvision/Deformable-DETR (the detector: backbone, transformer, heads)",
+           "transformer.encoder.", note="a detector; only its transformer's encoder is this model"),
 ]}
 
 

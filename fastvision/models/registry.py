@@ -59,7 +59,7 @@ def _image(size: int = 224) -> Callable[[int], tuple]:
 
 
 def _entries() -> dict[str, ModelEntry]:
-    from . import ccnet, nat, stvit, vim
+    from . import ccnet, deformable_detr, nat, stvit, vim
 
     entries = []
     # NAT / DiNAT (SHI-Labs classification; timm's defaults at evaluation). Small: one
@@ -90,14 +90,38 @@ def _entries() -> dict[str, ModelEntry]:
         dict(in_channels=64, num_classes=5, channels=32), lambda batch=1: (torch.randn(batch, 64, 12, 10),),
         layouts=("ccnet_official", "mmseg_cchead"),
         notes="a head: its input is a backbone's feature map (batch, in_channels, H, W)"))
+    # Deformable DETR's encoder (r50 models: d_model 256, 6 layers, 4 levels), on COCO images
+    # (DETR's evaluation: shorter side 800, at most 1333; ImageNet mean/std). Small: 2 levels,
+    # d_model 32, 4 heads, one layer. Its inputs are flattened levels (flatten_levels), the
+    # spatial shapes as Python (H, W) pairs so that torch.export takes them as constants.
+    entries.append(ModelEntry(
+        deformable_detr.deformable_encoder,
+        dict(num_classes=0, input_size=(3, 800, 1333), crop_pct=1.0, interpolation="bilinear",
+             mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="layers.0.self_attn.value_proj",
+             classifier=""),
+        dict(d_model=32, nhead=4, num_encoder_layers=1, dim_feedforward=64, num_feature_levels=2),
+        _encoder_input(32, ((8, 10), (4, 5))),
+        notes="an encoder: its inputs are a backbone's flattened feature levels (flatten_levels)"))
     return {e.name: e for e in entries}
+
+
+def _encoder_input(channels: int, levels) -> Callable[[int], tuple]:
+    """Deformable DETR encoder inputs: (src, spatial shapes as (H, W) pairs, start index,
+    valid ratios, pos, padding mask) for `levels`, from random maps without padding."""
+    def make(batch=1):
+        from .deformable_detr import flatten_levels
+        srcs = [torch.randn(batch, channels, h, w) for h, w in levels]
+        masks = [torch.zeros(batch, h, w, dtype=torch.bool) for h, w in levels]
+        src, _, starts, ratios, pos, mask = flatten_levels(srcs, masks, [torch.randn_like(s) for s in srcs])
+        return src, tuple(levels), starts, ratios, pos, mask
+    return make
 
 
 MODELS: dict[str, ModelEntry] = _entries()
 
 
 #: Public functions of fastvision.models that build no model.
-NOT_BUILDERS = frozenset({"load_official"})
+NOT_BUILDERS = frozenset({"load_official", "flatten_levels"})
 
 
 def builders() -> list[str]:

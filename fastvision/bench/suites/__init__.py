@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 #: The op families with a benchmark module here, in the order their suites run.
-FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks", "deform_conv2d", "dcn_aggregate",
-            "ms_deform_attn")
+FAMILIES = ("selective_scan", "neighborhood", "criss_cross", "super_token", "masks", "deform_conv", "dcn",
+            "deform_attn")
 
 
 def load() -> None:
