@@ -5,6 +5,11 @@ torchvision itself is compared in tests/test_deform_conv_torchvision.py where it
   align_corners=False: the same bilinear rule) and a unfold-free sum over kernel points.
 * Sampling at the borders: y <= -1, y >= H, x <= -1, x >= W read 0, exactly at
   -1 and H too; a corner outside the image reads 0.
+* torchvision's offset gradient at a coordinate exactly -1: one-sided from row /
+  column 0 (the sample, its input and mask gradients 0), pinned by hand on a tiny
+  input for the CPU kernel, the reference and the Triton kernels; and every
+  gradient of the CPU and Triton kernels against the reference with zero offsets
+  and padding 1 and with samples exactly on -1, 0, H - 1 / W - 1 and H / W.
 * Determinism: the CPU backward is bit-identical twice, across thread counts and
   in deterministic mode; on a GPU (``-m gpu``) the Triton backward twice.
 * bfloat16 backward runs and matches float32.
@@ -89,11 +94,61 @@ def _one_point(y, x, H=3, W=4):
     return out[0, 0, 0, 0].item(), offset.grad[0, :, 0, 0].tolist()
 
 
-@pytest.mark.parametrize("y,x", [(-1.0, 1.0), (3.0, 1.0), (1.0, -1.0), (1.0, 4.0), (-1.5, 2.0), (7.0, -9.0),
-                                 (float("nan"), 1.0), (1.0, float("inf")), (-float("inf"), 0.0)])
+@pytest.mark.parametrize("y,x", [(-1.0, -1.0), (3.0, 1.0), (1.0, 4.0), (-1.5, 2.0), (1.0, -1.5), (7.0, -9.0),
+                                 (-1.0, 4.0), (3.0, -1.0), (float("nan"), 1.0), (1.0, float("inf")),
+                                 (-float("inf"), 0.0), (-1.0, float("nan"))])
 def test_samples_outside_read_zero(y, x):
     value, grad = _one_point(y, x)
     assert value == 0.0 and grad == [0.0, 0.0]
+
+
+def _point_grads(y, x, backend, H=3, W=4):
+    """(value, [d/dy, d/dx], dmask, sum |dinput|) of the sample at (y, x) of the ramp image
+    (pixel (r, c) = r * W + c + 1) through a 1x1 kernel with a mask, on `backend`."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    img = (torch.arange(H * W, dtype=dtype) + 1).reshape(1, 1, H, W)
+    offset = torch.tensor([y, x], dtype=dtype).reshape(1, 2, 1, 1).expand(1, 2, H, W).contiguous()
+    mask = torch.ones(1, 1, H, W, dtype=dtype)
+    w = torch.ones(1, 1, 1, 1, dtype=dtype)
+    dout = torch.zeros(1, 1, H, W, dtype=dtype)
+    dout[0, 0, 0, 0] = 1  # output (0, 0) samples (y, x) itself
+    if backend == "triton":
+        dc = import_triton_kernels_interpreted("fastvision.triton.deform_conv")
+        args = ([1, 1], [0, 0], [1, 1])
+        out = dc.deform_conv2d_fwd(img, offset, w, None, mask, *args)
+        dimg, doff, _, dmask = dc.deform_conv2d_bwd(dout, img, offset, w, mask, *args)
+    else:
+        leaves = [t.clone().requires_grad_() for t in (img, offset, mask)]
+        if backend == "reference":
+            out = deform_conv2d_ref(leaves[0], leaves[1], w, mask=leaves[2])
+        else:
+            out = deform_conv2d(leaves[0], leaves[1], w, mask=leaves[2], backend=backend)
+        dimg, doff, dmask = torch.autograd.grad(out, leaves, dout)
+    return out[0, 0, 0, 0].item(), doff[0, :, 0, 0].tolist(), dmask[0, 0, 0, 0].item(), dimg.abs().sum().item()
+
+
+# torchvision 0.29.1's numbers (get_coordinate_weight: the corners alone, no range test).
+# H = 3, W = 4; at y == -1 row 0 is a corner of weight 0: d/dy = row 0 interpolated
+# along x, d/dx = 0 (the row -1 is outside); likewise at x == -1.
+ONE_SIDED = [
+    ((-1.0, 1.0), [2.0, 0.0]),     # d/dy = pixel (0, 1)
+    ((-1.0, 0.5), [1.5, 0.0]),     # d/dy = (pixel (0, 0) + pixel (0, 1)) / 2
+    ((-1.0, 3.0), [4.0, 0.0]),     # x = W - 1: d/dy = pixel (0, 3)
+    ((1.0, -1.0), [0.0, 5.0]),     # d/dx = pixel (1, 0)
+    ((2.0, -1.0), [0.0, 9.0]),     # y = H - 1: d/dx = pixel (2, 0)
+    ((-0.5, -1.0), [0.0, 0.5]),    # d/dx = half of pixel (0, 0) (row -1 outside)
+    ((-1.0, -1.0), [0.0, 0.0]),    # the only corner inside, (0, 0), has weight 0 and no derivative
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("point,grad", ONE_SIDED, ids=[str(p) for p, _ in ONE_SIDED])
+def test_offset_gradient_is_one_sided_at_minus_one(point, grad, backend):
+    """At a coordinate exactly -1 the sample reads 0 (and so do its input and mask
+    gradients) but the offset gradient is torchvision's one-sided derivative from inside."""
+    value, doff, dmask, dinput = _point_grads(*point, backend)
+    assert value == 0.0 and dmask == 0.0 and dinput == 0.0
+    assert doff == grad
 
 
 def test_corners_outside_read_zero():
@@ -224,6 +279,100 @@ def test_triton_launchers_with_small_blocks(use_mask):
     expect = torch.ops.fastvision.deform_conv2d_bwd(dout, x, off, w, m, *args)
     for name, a, e in zip(("dinput", "doffset", "dweight", "dmask"), got, expect):
         assert_close(a, e, scale=20, msg=name)
+
+
+def _edge_case(kind, dtype=torch.float64, use_mask=True, seed=7):
+    """(x, offset, weight, bias, mask) of a 3x3 kernel with padding 1 (B 1, Cin 4, Cout 3,
+    H 4, W 5, offset groups 2): zero offsets ("zero": the first / last kernel row and
+    column sit exactly on -1 / H / W at the border) or offsets putting each sample's y on
+    one of -1, 0, H - 1, H (and a few others) and x on one of -1, 0, W - 1, W (...)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Cin, Cout, H, W, G, K = 1, 4, 3, 4, 5, 2, 9
+    x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(Cout, Cin, 3, 3, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(Cout, generator=g, dtype=torch.float64)
+    m = torch.rand(B, G * K, H, W, generator=g, dtype=torch.float64) if use_mask else None
+    if kind == "zero":
+        off = torch.zeros(B, G, K, 2, H, W, dtype=torch.float64)
+    else:
+        k = torch.arange(K)
+        base_y = (torch.arange(H) - 1)[None, :, None] + (k // 3)[:, None, None]  # (K, H, 1): stride 1, padding 1
+        base_x = (torch.arange(W) - 1)[None, None, :] + (k % 3)[:, None, None]  # (K, 1, W)
+        ty = torch.tensor([-1.0, -1.0, 0.0, H - 1.0, H, -0.5, 1.25, H - 0.75, -1.5], dtype=torch.float64)
+        tx = torch.tensor([-1.0, -1.0, 0.0, W - 1.0, W, -0.25, 2.5, W - 0.5, W + 0.5], dtype=torch.float64)
+        yy = ty[torch.randint(len(ty), (B, G, K, H, W), generator=g)]
+        xx = tx[torch.randint(len(tx), (B, G, K, H, W), generator=g)]
+        off = torch.stack([yy - base_y, xx - base_x], 3)  # exact: integers and quarters
+    off = off.reshape(B, G * K * 2, H, W)
+    return [t.to(dtype) if t is not None else None for t in (x, off, w, b, m)]
+
+
+def _ref_grads(sample, dout):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in sample]
+    x, off, w, b, m = leaves
+    out = deform_conv2d_ref(x, off, w, b, 1, 1, 1, m)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+    return out, dict(zip(["dinput", "doffset", "dweight", "dbias", "dmask"], grads))
+
+
+EDGE_KINDS = [("zero", True), ("zero", False), ("targets", True), ("targets", False)]
+
+
+@pytest.mark.parametrize("kind,use_mask", EDGE_KINDS)
+def test_reference_offset_gradient_is_one_sided_at_the_border(kind, use_mask):
+    """The cases below do exercise the rule: the reference's offset gradient is nonzero at
+    samples exactly on -1, where a range-tested rule would give 0."""
+    s = _edge_case(kind, use_mask=use_mask)
+    x, off, w, b, m = s
+    k = torch.arange(9)
+    H, W = 4, 5
+    base_y = ((torch.arange(H) - 1)[None, :, None] + (k // 3)[:, None, None]).expand(9, H, W)
+    o = off.reshape(1, 2, 9, 2, H, W)
+    on_minus_one = (base_y + o[:, :, :, 0]) == -1  # (1, 2, 9, H, W)
+    dout = torch.linspace(-1, 1, 3 * H * W, dtype=torch.float64).reshape(1, 3, H, W)
+    _, grads = _ref_grads(s, dout)
+    dy = grads["doffset"].reshape(1, 2, 9, 2, H, W)[:, :, :, 0]
+    assert on_minus_one.any() and (dy[on_minus_one] != 0).any()
+
+
+@pytest.mark.parametrize("kind,use_mask", EDGE_KINDS)
+def test_cpu_gradients_at_the_border_equal_the_reference(kind, use_mask):
+    s = _edge_case(kind, use_mask=use_mask)
+    dout = torch.linspace(-1, 1, 3 * 4 * 5, dtype=torch.float64).reshape(1, 3, 4, 5)
+    out, expect = _ref_grads(s, dout)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in s]
+    x, off, w, b, m = leaves
+    got_out = deform_conv2d(x, off, w, b, 1, 1, 1, m, backend="cpu")
+    got = torch.autograd.grad(got_out, [t for t in leaves if t is not None], dout)
+    assert_close(got_out, out)
+    for (name, e), a in zip(expect.items(), got):
+        assert_close(a, e, msg=name)
+    # float32 too (widened to float32 accumulation, the same rule)
+    s32 = [t.float() if t is not None else None for t in s]
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in s32]
+    x, off, w, b, m = leaves
+    got32 = torch.autograd.grad(deform_conv2d(x, off, w, b, 1, 1, 1, m, backend="cpu"),
+                                [t for t in leaves if t is not None], dout.float())
+    for (name, e), a in zip(expect.items(), got32):
+        assert_close(a, e, dtype=torch.float32, msg=name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind,use_mask", [("zero", True), ("targets", True), ("targets", False)])
+def test_triton_gradients_at_the_border_equal_the_reference(kind, use_mask):
+    dc = import_triton_kernels_interpreted("fastvision.triton.deform_conv")
+    s = _edge_case(kind, use_mask=use_mask)
+    dout = torch.linspace(-1, 1, 3 * 4 * 5, dtype=torch.float64).reshape(1, 3, 4, 5)
+    out, expect = _ref_grads(s, dout)
+    x, off, w, b, m = (t.float() if t is not None else None for t in s)
+    args = ([1, 1], [1, 1], [1, 1])
+    blocks = dict(BP=16, BC=16, BO=16)  # two position blocks
+    assert_close(dc.deform_conv2d_fwd(x, off, w, b, m, *args, blocks=blocks), out, dtype=torch.float32)
+    got = dc.deform_conv2d_bwd(dout.float(), x, off, w, m, *args, blocks=blocks)
+    for name, a in zip(("dinput", "doffset", "dweight", "dmask"), got):
+        if name == "dmask" and m is None:
+            continue
+        assert_close(a, expect[name], dtype=torch.float32, msg=name)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,8 @@
 // four pixels around it, each weighted by its bilinear weight, a corner outside
 // the image reading 0. Host and device (FV_HOST_DEVICE); the caller reads
 // memory, in its own layout, only at the corners marked valid.
+// bilinear_corners_only_at is torchvision deform_conv2d's offset-gradient
+// variant (no range test: one-sided derivatives at y == -1 / x == -1).
 #pragma once
 
 #include <cmath>
@@ -48,24 +50,61 @@ template <typename A> struct Bilinear {
   }
 };
 
-// The corners of the sample at (y, x) in an H x W image. The range test comes
-// before any float-to-integer conversion, so inf, NaN and huge offsets are
-// safe (they read 0).
+namespace detail {
+// The corners around (y, x), each valid when inside the H x W image; (y, x)
+// must be finite and near enough for the integer conversion (the callers'
+// range tests).
 template <typename A>
-FV_HOST_DEVICE Bilinear<A> bilinear_at(A y, A x, int64_t H, int64_t W) {
+FV_HOST_DEVICE Bilinear<A> bilinear_corners_of(A y, A x, int64_t H, int64_t W) {
   Bilinear<A> s;
-  if (!(y > A(-1) && y < A(H) && x > A(-1) && x < A(W))) return s;
   const A fy = std::floor(y), fx = std::floor(x);
   s.y0 = static_cast<int64_t>(fy);
   s.x0 = static_cast<int64_t>(fx);
   s.ly = y - fy;
   s.lx = x - fx;
-  const bool top = s.y0 >= 0, bottom = s.y0 + 1 < H, left = s.x0 >= 0, right = s.x0 + 1 < W;
+  const bool top = s.y0 >= 0 && s.y0 < H, bottom = s.y0 + 1 >= 0 && s.y0 + 1 < H;
+  const bool left = s.x0 >= 0 && s.x0 < W, right = s.x0 + 1 >= 0 && s.x0 + 1 < W;
   s.valid[0] = top && left;
   s.valid[1] = top && right;
   s.valid[2] = bottom && left;
   s.valid[3] = bottom && right;
   return s;
+}
+}  // namespace detail
+
+// Whether the sample at (y, x) is in the sampling range: -1 < y < H and
+// -1 < x < W (false for NaN). Outside it the sample reads 0.
+template <typename A>
+FV_HOST_DEVICE bool bilinear_in_range(A y, A x, int64_t H, int64_t W) {
+  return y > A(-1) && y < A(H) && x > A(-1) && x < A(W);
+}
+
+// The corners of the sample at (y, x) in an H x W image. The range test comes
+// before any float-to-integer conversion, so inf, NaN and huge offsets are
+// safe (they read 0).
+template <typename A>
+FV_HOST_DEVICE Bilinear<A> bilinear_at(A y, A x, int64_t H, int64_t W) {
+  if (!bilinear_in_range(y, x, H, W)) return Bilinear<A>();
+  return detail::bilinear_corners_of(y, x, H, W);
+}
+
+// torchvision deform_conv2d's coordinate (offset) gradient,
+// get_coordinate_weight in deformable_col2im_coord: the corners around (y, x)
+// alone, each valid when inside the image, WITHOUT the sampling range test.
+// The two differ only on the range's open ends: at y == -1 (or x == -1) the
+// sample reads 0 (bilinear_at: no corner) while here row 0 (column 0) is a
+// valid corner of weight ly = 0 (lx = 0): its value is still 0, its weight is
+// still 0, but d/dy (d/dx) is the one-sided derivative from inside, nonzero.
+// Everywhere else the corners, weights and derivatives are bilinear_at's
+// (for y in (-2, -1) or [H, H + 1) no corner is inside either). The guard
+// -2 < y < H + 1, -2 < x < W + 1 only keeps inf, NaN and huge values from the
+// integer conversion (they get no corner, as in bilinear_at); it selects no
+// other corner. For deform_conv2d's offset gradient only: DCNv3 / DCNv4 and
+// Deformable DETR apply the range test in their backward too (bilinear_at).
+template <typename A>
+FV_HOST_DEVICE Bilinear<A> bilinear_corners_only_at(A y, A x, int64_t H, int64_t W) {
+  if (!(y > A(-2) && y < A(H + 1) && x > A(-2) && x < A(W + 1))) return Bilinear<A>();
+  return detail::bilinear_corners_of(y, x, H, W);
 }
 
 }  // namespace fastvision

@@ -71,11 +71,18 @@ struct Geometry {
   // of image b (offset / mask planes of that image).
   template <typename T>
   Bilinear<T> sample(const T* off_b, int64_t go, int64_t k, int64_t p) const {
+    T y, x;
+    point(off_b, go, k, p, y, x);
+    return bilinear_at<T>(y, x, n.H, n.W);
+  }
+
+  // The sample point (y, x) of kernel point k of offset group go at position p.
+  template <typename T>
+  void point(const T* off_b, int64_t go, int64_t k, int64_t p, T& y, T& x) const {
     const int64_t oh = p / n.Wo, ow = p % n.Wo, i = k / n.kw, j = k % n.kw;
     const T* o = off_b + (go * 2 * n.K + 2 * k) * P + p;
-    const T y = T(oh * n.sh - n.ph + i * n.dh) + o[0];
-    const T x = T(ow * n.sw - n.pw + j * n.dw) + o[P];
-    return bilinear_at<T>(y, x, n.H, n.W);
+    y = T(oh * n.sh - n.ph + i * n.dh) + o[0];
+    x = T(ow * n.sw - n.pw + j * n.dw) + o[P];
   }
 };
 
@@ -252,6 +259,9 @@ void bucket_pairs(const char* op, const Geometry& g, const T* off_b, const T* ma
 // doffset and dmask of positions [p0, p0 + np): with t_q = sum_c dcol[c] v_q[c]
 // over the channels of the offset group, d/dy = mask sum_q dwy_q t_q, d/dx
 // likewise, dmask = sum_q w_q t_q (the sample itself, weighted by dcol).
+// torchvision's rules: the coordinate derivatives take the corners alone
+// (bilinear_corners_only_at: one-sided at y == -1 / x == -1, where the sample
+// reads 0), dmask is the sample (0 outside the sampling range).
 template <typename T>
 FV_CPU_CLONES void offset_mask_grads(const Geometry& g, const T* inT_b, const T* off_b, const T* mask_b,
                                      const T* dcolT, int64_t p0, int64_t np, const T* zeros, T* doff_b, T* dmask_b) {
@@ -259,7 +269,11 @@ FV_CPU_CLONES void offset_mask_grads(const Geometry& g, const T* inT_b, const T*
   for (int64_t p = p0; p < p0 + np; ++p)
     for (int64_t go = 0; go < n.G; ++go)
       for (int64_t k = 0; k < n.K; ++k) {
-        const Bilinear<T> s = g.sample(off_b, go, k, p);
+        T y, x;
+        g.point(off_b, go, k, p, y, x);
+        // the same corners as bilinear_at inside the sampling range
+        const Bilinear<T> s = bilinear_corners_only_at<T>(y, x, n.H, n.W);
+        const bool in_range = bilinear_in_range<T>(y, x, n.H, n.W);
         const Corners<T> cr(s, inT_b, n.Cin, n.W, zeros);
         T t[4] = {0, 0, 0, 0};
         for (const Run& r : g.runs) {
@@ -278,7 +292,7 @@ FV_CPU_CLONES void offset_mask_grads(const Geometry& g, const T* inT_b, const T*
         for (int q = 0; q < 4; ++q) {
           dy += s.dwy(q) * t[q];
           dx += s.dwx(q) * t[q];
-          dm += s.weight(q) * t[q];
+          if (in_range) dm += s.weight(q) * t[q];
         }
         doff_b[(go * 2 * n.K + 2 * k) * g.P + p] = m * dy;
         doff_b[(go * 2 * n.K + 2 * k + 1) * g.P + p] = m * dx;

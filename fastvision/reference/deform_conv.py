@@ -8,7 +8,12 @@ Semantics are torchvision's ``deform_conv2d``, NCHW. Kernel point k = (i, j)
 
 (g = c // (Cin / G), G offset groups, K = kh * kw), bilinearly with zeros
 outside the image: 0 when y <= -1, y >= H, x <= -1 or x >= W, else the four
-pixels around (y, x), a corner outside the image reading 0. The sample is
+pixels around (y, x), a corner outside the image reading 0. The offset gradient
+is torchvision's (``get_coordinate_weight``): the corners alone, without that
+range test, so at a coordinate exactly -1 (zero offsets with padding 1 put the
+first kernel row / column there at the border) it is the one-sided derivative
+from row / column 0 while the sample, its input and mask gradients are 0. The
+sample is
 multiplied by mask[b, g * K + k, oh, ow] (DCNv2; all ones without a mask), and
 
     out[b, o] = bias[o] + sum_{c in o's weight group, k} weight[o, c, k] * mask * sample.
@@ -47,6 +52,33 @@ def bilinear_zeros(img: torch.Tensor, y: torch.Tensor, x: torch.Tensor, H: int, 
     return out
 
 
+def bilinear_zeros_corners_only(img: torch.Tensor, y: torch.Tensor, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``bilinear_zeros`` with torchvision deform_conv2d's gradients (the rule of
+    ``bilinear_corners_only_at`` in csrc/common/bilinear.h): the four corners around (y, x),
+    each read when inside the image, without the range test. Its value is bilinear_zeros'
+    for finite inputs (out of the range the corners inside have weight exactly 0: at y == -1
+    row 0 has weight ly = 0; for y in (-2, -1) or [H, H + 1) no corner is inside), and so is
+    its input gradient; its (y, x) gradient is torchvision's offset gradient, one-sided at a
+    coordinate exactly -1. The guard -2 < y < H + 1, -2 < x < W + 1 only keeps inf, NaN and
+    huge values from the float-to-int conversion."""
+    near = (y > -2) & (y < H + 1) & (x > -2) & (x < W + 1)
+    y = torch.where(near, y, torch.zeros_like(y))
+    x = torch.where(near, x, torch.zeros_like(x))
+    y0, x0 = torch.floor(y), torch.floor(x)
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    out = None
+    for dy, dx, wgt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+        yy, xx = y0 + dy, x0 + dx
+        valid = near & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).long()
+        idx = idx.unsqueeze(-2).expand(*img.shape[:-1], idx.shape[-1])
+        v = torch.gather(img, -1, idx)
+        term = wgt.unsqueeze(-2) * torch.where(valid.unsqueeze(-2), v, torch.zeros_like(v))
+        out = term if out is None else out + term
+    return out
+
+
 def deform_conv2d_ref(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,7 +101,8 @@ def deform_conv2d_ref(input: torch.Tensor, offset: torch.Tensor, weight: torch.T
     off = offset.to(acc).reshape(B, G, K, 2, Ho, Wo)
     y = (base_y + off[:, :, :, 0]).reshape(B, G, K * Ho * Wo)
     xs = (base_x + off[:, :, :, 1]).reshape(B, G, K * Ho * Wo)
-    cols = bilinear_zeros(x.reshape(B, G, Cin // G, H * W), y, xs, H, W)  # (B, G, Cin / G, K * Ho * Wo)
+    # torchvision's offset gradient: the corners-only rule (same samples as bilinear_zeros)
+    cols = bilinear_zeros_corners_only(x.reshape(B, G, Cin // G, H * W), y, xs, H, W)  # (B, G, Cin / G, K * Ho * Wo)
     cols = cols.reshape(B, G, Cin // G, K, Ho * Wo)
     if mask is not None:
         cols = mask.to(acc).reshape(B, G, 1, K, Ho * Wo) * cols

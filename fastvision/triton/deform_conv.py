@@ -16,7 +16,9 @@ Backward, deterministic (no atomics; every program owns what it writes):
     ``_dc_bwd_col_kernel``, per (image, position block, offset group, kernel point): the
     column gradients dcol = dout^T W (tl.dot over output channels), stored as
     (B, K, P, Cin) float32 for the input gradient, and doffset / dmask from
-    dcol and the corner values, summed over the group's channels in order.
+    dcol and the corner values, summed over the group's channels in order
+    (doffset with torchvision's corners-only rule, ``bilinear_corners_only``:
+    one-sided at a coordinate exactly -1, where the sample reads 0).
     ``_dc_bwd_weight_kernel``, per (weight group, output block, channel block,
     kernel point, split): dweight = dout x columns, the columns sampled in
     registers again, summed over a fixed range of images and positions; the
@@ -36,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bilinear import bilinear_corners, bilinear_coordinate_grads, bilinear_weights
+from ._bilinear import (bilinear_coordinate_grads, bilinear_corners, bilinear_corners_only, bilinear_in_range,
+                        bilinear_weights)
 
 __all__ = ["deform_conv2d_fwd", "deform_conv2d_bwd"]
 
@@ -131,7 +134,11 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
     dx = tl.load(OFF + ob * 2 * P + P + p, mask=pmask, other=0.0).to(tl.float32)
     y = (oh * sh - ph + i * dh).to(tl.float32) + dy
     x = (ow * sw - pw + j * dw).to(tl.float32) + dx
-    y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners(y, x, H, W)
+    # torchvision's offset gradient takes the corners without the range test (one-sided
+    # at y == -1 / x == -1); inside the range they are bilinear_corners'. dmask is the
+    # sample: 0 outside the range (the where after the loop).
+    y0, x0, ly, lx, m0, m1, m2, m3 = bilinear_corners_only(y, x, H, W)
+    in_range = bilinear_in_range(y, x, H, W)
     w0, w1, w2, w3 = bilinear_weights(ly, lx, m0, m1, m2, m3)
     at = (y0 * W + x0)[:, None]
     t_dy = tl.zeros([BP], dtype=tl.float32)
@@ -167,6 +174,7 @@ def _dc_bwd_col_kernel(X, OFF, M, Wt, dO, dCol, dOff, dMask, Cin, H, W, Cout, Cg
     m = tl.full([BP], 1.0, dtype=tl.float32)
     if HAS_MASK:
         m = tl.load(M + ob * P + p, mask=pmask, other=0.0).to(tl.float32)
+        t_m = tl.where(in_range, t_m, 0.0)
         tl.store(dMask + ob * P + p, t_m.to(dMask.dtype.element_ty), mask=pmask)
     tl.store(dOff + ob * 2 * P + p, (m * t_dy).to(dOff.dtype.element_ty), mask=pmask)
     tl.store(dOff + ob * 2 * P + P + p, (m * t_dx).to(dOff.dtype.element_ty), mask=pmask)
