@@ -15,6 +15,10 @@ layer's state dict both ways.
 import pytest
 import torch
 
+# Run by tests/test_wheel_install.py in its venv (torch 2.14 + torchvision), where
+# `pytest -m torchvision` picks every file marked so.
+pytestmark = pytest.mark.torchvision
+
 tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision does not import beside this torch")
 
 from fastvision.ops import DeformConv2d, deform_conv2d  # noqa: E402
