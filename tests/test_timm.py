@@ -38,11 +38,12 @@ def test_create_model_builds_the_builder_with_its_cfg(name):
     for key in ("input_size", "mean", "std", "crop_pct", "interpolation"):
         want = entry.pretrained_cfg[key]
         assert (tuple(cfg[key]) if isinstance(want, tuple) else cfg[key]) == want, key
-    assert cfg["num_classes"] == entry.small["num_classes"]  # the model's own, not the published 1000
-    (x,) = entry.example_input(1)
+    # the model's own, not the published 1000 (an encoder without classes keeps its cfg's)
+    assert cfg["num_classes"] == entry.small.get("num_classes", entry.pretrained_cfg["num_classes"])
+    inputs = entry.example_input(1)
     model.eval(), ours.eval()
     with torch.no_grad():
-        assert_close(model(x), ours(x))
+        assert_close(model(*inputs), ours(*inputs))
 
 
 def test_data_config_helpers_read_the_cfg():

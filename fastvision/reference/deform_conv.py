@@ -31,36 +31,17 @@ from torch.nn.modules.utils import _pair
 from .._checks import acc_dtype
 
 
-def bilinear_zeros(img: torch.Tensor, y: torch.Tensor, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Samples img (..., C, H * W) at points (y, x) (..., S) -> (..., C, S): the zero-padding
-    bilinear rule of csrc/common/bilinear.h. The leading dims of img and the points agree."""
-    inside = (y > -1) & (y < H) & (x > -1) & (x < W)
-    y = torch.where(inside, y, torch.zeros_like(y))  # no float-to-int conversion of inf, NaN, huge values
-    x = torch.where(inside, x, torch.zeros_like(x))
-    y0, x0 = torch.floor(y), torch.floor(x)
-    ly, lx = y - y0, x - x0
-    hy, hx = 1 - ly, 1 - lx
-    out = None
-    for dy, dx, wgt in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
-        yy, xx = y0 + dy, x0 + dx
-        valid = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).long()
-        idx = idx.unsqueeze(-2).expand(*img.shape[:-1], idx.shape[-1])
-        v = torch.gather(img, -1, idx)
-        term = wgt.unsqueeze(-2) * torch.where(valid.unsqueeze(-2), v, torch.zeros_like(v))
-        out = term if out is None else out + term
-    return out
-
-
 def bilinear_zeros_corners_only(img: torch.Tensor, y: torch.Tensor, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """``bilinear_zeros`` with torchvision deform_conv2d's gradients (the rule of
+    """Samples img (..., C, H * W) at points (y, x) (..., S) -> (..., C, S), bilinear with
+    zeros outside, with torchvision deform_conv2d's gradients (the rule of
     ``bilinear_corners_only_at`` in csrc/common/bilinear.h): the four corners around (y, x),
-    each read when inside the image, without the range test. Its value is bilinear_zeros'
-    for finite inputs (out of the range the corners inside have weight exactly 0: at y == -1
-    row 0 has weight ly = 0; for y in (-2, -1) or [H, H + 1) no corner is inside), and so is
-    its input gradient; its (y, x) gradient is torchvision's offset gradient, one-sided at a
-    coordinate exactly -1. The guard -2 < y < H + 1, -2 < x < W + 1 only keeps inf, NaN and
-    huge values from the float-to-int conversion."""
+    each read when inside the image, without the sample's range test. Its value is the
+    zero-padding rule's (``bilinear_at``) for finite inputs (out of the range the corners
+    inside have weight exactly 0: at y == -1 row 0 has weight ly = 0; for y in (-2, -1) or
+    [H, H + 1) no corner is inside), and so is its input gradient; its (y, x) gradient is
+    torchvision's offset gradient, one-sided at a coordinate exactly -1. The guard
+    -2 < y < H + 1, -2 < x < W + 1 only keeps inf, NaN and huge values from the
+    float-to-int conversion."""
     near = (y > -2) & (y < H + 1) & (x > -2) & (x < W + 1)
     y = torch.where(near, y, torch.zeros_like(y))
     x = torch.where(near, x, torch.zeros_like(x))
@@ -101,7 +82,7 @@ def deform_conv2d_ref(input: torch.Tensor, offset: torch.Tensor, weight: torch.T
     off = offset.to(acc).reshape(B, G, K, 2, Ho, Wo)
     y = (base_y + off[:, :, :, 0]).reshape(B, G, K * Ho * Wo)
     xs = (base_x + off[:, :, :, 1]).reshape(B, G, K * Ho * Wo)
-    # torchvision's offset gradient: the corners-only rule (same samples as bilinear_zeros)
+    # torchvision's offset gradient: the corners-only rule (the samples of the zero-padding rule)
     cols = bilinear_zeros_corners_only(x.reshape(B, G, Cin // G, H * W), y, xs, H, W)  # (B, G, Cin / G, K * Ho * Wo)
     cols = cols.reshape(B, G, Cin // G, K, Ho * Wo)
     if mask is not None:
