@@ -250,6 +250,9 @@ BLOCKS = dict(BP=64, BC=16, BO=64)
 # half the positions per block.
 BLOCKS_FP32 = dict(BP=32, BC=16, BO=64)
 LAUNCH = dict(num_warps=4, num_stages=2)
+# The column-gradient kernel with 8 warps: with 4, ptxas gives the fp16/bf16 kernel without a
+# mask 128 registers on sm_80 and spills (bench/compile_check.py); 8 warps take 62-80, no spill.
+COL_LAUNCH = dict(LAUNCH, num_warps=8)
 WEIGHT_PROGRAMS = 1024  # the weight gradient's sum is split until about this many programs run
 
 
@@ -343,7 +346,7 @@ def deform_conv2d_bwd(dout, input, offset, weight, mask, stride, padding, dilati
     dcol = torch.empty((s["B"], s["K"], s["P"], s["Cin"]), device=input.device, dtype=torch.float32)
     _dc_bwd_col_kernel[(s["B"] * n_pb, s["G"], s["K"])](
         input, offset, m, weight, dout, dcol, doffset, dmask if mask is not None else doffset, *geo, n_pb,
-        HAS_MASK=mask is not None, IEEE=ieee, **bs, **LAUNCH)
+        HAS_MASK=mask is not None, IEEE=ieee, **bs, **COL_LAUNCH)
     n_ob = triton.cdiv(s["Og"], bs["BO"])
     if s["Og"] > 0:
         # The sum over images and positions in `splits` parts (enough programs to fill a GPU;
