@@ -225,6 +225,10 @@ def _cc_bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, dK, dV, Cqk, C, H, W, n_wb,
 # the [BC, BK, BW] = [64, 8, 8] value tiles keep the logits' recomputation per
 # channel block (Cqk / BC of the value work) small for CCNet's Cqk = C / 8.
 BLOCKS = dict(BW=8, BK=8, BCH=32, BC=64)
+# The dk/dv kernel holds a key block's dk and dv accumulators and the query-side tiles: at
+# 4 warps it needs more than 255 registers on sm_80 and spills 140-144 B (bench/compile_check.py);
+# 8 warps take 215-222 registers, no spill, on sm_80 and sm_90.
+DKDV_WARPS = 8
 
 
 def criss_cross_fwd(query, key, value, *, blocks: dict | None = None):
@@ -261,5 +265,5 @@ def criss_cross_bwd(dout, query, key, value, out, lse, *, blocks: dict | None = 
     _cc_bwd_dq_kernel[(B * H * n_wb, max(1, triton.cdiv(Cqk, bs["BC"])))](
         query, key, value, dout, lse, delta, dq, Cqk, C, H, W, n_wb, **bs)
     _cc_bwd_dkdv_kernel[(B * H * n_wb, max(1, triton.cdiv(max(C, Cqk), bs["BC"])))](
-        query, key, value, dout, lse, delta, dk, dv, Cqk, C, H, W, n_wb, **bs)
+        query, key, value, dout, lse, delta, dk, dv, Cqk, C, H, W, n_wb, **bs, num_warps=DKDV_WARPS)
     return dq, dk, dv
