@@ -99,6 +99,25 @@ template <typename T>
 FV_ST_INLINE void store(T* p, Vec<T> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+// Pairwise sums within each half: [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7].
+template <typename T>
+FV_ST_INLINE Vec<T> hadd(Vec<T> a, Vec<T> b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// The lane sums of a[0..7], as one vector (a fixed tree: no horizontal sum one by one).
+template <typename T>
+FV_ST_INLINE Vec<T> reduce8(const Vec<T>* a) {
+  const Vec<T> u0 = hadd<T>(hadd<T>(a[0], a[1]), hadd<T>(a[2], a[3])), u1 = hadd<T>(hadd<T>(a[4], a[5]), hadd<T>(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+// The lane sum of a, in reduce8's order.
+template <typename T>
+FV_ST_INLINE T reduce1(Vec<T> a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 // dst[0, n) = src[0, n), whole vectors first (a library call per short row would cost more).
 template <typename T>
 FV_ST_INLINE void copy_row(const T* src, int64_t n, T* dst) {
@@ -126,15 +145,25 @@ struct CellScratch {
   explicit CellScratch(const Geometry& g) : X(g.n.C * g.Pp, T(0)), At(9 * g.Pp, T(0)), nb(9 * g.n.C) {}
 };
 
-// X[c * Pp + p] = the cell's pixel p of channel c; padding zero (the tail past P stays zero).
+// The pixel blocks of a row of cells (band = b * hh + i): cell j's X[c * Pp + p] at
+// Xb + j * C * Pp, padding zero (the tails past P stay zero), gathered along the image's
+// rows (one pass over whole lines: the hardware prefetchers follow it).
 template <typename T>
-FV_CPU_CLONES void gather(const Geometry& g, const T* img, const CellView& v, T* X) {
-  const int64_t C = g.n.C, w = g.n.w, Pp = g.Pp;
-  const bool full = v.full(g);
+FV_CPU_CLONES void gather_band(const Geometry& g, const T* img, int64_t band, T* Xb) {
+  const int64_t C = g.n.C, w = g.n.w, Pp = g.Pp, ww = g.n.ww, i = band % g.n.hh;
+  const int64_t rows = g.rows(i * ww), last_cols = g.cols(ww - 1);
+  const T* src = img + ((band / g.n.hh) * C * g.n.H0 + i * g.n.h) * g.n.W0;  // (b, 0, i * h, 0)
   for (int64_t c = 0; c < C; ++c) {
-    T* dst = X + c * Pp;
-    if (!full) std::fill(dst, dst + g.P, T(0));
-    for (int64_t r = 0; r < v.rows; ++r) copy_row(img + v.at(g, c, r), v.cols, dst + r * w);
+    T* dst = Xb + c * Pp;
+    if (rows < g.n.h)
+      for (int64_t j = 0; j < ww; ++j) std::fill(dst + j * C * Pp, dst + j * C * Pp + g.P, T(0));
+    else if (last_cols < w)
+      std::fill(dst + (ww - 1) * C * Pp, dst + (ww - 1) * C * Pp + g.P, T(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* line = src + (c * g.n.H0 + r) * g.n.W0;
+      for (int64_t j = 0; j + 1 < ww; ++j) copy_row(line + j * w, w, dst + j * C * Pp + r * w);
+      copy_row(line + (ww - 1) * w, last_cols, dst + (ww - 1) * C * Pp + r * w);
+    }
   }
 }
 
@@ -197,7 +226,7 @@ FV_CPU_CLONES void associate(int64_t C, int64_t Pp, const T* __restrict X, const
   }
 }
 
-// part[k * C + c] = sum_p At[k * Pp + p] X[c * Pp + p] (lane sums, then the lanes in order).
+// part[k * C + c] = sum_p At[k * Pp + p] X[c * Pp + p] (lane sums, then a tree over the lanes).
 template <typename T>
 FV_CPU_CLONES void aggregate(int64_t C, int64_t Pp, const T* __restrict X, const T* __restrict At, T* __restrict part) {
   for (int64_t c = 0; c < C; ++c) {
@@ -206,11 +235,9 @@ FV_CPU_CLONES void aggregate(int64_t C, int64_t Pp, const T* __restrict X, const
       const Vec<T> x = load(X + c * Pp + p0);
       for (int k = 0; k < 9; ++k) acc[k] += load(At + k * Pp + p0) * x;
     }
-    for (int k = 0; k < 9; ++k) {
-      T s = 0;
-      for (int64_t j = 0; j < kLanes; ++j) s += acc[k][j];
-      part[k * C + c] = s;
-    }
+    const Vec<T> sums = reduce8<T>(acc);
+    for (int k = 0; k < 8; ++k) part[k * C + c] = sums[k];
+    part[8 * C + c] = reduce1<T>(acc[8]);
   }
 }
 
@@ -230,6 +257,16 @@ FV_CPU_CLONES void spread(int64_t C, int64_t Pp, const T* __restrict At, const T
       for (int k = 0; k < 9; ++k) acc += a[k] * nb[k * C + c];
       store(y + c * c_stride, acc);
     }
+  }
+}
+
+// sums[r] = sum_p M[r * Pp + p] for r < rows (lane sums, then a tree over the lanes).
+template <typename T>
+FV_CPU_CLONES void row_sums(const T* __restrict M, int64_t rows, int64_t Pp, T* __restrict sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Vec<T> acc = {};
+    for (int64_t p0 = 0; p0 < Pp; p0 += kLanes) acc += load(M + r * Pp + p0);
+    sums[r] = reduce1<T>(acc);
   }
 }
 
@@ -295,17 +332,11 @@ void fold_all(const Geometry& g, const T* part, const T* den, T* rows, T* out) {
 // ---------------------------------------------------------------------------
 // Sampling
 
-// row[c] = the mean of cell id's padded pixels of channel c (X: scratch).
+// row[c] = the mean of a cell's padded pixels of channel c (X: its gathered block).
 template <typename T>
-void pool(const Geometry& g, const T* x, int64_t id, T* X, T* row) {
-  gather(g, x, CellView(g, id / g.N, id % g.N), X);
-  for (int64_t c = 0; c < g.n.C; ++c) {
-    Vec<T> lanes = {};
-    for (int64_t p0 = 0; p0 < g.Pp; p0 += kLanes) lanes += load(X + c * g.Pp + p0);
-    T sum = 0;
-    for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-    row[c] = sum / static_cast<T>(g.P);
-  }
+void pool(const Geometry& g, const T* X, T* row) {
+  row_sums(X, g.n.C, g.Pp, row);
+  for (int64_t c = 0; c < g.n.C; ++c) row[c] /= static_cast<T>(g.P);
 }
 
 template <typename T>
@@ -331,29 +362,33 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
     parallel_for(op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
       CellScratch<T> s(g);
       // The first iteration's tokens are the cells' means (STViT's adaptive average pool),
-      // pooled a row of cells ahead of the cells that read them, so that each cell's pixels
-      // are still in cache when pass 1 reads them again. Each chunk pools the cells it
-      // reads (cells at a chunk's edges twice: the same values).
-      std::vector<T> pooled(it == 0 ? tasks * C : 0);
-      int64_t next = 0;  // the next cell to pool
+      // pooled a band (row of cells) ahead of the cells that read them, from the blocks
+      // that pass 1 then reads: a ring of 2 bands, so x is read once. Each chunk pools the
+      // bands it reads (bands at a chunk's edges twice: the same values).
+      const int64_t band_size = n.ww * C * Pp;
+      std::vector<T> bands((it == 0 ? 2 : 1) * band_size, T(0)), pooled(it == 0 ? tasks * C : 0);
+      int64_t have = -1;  // the last band gathered
       for (int64_t id = begin; id < end; ++id) {
-        const int64_t b = id / N, t = id % N;
+        const int64_t b = id / N, t = id % N, i = t / n.ww, band = id / n.ww;
+        const T* X;
         if (it == 0) {
-          const int64_t i = t / n.ww, lo = b * N + std::max<int64_t>(0, i - 1) * n.ww;
-          const int64_t hi = b * N + std::min(n.hh, i + 2) * n.ww;
-          for (next = std::max(next, lo); next < hi; ++next) pool(g, x, next, s.X.data(), pooled.data() + next * C);
+          const int64_t hi = i + 1 < n.hh ? band + 1 : band;
+          for (int64_t nb = std::max(have + 1, i > 0 ? band - 1 : band); nb <= hi; have = nb++) {
+            T* Xb = bands.data() + (nb % 2) * band_size;
+            gather_band(g, x, nb, Xb);
+            for (int64_t j = 0; j < n.ww; ++j) pool(g, Xb + j * C * Pp, pooled.data() + (nb * n.ww + j) * C);
+          }
+          X = bands.data() + (band % 2) * band_size + (t % n.ww) * C * Pp;
+        } else {
+          if (band != have) gather_band(g, x, have = band, bands.data());
+          X = bands.data() + (t % n.ww) * C * Pp;
         }
-        gather(g, x, CellView(g, b, t), s.X.data());
         neighbours(g, it == 0 ? pooled.data() : tok.data(), b, t, s.nb.data());
-        associate(C, Pp, s.X.data(), s.nb.data(), s.At.data());
+        associate(C, Pp, X, s.nb.data(), s.At.data());
         softmax9(s.At.data(), P, Pp, scale);
         if (last) transpose_out(g, s.At.data(), aff + id * P * 9);
-        aggregate(C, Pp, s.X.data(), s.At.data(), part.data() + id * 9 * C);
-        for (int k = 0; k < 9; ++k) {
-          T sum = 0;
-          for (int64_t p = 0; p < P; ++p) sum += s.At[k * Pp + p];
-          psum[id * 9 + k] = sum;
-        }
+        aggregate(C, Pp, X, s.At.data(), part.data() + id * 9 * C);
+        row_sums(s.At.data(), 9, Pp, psum.data() + id * 9);  // the tail past P is zero
       }
     });
     // Pass 2, per token: its affinity sum (fixed order k = 0..8), then the normalised fold.
@@ -438,18 +473,21 @@ std::tuple<Tensor, Tensor> upsample_backward(const Geometry& g, const Tensor& do
   T* da = daff.mutable_data_ptr<T>();
   parallel_for(g.op, 0, tasks, g.grain(), [&](int64_t begin, int64_t end) {
     CellScratch<T> s(g);
+    std::vector<T> band(n.ww * C * Pp, T(0));  // a row of cells of dout (cropped pixels: zeros)
+    int64_t have = -1;
     for (int64_t id = begin; id < end; ++id) {
       const int64_t b = id / N, t = id % N;
-      gather(g, go, CellView(g, b, t), s.X.data());  // cropped pixels have no gradient: zeros
+      if (id / n.ww != have) gather_band(g, go, have = id / n.ww, band.data());
+      const T* X = band.data() + (t % n.ww) * C * Pp;
       if (with_daffinity) {  // At holds the daffinity, transposed, first
         neighbours(g, rows.data(), b, t, s.nb.data());
-        associate(C, Pp, s.X.data(), s.nb.data(), s.At.data());
+        associate(C, Pp, X, s.nb.data(), s.At.data());
         transpose_out(g, s.At.data(), da + id * P * 9);
         for (int k = 0; k < 9; ++k)  // the tail is 0 * nb: NaN for infinite tokens
           std::fill(s.At.data() + k * Pp + P, s.At.data() + (k + 1) * Pp, T(0));
       }
       transpose_in(g, aff + id * P * 9, s.At.data());
-      aggregate(C, Pp, s.X.data(), s.At.data(), part.data() + id * 9 * C);
+      aggregate(C, Pp, X, s.At.data(), part.data() + id * 9 * C);
     }
   });
   fold_all(g, part.data(), static_cast<const T*>(nullptr), static_cast<T*>(nullptr), dst.mutable_data_ptr<T>());
