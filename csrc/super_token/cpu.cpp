@@ -4,22 +4,29 @@
 // affinity (batch, hh*ww, h*w, 9); neighbour k = 3 * dy + dx of cell (i, j)
 // is token (i + dy - 1, j + dx - 1), a zero vector outside the grid.
 //
-// Every kernel works cell by cell (tasks of (batch, cell), in parallel). A cell's
-// pixels are first gathered from the NCHW image into a small contiguous block
-// X[c][p] (p = r * w + q; the padding reads as zeros and takes part, as in STViT;
-// the row is padded with zeros to Pp, a multiple of kLanes), so that every product
-// below runs over whole vectors of pixels whatever the cell's width. The cell's 9
-// neighbour tokens nb[k][c] are read straight from the NCHW tokens, and the
-// affinity is kept transposed, At[k][p] (zero past P). Three small products:
+// Every kernel works cell by cell (tasks of (batch, cell), in parallel), on blocks:
+// a cell's pixels X[c][p] (p = r * w + q; the padding reads as zeros and takes part,
+// as in STViT; each channel's row padded with zeros to Pp, a multiple of kLanes),
+// gathered a band (row of cells) at a time along the image's lines; its 9 neighbour
+// tokens nb[k][c] (copies of token rows); its affinity transposed, At[k][p] (zero
+// past P). Three small products then run over whole 8-lane vectors (GCC vector
+// extensions) whatever the cell's width:
 //   associate  L[k][p] = sum_c nb[k][c] X[c][p]    (logits; upsample's daffinity)
-//   aggregate  part[k][c] = sum_p At[k][p] X[c][p] (what the cell sends each neighbour)
+//   aggregate  part[k][c] = sum_p At[k][p] X[c][p] (what the cell sends each neighbour;
+//                                                   lane sums reduced by a fixed tree)
 //   spread     Y[c][p] = sum_k At[k][p] nb[k][c]   (upsampling; sampling's dx)
-// and a softmax over k, vectorised over pixels. Sampling runs associate + softmax +
-// aggregate in one pass over x per iteration and stores each cell's 9 x C partial
-// sums; a second pass, per token, folds the partials of the (up to) 9 cells that
-// send to it in the fixed order k = 0..8, so results do not depend on threads.
-// The upsample's backward skips the daffinity product when that gradient is not
-// asked for (StokenAttention's affinity is detached, as in STViT).
+// and a softmax over k, vectorised over pixels. spread stores straight into the image
+// where a full cell's rows are whole vectors (w a multiple of 8), else through a block.
+//
+// Sampling: one pass over x per iteration runs associate + softmax + aggregate per
+// cell and stores each cell's 9 x C partial sums and 9 affinity sums; a second pass,
+// per token, folds the partials of the (up to) 9 cells that send to it in the fixed
+// order k = 0..8, so results do not depend on threads. The first iteration pools the
+// initial tokens (the cells' means) a band ahead of the association, from the blocks
+// the association then reads (a ring of two bands): x is read once.
+// Upsampling's backward: aggregate dout's blocks (dstokens, folded per token) and,
+// only when asked for (affinity_grad; StokenAttention's affinity is detached, as in
+// STViT), associate them with the tokens (daffinity).
 //
 // float and double kernels; half and bfloat16 are widened to float on entry
 // (fp32 accumulation: STViT's 1e-12 would vanish in fp16) and the outputs
@@ -108,7 +115,8 @@ FV_ST_INLINE Vec<T> hadd(Vec<T> a, Vec<T> b) {
 // The lane sums of a[0..7], as one vector (a fixed tree: no horizontal sum one by one).
 template <typename T>
 FV_ST_INLINE Vec<T> reduce8(const Vec<T>* a) {
-  const Vec<T> u0 = hadd<T>(hadd<T>(a[0], a[1]), hadd<T>(a[2], a[3])), u1 = hadd<T>(hadd<T>(a[4], a[5]), hadd<T>(a[6], a[7]));
+  const Vec<T> u0 = hadd<T>(hadd<T>(a[0], a[1]), hadd<T>(a[2], a[3]));
+  const Vec<T> u1 = hadd<T>(hadd<T>(a[4], a[5]), hadd<T>(a[6], a[7]));
   return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
          __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
@@ -137,12 +145,12 @@ struct CellView {
   int64_t at(const Geometry& g, int64_t c, int64_t r) const { return base + (c * g.n.H0 + y0 + r) * g.n.W0 + x0; }
 };
 
-// Per-thread scratch of one cell: pixels X (or the output Y, C x Pp), transposed
-// affinity At (or logits, 9 x Pp), neighbour tokens nb (9 x C).
+// Per-thread scratch of one cell: its transposed affinity At (or logits, 9 x Pp; the
+// tails past P stay zero) and neighbour tokens nb (9 x C).
 template <typename T>
 struct CellScratch {
-  std::vector<T> X, At, nb;
-  explicit CellScratch(const Geometry& g) : X(g.n.C * g.Pp, T(0)), At(9 * g.Pp, T(0)), nb(9 * g.n.C) {}
+  std::vector<T> At, nb;
+  explicit CellScratch(const Geometry& g) : At(9 * g.Pp, T(0)), nb(9 * g.n.C) {}
 };
 
 // The pixel blocks of a row of cells (band = b * hh + i): cell j's X[c * Pp + p] at
@@ -414,6 +422,7 @@ void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
   const int64_t C = g.n.C, P = g.P, Pp = g.Pp, N = g.N;
   parallel_for(g.op, 0, g.n.B * N, g.grain(), [&](int64_t begin, int64_t end) {
     CellScratch<T> s(g);
+    std::vector<T> Y(C * Pp);  // a cell's output block, where it cannot go straight to img
     for (int64_t id = begin; id < end; ++id) {
       const int64_t b = id / N, t = id % N;
       neighbours(g, rows, b, t, s.nb.data());
@@ -424,8 +433,8 @@ void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
         spread(C, Pp, s.At.data(), s.nb.data(), img + v.at(g, 0, 0), g.n.H0 * g.n.W0,
                [&](int64_t p0) { return (p0 / w) * g.n.W0 + p0 % w; });
       } else {
-        spread(C, Pp, s.At.data(), s.nb.data(), s.X.data(), Pp, [](int64_t p0) { return p0; });
-        scatter(g, s.X.data(), v, img);
+        spread(C, Pp, s.At.data(), s.nb.data(), Y.data(), Pp, [](int64_t p0) { return p0; });
+        scatter(g, Y.data(), v, img);
       }
     }
   });
