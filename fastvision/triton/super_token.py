@@ -89,7 +89,8 @@ def _cell_kernel(x_ptr, tok_ptr, sb, st, sc, aff_ptr, daff_ptr, part_ptr, psum_p
                  h: tl.constexpr, w: tl.constexpr, SAMPLE: tl.constexpr, WRITE_AFF: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """SAMPLE: affinity (softmax of the scaled logits) and the partial sums A^T x of one cell.
-    Otherwise (upsampling's backward, x = dout): daffinity = dout NB^T and partials A^T dout."""
+    Otherwise (upsampling's backward, x = dout): daffinity = dout NB^T (when WRITE_AFF)
+    and partials A^T dout."""
     pid = tl.program_id(0).to(tl.int64)
     N = hh * ww
     b, cell = pid // N, pid % N
