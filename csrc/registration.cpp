@@ -133,6 +133,7 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
   // 3x3 neighbour tokens of its cell (k = 3 * dy + dx), float32 (float64 for
   // float64 x); asum (batch, hh, ww): each token's affinity sum, the denominators.
   // size [H0, W0] is x's spatial size; out_size the upsampled (cropped) one.
+  // upsample_bwd with affinity_grad=False skips daffinity and returns it empty, shape (0,).
   m.def(
       "super_token_sampling_fwd(Tensor x, int[] stoken_size, int n_iter) "
       "-> (Tensor stokens, Tensor affinity, Tensor asum)");
@@ -143,8 +144,8 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "super_token_upsample_fwd(Tensor stokens, Tensor affinity, int[] stoken_size, int[] out_size) "
       "-> Tensor out");
   m.def(
-      "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size) "
-      "-> (Tensor dstokens, Tensor daffinity)");
+      "super_token_upsample_bwd(Tensor dout, Tensor stokens, Tensor affinity, int[] stoken_size, "
+      "bool affinity_grad=True) -> (Tensor dstokens, Tensor daffinity)");
 
   // ---- deformable convolution (DCNv1 / DCNv2; torchvision's deform_conv2d) --
   // NCHW: input (batch, Cin, H, W); offset (batch, 2 * G * kh * kw, Ho, Wo),

@@ -94,7 +94,8 @@ def anchor_layer(layer, x):
 
 # Random shapes: H != W, H or W = 1, sizes not divisible by the stoken size, n_iter 1 and 2.
 _rng = random.Random(7)
-SHAPES = [(2, 6, 9, 7, (3, 2), 1), (1, 5, 1, 11, (2, 4), 2), (2, 3, 10, 1, (4, 3), 1), (1, 8, 8, 8, (4, 4), 2)] + [
+SHAPES = [(2, 6, 9, 7, (3, 2), 1), (1, 5, 1, 11, (2, 4), 2), (2, 3, 10, 1, (4, 3), 1), (1, 8, 8, 8, (4, 4), 2),
+          (2, 4, 7, 19, (3, 8), 1)] + [
     (_rng.choice([1, 2]), _rng.choice([2, 5, 16]), _rng.randint(1, 14), _rng.randint(1, 14),
      (_rng.randint(1, 6), _rng.randint(1, 6)), _rng.choice([1, 2])) for _ in range(8)]
 
@@ -187,6 +188,37 @@ def test_sampling_backward_is_the_adjoint_for_a_fractional_affinity(stoken_size,
     _, affinity, asum = torch.ops.fastvision.super_token_sampling_fwd(x, list(stoken_size), 2)
     assert ((affinity > 0.05) & (affinity < 0.95)).any()
     check_gradcheck(lambda t: _FixedAffinity.apply(t, affinity, asum, list(stoken_size)), [x.requires_grad_()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upsample_backward_without_affinity_gradient(dtype):
+    """affinity_grad=False (a detached affinity, as StokenAttention's) skips daffinity: the same
+    dstokens, an empty daffinity, in the C++ kernel, its fake kernel and through autograd."""
+    s = torch.randn(2, 5, 3, 3, dtype=dtype)
+    _, a, _ = torch.ops.fastvision.super_token_sampling_fwd(torch.randn(2, 5, 9, 17, dtype=dtype), [3, 6], 1)
+    dout = torch.randn(2, 5, 9, 17, dtype=dtype)
+    ds, da = torch.ops.fastvision.super_token_upsample_bwd(dout, s, a, [3, 6])
+    ds0, da0 = torch.ops.fastvision.super_token_upsample_bwd(dout, s, a, [3, 6], False)
+    assert torch.equal(ds0, ds) and da.shape == a.shape and da0.shape == (0,)
+    fake = torch.ops.fastvision.super_token_upsample_bwd(dout.to("meta"), s.to("meta"), a.to("meta"), [3, 6], False)
+    assert fake[0].shape == s.shape and fake[1].shape == (0,)
+    st = s.clone().requires_grad_()
+    out = super_token_upsample(st, a, (3, 6), (9, 17))
+    (dst,) = torch.autograd.grad(out, st, dout)
+    assert torch.equal(dst, ds)
+    at = a.clone().requires_grad_()
+    dst, dat = torch.autograd.grad(super_token_upsample(st, at, (3, 6), (9, 17)), (st, at), dout)
+    assert torch.equal(dst, ds) and torch.equal(dat, da)
+
+
+@pytest.mark.triton
+def test_triton_upsample_backward_without_affinity_gradient():
+    s = torch.randn(1, 4, 2, 3, requires_grad=True)
+    a = torch.randn(1, 6, 16, 9).softmax(-1)
+    dout = torch.randn(1, 4, 7, 10)
+    (ref,) = torch.autograd.grad(super_token_upsample(s, a, (4, 4), (7, 10), backend="cpu"), s, dout)
+    (out,) = torch.autograd.grad(super_token_upsample(s, a, (4, 4), (7, 10), backend="triton"), s, dout)
+    assert_close(out, ref, torch.float32)
 
 
 def test_float16_tokens_accumulate_in_float32():

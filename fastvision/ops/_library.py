@@ -72,8 +72,9 @@ class FusedOp:
     gradient needs. ``gradients(backward, saved, grads)`` returns a dict of
     input name -> gradient: ``backward`` runs the backward kernel on the
     forward's device and backend, ``saved`` holds every forward input by name
-    (tensors listed in ``save``, all non-tensor arguments) and the saved
-    outputs, ``grads`` the outputs' gradients by name (None where unused).
+    (tensors listed in ``save``, all non-tensor arguments), the saved
+    outputs and ``needs_grad`` (the names of the inputs whose gradient is
+    asked for), ``grads`` the outputs' gradients by name (None where unused).
     ``limits(backend, **facts)`` gives the reason a backend cannot run inputs
     with these facts (e.g. ``d_state=300``), or None.
     """
@@ -135,7 +136,9 @@ class FusedOp:
     def _gradients(self, ctx, grads, backward: Callable):
         if all(g is None for g in grads):
             return (None,) * len(self._arg_names)
-        saved = SimpleNamespace(**ctx.attrs, **dict(zip(ctx.saved_names, ctx.saved_tensors)))
+        needs = ctx.needs_input_grad[-len(self._arg_names):]  # backend='triton' has the op first
+        saved = SimpleNamespace(**ctx.attrs, **dict(zip(ctx.saved_names, ctx.saved_tensors)),
+                                needs_grad=frozenset(n for n, need in zip(self._arg_names, needs) if need))
         result = self.gradients(backward, saved, SimpleNamespace(**dict(zip(self._out_names, grads))))
         unknown = set(result) - self._tensor_args
         assert not unknown, f"{self.name}: gradients for non-tensor inputs {unknown}"

@@ -101,7 +101,7 @@ def _check_upsample_fwd(stokens, affinity, stoken_size, out_size):
     _check_affinity(a, affinity, stokens.dtype, h, w, hh, ww)
 
 
-def _check_upsample_bwd(dout, stokens, affinity, stoken_size):
+def _check_upsample_bwd(dout, stokens, affinity, stoken_size, affinity_grad=True):
     a = OpArgs("super_token_upsample_bwd")
     if not isinstance(dout, torch.Tensor) or dout.dim() != 4:
         a.fail(f"dout must be a 4-D tensor (batch, C, H0, W0); got {getattr(dout, 'shape', type(dout).__name__)}")
@@ -132,8 +132,8 @@ def _fake_upsample_fwd(stokens, affinity, stoken_size, out_size):
     return stokens.new_empty((*stokens.shape[:2], *out_size))
 
 
-def _fake_upsample_bwd(dout, stokens, affinity, stoken_size):
-    return torch.empty_like(stokens), torch.empty_like(affinity)
+def _fake_upsample_bwd(dout, stokens, affinity, stoken_size, affinity_grad=True):
+    return torch.empty_like(stokens), torch.empty_like(affinity) if affinity_grad else affinity.new_empty((0,))
 
 
 def _sampling_gradients(backward, s, g):
@@ -145,8 +145,11 @@ def _sampling_gradients(backward, s, g):
 
 
 def _upsample_gradients(backward, s, g):
-    dstokens, daffinity = backward(g.out.contiguous(), s.stokens, s.affinity, s.stoken_size)
-    return {"stokens": dstokens, "affinity": daffinity}
+    """daffinity only when asked for: StokenAttention's affinity is detached (as in STViT),
+    and the kernels then skip that product (it returns empty)."""
+    affinity_grad = "affinity" in s.needs_grad
+    dstokens, daffinity = backward(g.out.contiguous(), s.stokens, s.affinity, s.stoken_size, affinity_grad)
+    return {"stokens": dstokens, "affinity": daffinity if affinity_grad else None}
 
 
 def _limits(backend: str, channels: int) -> str | None:

@@ -89,7 +89,8 @@ def _cell_kernel(x_ptr, tok_ptr, sb, st, sc, aff_ptr, daff_ptr, part_ptr, psum_p
                  h: tl.constexpr, w: tl.constexpr, SAMPLE: tl.constexpr, WRITE_AFF: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """SAMPLE: affinity (softmax of the scaled logits) and the partial sums A^T x of one cell.
-    Otherwise (upsampling's backward, x = dout): daffinity = dout NB^T and partials A^T dout."""
+    Otherwise (upsampling's backward, x = dout): daffinity = dout NB^T (when WRITE_AFF)
+    and partials A^T dout."""
     pid = tl.program_id(0).to(tl.int64)
     N = hh * ww
     b, cell = pid // N, pid % N
@@ -113,7 +114,8 @@ def _cell_kernel(x_ptr, tok_ptr, sb, st, sc, aff_ptr, daff_ptr, part_ptr, psum_p
             if WRITE_AFF:
                 tl.store(aff_ptr + aff_offs, A, mask=aff_mask)
         else:
-            tl.store(daff_ptr + aff_offs, logits, mask=aff_mask)
+            if WRITE_AFF:  # daffinity asked for
+                tl.store(daff_ptr + aff_offs, logits, mask=aff_mask)
             A = tl.load(aff_ptr + aff_offs, mask=aff_mask, other=0.0)
         part += tl.dot(tl.trans(A), X, input_precision="ieee")
         psum += tl.sum(A, 0)
@@ -249,19 +251,19 @@ def super_token_upsample_fwd(stokens: torch.Tensor, affinity: torch.Tensor, stok
 
 
 def super_token_upsample_bwd(dout: torch.Tensor, stokens: torch.Tensor, affinity: torch.Tensor,
-                             stoken_size: list[int]):
+                             stoken_size: list[int], affinity_grad: bool = True):
     _no_float64("super_token_upsample_bwd", dout)
     B, C, H0, W0 = dout.shape
     h, w, hh, ww = _grid_of(stoken_size, (H0, W0))
     dstokens = torch.empty_like(stokens)
-    daffinity = torch.empty_like(affinity)
+    daffinity = torch.empty_like(affinity) if affinity_grad else affinity.new_empty((0,))
     if B == 0:
         return dstokens, daffinity
     N = hh * ww
     part = torch.empty((B, N, 9, C), device=dout.device, dtype=torch.float32)
     blocks = _blocks(C, h * w)
     _cell_kernel[(B * N,)](dout, stokens, C * N, 1, N, affinity, daffinity, part, part, 1.0, C, H0, W0, hh, ww,
-                           h=h, w=w, SAMPLE=False, WRITE_AFF=False, **blocks)
+                           h=h, w=w, SAMPLE=False, WRITE_AFF=affinity_grad, **blocks)
     _fold_kernel[(B * N,)](dstokens, part, part, part, part, C, hh, ww, NORMALIZE=False, WRITE_TOK=False,
                            WRITE_OUT=True, BLOCK_C=blocks["BLOCK_C"], num_warps=blocks["num_warps"])
     return dstokens, daffinity

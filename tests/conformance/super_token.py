@@ -74,6 +74,8 @@ EDGE = [
     case(C=8, H=10, W=10, stoken=(5, 2), numpy=True),      # numpy scalars
     case(C=3, H=9, W=8, stoken=(3, 4), positional=True),
     case(C=6, H=9, W=9, stoken=(3, 3), gain=40.0),         # saturated softmax
+    case(C=5, H=7, W=19, stoken=(3, 8), n_iter=2),         # rows of whole vectors (w = 8) beside padded cells
+    case(batch=1, C=2, H=4, W=33, stoken=(2, 16)),         # w = 16, the last column of cells one pixel wide
 ]
 
 _rng = random.Random(3)
