@@ -168,10 +168,16 @@ inline bool items(PyObject* seq, std::vector<PyObject*>& out) {
 // The four separators of a Separators (a tuple: run, row, count, end).
 inline std::array<std::string, 4> separators(PyObject* seps) {
   std::vector<PyObject*> s;
-  if (!items(seps, s) || s.size() != 4) throw std::invalid_argument("fastvision: separators must be 4 strs");
   std::array<std::string, 4> out;
+  if (!items(seps, s) || s.size() != 4) {
+    type_error("separators must be a Separators (4 str: run, row, count, end)", seps);
+    throw PyError{};
+  }
   for (int i = 0; i < 4; ++i) {
-    if (!PyUnicode_Check(s[i])) throw std::invalid_argument("fastvision: separators must be 4 strs");
+    if (!PyUnicode_Check(s[i])) {
+      type_error("separators must be 4 str", s[i]);
+      throw PyError{};
+    }
     out[i] = std::string(utf8(s[i]));
   }
   return out;
@@ -283,14 +289,12 @@ inline PyObject* rle_iou_coco(PyObject*, PyObject* const* args, Py_ssize_t nargs
 
 // Python's check that no name holds a separator (`sep.strip(" ") or sep` in name),
 // with its message; names as str objects.
-inline void check_names_hold_no_separator(const std::vector<PyObject*>& names, PyObject* seps) {
+inline void check_names_hold_no_separator(const std::vector<PyObject*>& names, const std::array<std::string, 4>& seps) {
   static const char* what[4] = {"run", "row", "count", "end"};
-  std::vector<PyObject*> s;
-  items(seps, s);
   for (PyObject* name : names) {
     const std::string_view n = utf8(name);
     for (int i = 0; i < 4; ++i) {
-      std::string_view core = utf8(s[i]);
+      std::string_view core = seps[i];
       std::string_view stripped = core;
       while (!stripped.empty() && stripped.front() == ' ') stripped.remove_prefix(1);
       while (!stripped.empty() && stripped.back() == ' ') stripped.remove_suffix(1);
@@ -321,8 +325,9 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       if (!PyUnicode_CheckExact(n)) Py_RETURN_NOTIMPLEMENTED;
     const TensorView L = int64_tensor(args[0]);
     if (!L.ok || (L.shape.size() != 2 && L.shape.size() != 3)) Py_RETURN_NOTIMPLEMENTED;
-    check_names_hold_no_separator(names, args[2]);
-    const auto [run_sep, row_sep, count_sep, end] = separators(args[2]);
+    const std::array<std::string, 4> seps = separators(args[2]);
+    check_names_hold_no_separator(names, seps);
+    const auto& [run_sep, row_sep, count_sep, end] = seps;
     const int64_t form = as_int(args[3]);
     FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
              "patch); got ", form);

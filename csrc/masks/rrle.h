@@ -91,6 +91,19 @@ inline void check_separators(const char* op, const std::string& run_sep, const s
 // ---------------------------------------------------------------------------
 // Encode
 
+// The end of the run of L[i] in [i, e): blocks of 8 compared at once (vectorised), then one by one.
+inline int64_t run_end(const int64_t* L, int64_t i, int64_t e) {
+  const int64_t v = L[i];
+  int64_t j = i + 1;
+  for (; j + 8 <= e; j += 8) {
+    int64_t diff = 0;
+    for (int k = 0; k < 8; ++k) diff |= L[j + k] ^ v;
+    if (diff) break;
+  }
+  while (j < e && L[j] == v) ++j;
+  return j;
+}
+
 // One grid (h, w) of label ids into `s`. The text's length is counted first
 // (runs and their digits), then written through a pointer: no appends.
 void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::string_view>& names,
@@ -105,9 +118,7 @@ void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::
   auto each_run = [&](auto&& f) {
     auto runs = [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
-        int64_t j = i + 1;
-        if (form != 2)
-          while (j < e && L[j] == L[i]) ++j;
+        const int64_t j = form == 2 ? i + 1 : run_end(L, i, e);
         f(i, j - i, i == b);
         i = j;
       }
@@ -197,6 +208,40 @@ struct Seps {
   std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
 };
 
+inline bool same(std::string_view a, std::string_view b) {  // (short labels: no memcmp call)
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+// Labels in order of first appearance, with ids: a scan while there are few
+// (grids use few labels; a hash map costs more), then a hash map.
+struct LabelTable {
+  std::vector<std::string_view> labels;
+  std::unordered_map<std::string_view, int64_t> ids;
+  static constexpr int64_t kScan = 16;
+
+  void clear() {
+    labels.clear();
+    ids.clear();
+  }
+  int64_t id(std::string_view label) {
+    const int64_t n = static_cast<int64_t>(labels.size());
+    if (n <= kScan) {
+      for (int64_t k = 0; k < n; ++k)
+        if (same(labels[k], label)) return k;
+      if (n == kScan)
+        for (int64_t k = 0; k < n; ++k) ids.emplace(labels[k], k);
+    } else if (auto it = ids.find(label); it != ids.end()) {
+      return it->second;
+    }
+    if (n >= kScan) ids.emplace(label, n);
+    labels.push_back(label);
+    return n;
+  }
+};
+
 struct Decoder {
   const char* op = "rrle_decode";
   std::string_view text;
@@ -208,13 +253,11 @@ struct Decoder {
 
   // Ready for the next text (buffers kept: one Decoder serves a thread's texts).
   void reset() {
-    ids.clear();
-    labels.clear();
+    table.clear();
     repairs.clear();
     runs.clear();
   }
-  std::unordered_map<std::string_view, int64_t> ids;
-  std::vector<std::string_view> labels;
+  LabelTable table;  // the text's labels (local ids)
   std::vector<std::array<int64_t, 4>> repairs;
 
   // Reports repair `kind` at (row, col); separator kinds once (with their occurrences).
@@ -226,25 +269,6 @@ struct Decoder {
           return;
         }
     repairs.push_back({kind, row, col, 1});
-  }
-
-  int64_t intern(std::string_view label) {
-    // Grids use few labels: a scan of them beats hashing until there are many.
-    if (labels.size() <= 16) {
-      for (size_t i = 0; i < labels.size(); ++i)
-        if (labels[i] == label) return static_cast<int64_t>(i);
-      if (labels.size() < 16) {
-        labels.push_back(label);
-        return static_cast<int64_t>(labels.size() - 1);
-      }
-      for (size_t i = 0; i < labels.size(); ++i) ids.emplace(labels[i], static_cast<int64_t>(i));
-    }
-    auto it = ids.find(label);
-    if (it != ids.end()) return it->second;
-    const int64_t id = static_cast<int64_t>(labels.size());
-    ids.emplace(label, id);
-    labels.push_back(label);
-    return id;
   }
 
   // Splits s at every `core` into `out`; `exact_at[i]` says whether split i reads `exact`.
@@ -352,7 +376,7 @@ struct Decoder {
           continue;
         }
         if (!exact) repair(kCountSep, row, col);
-        runs.push_back({intern(label), count, row, col});
+        runs.push_back({table.id(label), count, row, col});
         col = std::min(kCountCap, col + count);
       }
       ++row;
@@ -467,47 +491,44 @@ inline DecodedBatch decode_batch(const char* op, const std::vector<std::string_v
     std::vector<std::array<int64_t, 4>> repairs;
   };
   std::vector<Found> dec(static_cast<size_t>(B));
-  parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
+  // A few known names seed each text's table, so that its ids are already the
+  // batch table's (no mapping afterwards) unless it holds other labels.
+  const bool seed = static_cast<int64_t>(names.size()) <= LabelTable::kScan;
+  auto decode = [&](int64_t lo, int64_t hi) {
     thread_local Decoder d;  // its buffers serve every call on this thread
     for (int64_t b = lo; b < hi; ++b) {
       d.reset();
+      for (std::string_view name : names)
+        if (seed) d.table.id(name);
       decode_text(d, texts[b], h, w, seps, strict, form, g + b * area);
-      dec[b].labels = d.labels;
+      dec[b].labels = d.table.labels;
       dec[b].repairs = d.repairs;
     }
-  });
-  DecodedBatch out;
-  // Label -> id in the table: a scan while the table is small (a hash map's set-up costs more).
-  std::unordered_map<std::string_view, int64_t> ids;
-  auto id_of = [&](std::string_view label) {
-    const int64_t n = static_cast<int64_t>(out.labels.size());
-    if (n <= 16) {
-      for (int64_t k = 0; k < n; ++k)
-        if (out.labels[k] == label) return k;
-      if (n == 16)
-        for (int64_t k = 0; k < n; ++k) ids.emplace(out.labels[k], k);
-    } else if (auto it = ids.find(label); it != ids.end()) {
-      return it->second;
-    }
-    if (n >= 16) ids.emplace(label, n);
-    out.labels.push_back(label);
-    return n;
   };
-  for (std::string_view name : names) id_of(name);  // (names are distinct; duplicates would keep the first)
+  if (B == 1)
+    decode(0, 1);  // (one small text: the thread pool's hand-off would cost more than the work)
+  else
+    parallel_for(op, 0, B, 8, decode);
+  DecodedBatch out;
+  LabelTable table;
+  for (std::string_view name : names) table.id(name);  // (names are distinct; a duplicate would keep the first)
   std::vector<int64_t> lut;
   for (int64_t b = 0; b < B; ++b) {
     lut.clear();
     bool identity = true;
     for (std::string_view label : dec[b].labels) {
-      const int64_t id = id_of(label);
+      const int64_t id = table.id(label);
       identity = identity && id == static_cast<int64_t>(lut.size());
       lut.push_back(id);
     }
     int64_t* gb = g + b * area;
-    if (!identity || fill >= 0)
+    if (!identity)
       for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] >= 0 ? lut[gb[i]] : fill >= 0 ? fill : gb[i];
+    else if (fill >= 0)  // ids already the table's: only the unfilled (-1) patches change
+      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] < 0 ? fill : gb[i];
     for (const auto& r : dec[b].repairs) out.repairs.push_back({b, r[0], r[1], r[2], r[3]});
   }
+  out.labels = std::move(table.labels);
   return out;
 }
 

@@ -229,21 +229,18 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
     or ``"none"`` (one label per patch, no counts). Text around ``<seg>...</seg>``
     is ignored.
     """
-    batch = type(text) is not str
-    if batch:
-        if not isinstance(text, (list, tuple)):
-            raise TypeError(f"text must be a str (or a list of str); got {type(text).__name__}")
-        for t in text:
-            if not isinstance(t, str):
-                raise TypeError(f"text must be a str (or a list of str); got {type(t).__name__}")
+    batch = type(text) is not str  # (the C++ checks that a batch is a list or tuple of str)
     if form != "auto" and form not in FORMS:
         raise ValueError(f"form must be 'auto' or one of {sorted(FORMS)}; got {form!r}")
     if unknown not in ("closest", "background"):
         raise ValueError(f"unknown must be 'closest' or 'background'; got {unknown!r}")
     pre = None  # repairs made here (<seg> tags), per text
     if batch:
-        pre = [[] for _ in text]
-        text = [_strip_tags(t, strict, p) for t, p in zip(text, pre)]
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a str (or a list of str); got {type(text).__name__}")
+        if any("<" in t for t in text if type(t) is str):
+            pre = [[] for _ in text]
+            text = [_strip_tags(t, strict, p) if type(t) is str else t for t, p in zip(text, pre)]
     elif "<" in text:
         pre = [[]]
         text = _strip_tags(text, strict, pre[0])
@@ -251,7 +248,8 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
         dialect = separators if isinstance(separators, str) else "custom"
         seps = _as_separators(separators)
     else:  # one dialect per call: the first text's
-        dialect = detect_dialect(text[0] if batch and text else "" if batch else text)
+        first = text if not batch else text[0] if text and type(text[0]) is str else ""
+        dialect = detect_dialect(first)
         seps = DIALECTS[dialect]
     if type(background) is not int:
         if names is not None and not 0 <= background < len(names):
@@ -271,7 +269,8 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
         return grid, names, DecodeReport(dialect, form, [])
     if not batch:
         grid = grid[None]
-    reports = [DecodeReport(dialect, form, p) for p in (pre or [[]])]
+    reports = [DecodeReport(dialect, form, p) for p in pre] if pre else \
+        [DecodeReport(dialect, form, []) for _ in range(len(text) if batch else 1)]
     for b, k, r, c, n in reps:
         reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
     labels = grid
