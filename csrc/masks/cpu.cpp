@@ -10,7 +10,9 @@
 // h * w per mask), so malformed RLEs raise ValueError instead of reading or
 // writing out of bounds. The algorithms follow pycocotools' maskApi.c (its
 // 2.0.11 toBbox); its merge and iou loops are the same state machines here,
-// so results are byte-identical on every valid RLE.
+// so results are byte-identical on every valid RLE. IoU works per column
+// (see Columns below): the intersection of two masks is a vectorised sum over
+// the columns both boxes share.
 //
 // R-RLE (Text4Seg's "semantic descriptors"): an h x w grid of labels written
 // "{label}{count_sep}{count}" joined by run_sep within a row, rows joined by
@@ -18,7 +20,10 @@
 // ValueError naming the row and column) or tolerantly (repairs what models
 // emit and lists the repairs it made).
 //
-// Work is parallel over masks (fastvision::parallel_for).
+// Work is parallel over masks (fastvision::parallel_for). pyapi.h (included
+// at the end) calls the same cores from plain CPython functions, for the
+// Python objects fastvision.masks is given (pycocotools dicts, str, a small
+// tensor), where a torch op's call would cost more than the work.
 
 #include <Python.h>  // (first, as CPython asks) for pyapi.h
 #include <torch/csrc/stable/library.h>

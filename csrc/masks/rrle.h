@@ -7,10 +7,12 @@
 // runs over the raster-order grid, no row separators), 2 one label per patch
 // (no counts); -1 (decode only) detects the form.
 //
-// The decoder returns the grid of *local* label ids (in order of first
-// appearance; -1 where nothing was decoded to fill with), the labels' bytes
-// and a (K, 4) table of repairs (kind, row, column, occurrences); the Python
-// wrapper maps local ids to the caller's names and words the repairs.
+// decode_batch decodes texts into the ids of one label table (the known
+// names first, then the other labels in order of first appearance; a text's
+// own table is seeded with a few known names, so its ids need no mapping)
+// and lists the repairs (text, kind, row, column, occurrences); the Python
+// wrapper words the repairs and maps unknown labels to known names. Two
+// callers share the core: the registered ops (tensors) and pyapi.h (str).
 #pragma once
 
 #include <array>

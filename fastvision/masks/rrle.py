@@ -258,6 +258,7 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
     if escape and names is not None:
         names = [escape_label(str(n)) for n in names]
     # The names are checked there (str()-ed, non-empty, distinct, background indexes them).
+    h, w = int(h), int(w)
     grid, names, extra, reps = _C.rrle_decode(text, h, w, names, background, seps, strict,
                                               -1 if form == "auto" else FORMS[form])
     # The ids' bytes as a tensor (through numpy: cheaper than torch.empty + a copy).
