@@ -217,6 +217,18 @@ inline bool same(std::string_view a, std::string_view b) {  // (short labels: no
   return true;
 }
 
+// Separators are a few characters: these search and compare them without the
+// library's per-position memcmp calls (string_view::find / rfind / compare).
+inline bool at(std::string_view s, size_t i, std::string_view sep) {  // s[i:] starts with sep
+  return i <= s.size() && s.size() - i >= sep.size() && same(s.substr(i, sep.size()), sep);
+}
+inline size_t find_sep(std::string_view s, std::string_view sep, size_t from = 0) {
+  return sep.size() == 1 ? s.find(sep[0], from) : s.find(sep, from);
+}
+inline size_t rfind_sep(std::string_view s, std::string_view sep) {
+  return sep.size() == 1 ? s.rfind(sep[0]) : s.rfind(sep);
+}
+
 // Labels in order of first appearance, with ids: a scan while there are few
 // (grids use few labels; a hash map costs more), then a hash map.
 struct LabelTable {
@@ -280,13 +292,13 @@ struct Decoder {
     exact_at.clear();
     size_t b = 0;
     for (;;) {
-      const size_t i = s.find(core, b);
+      const size_t i = find_sep(s, core, b);
       if (i == std::string_view::npos) {
         out.push_back(s.substr(b));
         return;
       }
       out.push_back(s.substr(b, i - b));
-      const bool ex = s.compare(i, exact.size(), exact) == 0;
+      const bool ex = at(s, i, exact);
       exact_at.push_back(ex);
       b = i + (ex ? exact.size() : core.size());
     }
@@ -297,17 +309,17 @@ struct Decoder {
     const std::string &run_sep = seps->run_sep, &row_sep = seps->row_sep, &count_sep = seps->count_sep,
                       &end = seps->end, &rc = seps->rc, &uc = seps->uc, &cc = seps->cc;
     std::string_view body = text;
-    if (body.size() >= end.size() && body.compare(body.size() - end.size(), end.size(), end) == 0) {
+    if (body.size() >= end.size() && at(body, body.size() - end.size(), end)) {
       body.remove_suffix(end.size());
     } else {
       FV_CHECK(!strict, op, "the text must end with the end marker \"", end, "\"");
       repair(kEnd, -1, -1);
       body = trim(body);
       const std::string ec = core_of(end);
-      if (body.size() >= ec.size() && body.compare(body.size() - ec.size(), ec.size(), ec) == 0)
+      if (body.size() >= ec.size() && at(body, body.size() - ec.size(), ec))
         body.remove_suffix(ec.size());
     }
-    has_counts = body.find(cc) != std::string_view::npos;
+    has_counts = find_sep(body, cc) != std::string_view::npos;
     std::vector<std::string_view>& rows = rows_buf;
     split(body, rc, row_sep, rows, row_exact);
     if (rows.size() == 1 && trim(rows[0]).empty()) rows.clear();  // no rows at all
@@ -340,7 +352,7 @@ struct Decoder {
         std::string_view label, digits;
         bool exact = true;
         if (strict) {
-          const size_t p = has_counts ? tok.rfind(count_sep) : std::string_view::npos;
+          const size_t p = has_counts ? rfind_sep(tok, count_sep) : std::string_view::npos;
           if (has_counts) {
             FV_CHECK(p != std::string_view::npos, op, "row ", row, ", column ", col, ": run \"", tok,
                      "\" has no \"", count_sep, "\"");
@@ -353,7 +365,7 @@ struct Decoder {
           }
           FV_CHECK(!label.empty(), op, "row ", row, ", column ", col, ": run \"", tok, "\" has no label");
         } else {
-          const size_t p = tok.rfind(cc);
+          const size_t p = rfind_sep(tok, cc);
           if (p == std::string_view::npos) {
             label = tok;
             if (has_counts) {
@@ -368,7 +380,7 @@ struct Decoder {
               continue;
             }
             exact = tok.size() == label.size() + count_sep.size() + digits.size() &&
-                    tok.compare(label.size(), count_sep.size(), count_sep) == 0;
+                    at(tok, label.size(), count_sep);
           }
         }
         const int64_t count = digits.empty() ? 1 : parse_count(digits);
