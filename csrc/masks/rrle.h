@@ -18,6 +18,7 @@
 #include <array>
 #include <charconv>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -501,7 +502,8 @@ inline DecodedBatch decode_batch(const char* op, const std::vector<std::string_v
                                  const std::vector<std::string_view>& names, int64_t* g) {
   const int64_t B = static_cast<int64_t>(texts.size()), area = h * w;
   struct Found {
-    std::vector<std::string_view> labels;
+    int64_t seeded = 0;                     // the text's ids below this are the batch table's
+    std::vector<std::string_view> labels;   // its other labels, in order (ids seeded, seeded + 1, ...)
     std::vector<std::array<int64_t, 4>> repairs;
   };
   std::vector<Found> dec(static_cast<size_t>(B));
@@ -514,8 +516,9 @@ inline DecodedBatch decode_batch(const char* op, const std::vector<std::string_v
       d.reset();
       for (std::string_view name : names)
         if (seed) d.table.id(name);
+      dec[b].seeded = static_cast<int64_t>(d.table.labels.size());
       decode_text(d, texts[b], h, w, seps, strict, form, g + b * area);
-      dec[b].labels = d.table.labels;
+      dec[b].labels.assign(d.table.labels.begin() + dec[b].seeded, d.table.labels.end());
       dec[b].repairs = d.repairs;
     }
   };
@@ -528,7 +531,8 @@ inline DecodedBatch decode_batch(const char* op, const std::vector<std::string_v
   for (std::string_view name : names) table.id(name);  // (names are distinct; a duplicate would keep the first)
   std::vector<int64_t> lut;
   for (int64_t b = 0; b < B; ++b) {
-    lut.clear();
+    lut.resize(static_cast<size_t>(dec[b].seeded));
+    std::iota(lut.begin(), lut.end(), int64_t(0));
     bool identity = true;
     for (std::string_view label : dec[b].labels) {
       const int64_t id = table.id(label);
