@@ -194,15 +194,19 @@ struct Parsed {
 };
 
 inline bool gather(PyObject* list, Parsed& p) {
+  if (!PyList_Check(list)) return false;
+  Ref own(check(PySequence_List(list)));  // our references: a key's __eq__ could change the caller's list
   std::vector<PyObject*> objs;
-  if (!PyList_Check(list) || !items(list, objs)) return false;
+  items(own.p, objs);
   for (PyObject* o : objs) {
     if (!PyDict_Check(o)) return false;
-    PyObject* counts = PyDict_GetItemString(o, "counts");
-    PyObject* size = PyDict_GetItemString(o, "size");
+    Ref counts(Py_XNewRef(PyDict_GetItemString(o, "counts")));
+    Ref size(Py_XNewRef(PyDict_GetItemString(o, "size")));
     std::vector<PyObject*> hw;
-    if (!counts || !size || !items(size, hw) || hw.size() != 2 || !PyLong_Check(hw[0]) || !PyLong_Check(hw[1]))
-      return false;
+    if (!counts.p || !size.p || (!PyList_Check(size.p) && !PyTuple_Check(size.p))) return false;
+    Ref size_items(check(PySequence_List(size.p)));
+    items(size_items.p, hw);
+    if (hw.size() != 2 || !PyLong_Check(hw[0]) || !PyLong_Check(hw[1])) return false;
     for (PyObject* v : hw) {
       const long long x = PyLong_AsLongLong(v);
       if (x == -1 && PyErr_Occurred()) {  // beyond int64: the general path words it
@@ -212,13 +216,13 @@ inline bool gather(PyObject* list, Parsed& p) {
       p.sizes.push_back(x);
     }
     std::string_view s;
-    if (PyBytes_Check(counts)) {
+    if (PyBytes_Check(counts.p)) {
       char* b = nullptr;
       Py_ssize_t n = 0;
-      if (PyBytes_AsStringAndSize(counts, &b, &n)) throw PyError{};
+      if (PyBytes_AsStringAndSize(counts.p, &b, &n)) throw PyError{};
       s = {b, static_cast<size_t>(n)};
-    } else if (PyUnicode_Check(counts)) {
-      s = utf8(counts);
+    } else if (PyUnicode_Check(counts.p)) {
+      s = utf8(counts.p);
       for (char c : s)
         if (static_cast<unsigned char>(c) >= 128) return false;
     } else {
@@ -320,7 +324,9 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       return nullptr;
     }
     std::vector<PyObject*> names;
-    if (!items(args[1], names)) Py_RETURN_NOTIMPLEMENTED;
+    if (!PyList_Check(args[1]) && !PyTuple_Check(args[1])) Py_RETURN_NOTIMPLEMENTED;
+    Ref own(check(PySequence_List(args[1])));  // our references: the UTF-8 stays while the GIL is released
+    items(own.p, names);
     for (PyObject* n : names)
       if (!PyUnicode_CheckExact(n)) Py_RETURN_NOTIMPLEMENTED;
     const TensorView L = int64_tensor(args[0]);
@@ -401,18 +407,12 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     std::vector<std::string_view> nv;
     if (args[3] != Py_None) {
       std::vector<PyObject*> given;
-      if (!items(args[3], given)) {
-        Ref list(check(PySequence_List(args[3])));
-        items(list.p, given);
-        names = Ref(check(PyList_New(static_cast<Py_ssize_t>(given.size()))));
-        for (size_t i = 0; i < given.size(); ++i)
-          PyList_SetItem(names.p, static_cast<Py_ssize_t>(i), check(PyObject_Str(given[i])));
-      } else {
-        names = Ref(check(PyList_New(static_cast<Py_ssize_t>(given.size()))));
-        for (size_t i = 0; i < given.size(); ++i)
-          PyList_SetItem(names.p, static_cast<Py_ssize_t>(i),
-                         check(PyUnicode_CheckExact(given[i]) ? Py_NewRef(given[i]) : PyObject_Str(given[i])));
-      }
+      Ref list(check(PySequence_List(args[3])));  // our references: str() below runs the caller's code
+      items(list.p, given);
+      names = Ref(check(PyList_New(static_cast<Py_ssize_t>(given.size()))));
+      for (size_t i = 0; i < given.size(); ++i)
+        PyList_SetItem(names.p, static_cast<Py_ssize_t>(i),
+                       check(PyUnicode_CheckExact(given[i]) ? Py_NewRef(given[i]) : PyObject_Str(given[i])));
       std::vector<PyObject*> ns;
       items(names.p, ns);
       for (PyObject* n : ns) nv.push_back(utf8(n));
