@@ -164,9 +164,13 @@ STABLE_TORCH_LIBRARY(fastvision, m) {
       "-> (Tensor dinput, Tensor doffset, Tensor dweight, Tensor dmask)");
 }
 
+// Plain CPython functions beside the ops (the mask codecs' Python-object paths,
+// csrc/masks/pyapi.h).
+PyMethodDef* fastvision_python_methods();
+
 // `import fastvision._C` loads the schemas and CPU kernels (static
-// registration); the module itself is empty. Limited API: one file per ABI.
+// registration) and those functions. Limited API: one file per ABI.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastvision_python_methods()};
   return PyModule_Create(&module);
 }

@@ -10,6 +10,7 @@ calls, torch.compile where a tensor op is involved, and the direct-call fuzz
 """
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastvision.masks as fm
+from fastvision._extension import C
 from fastvision.reference.masks import rle_counts, text4seg_decode_mask, text4seg_encode_mask
 from fastvision.testing import fuzz_direct_calls, fuzz_mutations, record_direct_calls
 
@@ -119,6 +121,59 @@ def test_area_bbox_merge_iou_equal_pycocotools():
     assert torch.equal(fm.rle_iou(t, fm.RLEs.from_coco(rles[3:]), crowd), torch.from_numpy(want))
     assert torch.equal(fm.rle_area(t), torch.from_numpy(M.area(rles).astype(np.int64)))
     assert torch.equal(fm.rle_to_bbox(t), torch.from_numpy(M.toBbox(rles)))
+
+
+def test_iou_fast_path_equals_general_path():
+    # fm.iou reads lists of pycocotools dicts in one C++ call (rle_iou_coco); the general
+    # path (RLEs, rle_iou) must agree with it and with pycocotools on every kind of mask:
+    # single-run columns, columns of several runs, runs crossing columns, empty masks.
+    rng = np.random.default_rng(7)
+    for h, w in [(1, 1), (1, 40), (40, 1), (23, 31), (64, 48)]:
+        masks = list(patterns(h, w, seed=h + w).values())
+        yy, xx = np.mgrid[:h, :w]
+        masks += [(((yy - rng.uniform(0, h)) ** 2 + (xx - rng.uniform(0, w)) ** 2) < rng.uniform(1, 20) ** 2)
+                  .astype(np.uint8) for _ in range(10)]
+        rles = M.encode(stack(masks))
+        crowd = rng.integers(0, 2, len(rles))
+        want = M.iou(rles, rles, crowd)
+        got = fm.iou(rles, rles, crowd)
+        general = fm.rle_iou(fm.RLEs.from_coco(rles), fm.RLEs.from_coco(rles), crowd).numpy()
+        assert np.array_equal(got, want) and np.array_equal(general, want) and got.flags.writeable
+        as_str = [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
+        assert np.array_equal(fm.iou(as_str, rles[::-1], crowd), M.iou(rles, rles[::-1], crowd))
+    # Forms the fast path leaves to the general one: uncompressed counts, sizes as arrays.
+    unc = [{"size": r["size"], "counts": fm.RLEs.from_coco([r]).counts_list()[0]} for r in rles[:3]]
+    assert np.array_equal(fm.iou(unc, rles[:2], [0, 1]), M.iou(rles[:3], rles[:2], [0, 1]))
+    arr = [{"size": np.array(r["size"]), "counts": r["counts"]} for r in rles[:3]]
+    assert np.array_equal(fm.iou(arr, rles[:2], [0, 1]), M.iou(rles[:3], rles[:2], [0, 1]))
+    assert C.rle_iou_coco(unc, rles, bytes(len(rles))) is None
+
+
+def test_iou_fast_path_errors_and_tall_masks():
+    a = M.encode(np.asfortranarray(np.ones((3, 4), np.uint8)))
+    for bad, match in [({"size": [3, 4], "counts": b"l"}, "truncated"), ({"size": [-3, 4], "counts": b"0"},
+                                                                         "non-negative"),
+                       ({"size": [4, 3], "counts": a["counts"]}, "one size"), ({"size": [3, 4], "counts": "é"},
+                                                                                "ASCII")]:
+        for dt, gt in ([bad], [a]), ([a], [bad]):
+            with pytest.raises(ValueError, match=match):
+                fm.iou(dt, gt, [0])
+    with pytest.raises(ValueError, match="one flag per ground truth"):
+        C.rle_iou_coco([a], [a], b"\0\0")
+    with pytest.raises(TypeError):
+        C.rle_iou_coco([a], [a])
+    # Rows beyond int32 (and masks too wide for per-column rows): the interval walk.
+    h = 2**31 + 5
+    tall = [{"size": [h, 2], "counts": [h - 3, 7, h - 4]}, {"size": [h, 2], "counts": [h + 1, 6, h - 7]},
+            {"size": [h, 2], "counts": [2 * h]}]
+    rles = fm.RLEs.from_coco(tall)
+    strings = [{"size": [h, 2], "counts": s} for s in fm.rle_to_string(rles)]
+    want = [[1.0, 3 / 10, 0.0], [3 / 10, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert fm.rle_iou(rles, rles).tolist() == want
+    assert fm.iou(strings, strings, [0, 0, 0]).tolist() == want
+    wide = fm.RLEs.from_coco([{"size": [1, 2**25], "counts": [5, 2**25 - 10, 5]},
+                              {"size": [1, 2**25], "counts": [0, 10, 2**25 - 10]}])
+    assert fm.rle_iou(wide, wide).tolist() == [[1.0, 5 / (2**25 - 5)], [5 / (2**25 - 5), 1.0]]
 
 
 @pytest.mark.parametrize("h,w", [(1, 30), (30, 1), (37, 23)])
@@ -266,6 +321,120 @@ def test_rrle_byte_identical_to_text4seg_and_round_trip(h, w):
     assert torch.equal(labels, g) and names == NAMES and not report
     labels, names, _ = fm.rrle_decode(text, h, w)  # names found in order of appearance
     assert [names[v] for v in labels.flatten().tolist()] == [v for r in rows for v in r]
+
+
+def names_tensors(names):
+    data = [n.encode() for n in names]
+    return (torch.tensor(list(b"".join(data)), dtype=torch.uint8),
+            torch.tensor([0] + [len(d) for d in data]).cumsum(0))
+
+
+def op_encode(labels, names, seps=fm.Separators(), form=0):
+    """The registered op's texts (the general path of the C++ codec)."""
+    text, offsets = OPS.rrle_encode(labels, *names_tensors(names), *seps, form)
+    raw, o = bytes(text.tolist()), offsets.tolist()
+    texts = [raw[o[i]:o[i + 1]].decode() for i in range(len(o) - 1)]
+    return texts if labels.dim() == 3 else texts[0]
+
+
+def op_decode(texts, h, w, names=None, seps=fm.Separators(), strict=False, form=-1, fill=0):
+    data = [t.encode() for t in texts]
+    grid, lbytes, loffsets, reps = OPS.rrle_decode(
+        torch.tensor(list(b"".join(data)), dtype=torch.uint8), torch.tensor([0] + [len(d) for d in data]).cumsum(0),
+        *names_tensors(names or []), fill, h, w, *seps, strict, form)
+    raw, o = bytes(lbytes.tolist()), loffsets.tolist()
+    return grid, [raw[o[i]:o[i + 1]].decode() for i in range(len(o) - 1)], reps.tolist()
+
+
+@pytest.mark.parametrize("form", [0, 1, 2])
+def test_rrle_fast_path_equals_op(form):
+    # fm.rrle_encode / rrle_decode call the codec through _C's plain functions; the ops
+    # are its tensor form: both give the same texts, labels, label tables and repairs.
+    seps = fm.DIALECTS["semicolon"] if form == 1 else fm.Separators()
+    name = {0: "row", 1: "image", 2: "none"}[form]
+    for h, w in [(1, 1), (1, 9), (9, 1), (5, 7), (24, 24), (0, 3), (3, 0)]:
+        g = grid(h, w, seed=h * 31 + w, k=4)
+        batch = torch.stack([grid(h, w, seed=s, k=4) for s in range(3)])
+        text = fm.rrle_encode(g, NAMES, separators=seps, form=name)
+        assert text == op_encode(g, NAMES, seps, form)
+        assert fm.rrle_encode(batch, NAMES, separators=seps, form=name) == op_encode(batch, NAMES, seps, form)
+        assert fm.rrle_encode(batch[:0], NAMES) == []
+        # The general Python path (converted labels, names as non-str) gives the same text.
+        for labels in (g.int(), g.numpy(), g.t().contiguous().t() if h > 1 and w > 1 else g.clone(),
+                       torch._neg_view(-g)):
+            assert fm.rrle_encode(labels, NAMES, separators=seps, form=name) == text
+        assert fm.rrle_encode(g, tuple(NAMES), separators=seps, form=name) == text
+        rng = np.random.default_rng(h * w)
+        for t in [text, text[: len(text) // 2], text.replace(seps.run, seps.run.strip(), 1), text + "x *2\n"]:
+            for names in (NAMES, None):
+                for strict in (False, True):
+                    try:
+                        want = op_decode([t], h, w, names, seps, strict, form)
+                    except ValueError as err:
+                        with pytest.raises(ValueError, match=re.escape(str(err))):
+                            fm.rrle_decode(t, h, w, names, strict, separators=seps, form=name, unknown="background")
+                        continue
+                    labels, found, report = fm.rrle_decode(t, h, w, names, strict, separators=seps, form=name,
+                                                           unknown="background")
+                    extra = want[1][len(names or []):]
+                    if names is None or not extra:
+                        assert torch.equal(labels, want[0][0]) and found == (names or want[1])
+                    assert [(r.row, r.col, r.occurrences) for r in report.repairs
+                            if r.kind != "unknown label"] == [tuple(r[2:]) for r in want[2]]
+            texts = [t[: rng.integers(0, len(t) + 1)] for _ in range(4)] + [text]
+            labels, found, reports = fm.rrle_decode(texts, h, w, None, separators=seps, form=name)
+            want = op_decode(texts, h, w, None, seps, False, form)
+            assert torch.equal(labels, want[0]) and found == want[1] and len(reports) == len(texts)
+
+
+def test_rrle_fast_path_bad_input():
+    g = grid(3, 4)
+    with pytest.raises(ValueError, match=r"labels\[0, 1, 2\] = 9 is not an index into the 4 names"):
+        fm.rrle_encode(torch.where(torch.arange(12).view(3, 4) == 6, 9, g), NAMES)
+    with pytest.raises(ValueError, match=re.escape("label 'a\\n' contains the row separator '\\n'")):
+        fm.rrle_encode(g, ["x", "a\n", "b", "c"])
+    with pytest.raises(ValueError, match="run_sep, row_sep and count_sep must not be empty"):
+        C.rrle_encode(g[:0], [], ("", "\n", "*", "\n"), 0)  # (with names: 'contains the run separator', as before)
+    with pytest.raises(ValueError, match="form must be 0"):
+        C.rrle_encode(g, NAMES, fm.Separators(), 7)
+    with pytest.raises(ValueError, match=re.escape("names must be distinct; got ['a', 'a']")):
+        fm.rrle_decode("a *1\n", 1, 1, ["a", "a"])
+    with pytest.raises(ValueError, match="names must not be empty"):
+        fm.rrle_decode("a *1\n", 1, 1, [])
+    with pytest.raises(ValueError, match=re.escape("background must index names (0..1); got 2")):
+        fm.rrle_decode("a *1\n", 1, 1, ["a", "b"], background=2)
+    with pytest.raises(TypeError, match="got int"):
+        fm.rrle_decode(["a *1\n", 3], 1, 1)
+    with pytest.raises(ValueError, match="h must be"):
+        fm.rrle_decode("a *1\n", -1, 1)
+    assert fm.rrle_decode("a *1\n", 1, 1, [1, "a"])[1] == ["1", "a"]  # names str()-ed
+    assert C.rrle_encode(g.float(), NAMES, fm.Separators(), 0) is NotImplemented
+    assert C.rrle_encode(g, [1, 2, 3], fm.Separators(), 0) is NotImplemented
+    assert C.rrle_encode(g.to("meta"), NAMES, fm.Separators(), 0) is NotImplemented
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_python_codec_functions(data):
+    # _C's plain functions called directly with odd arguments: exceptions only, never a crash
+    # (the sanitizer run reads this too).
+    g = grid(3, 4)
+    values = [None, 0, -1, 2**62, -2**63, 1.5, "", "a *1\n", b"x", [], ["a"], ("a", 1), [[1]], {"a": 1},
+              fm.Separators(), ("", "", "", ""), g, g[:, ::2], g.float(), g[None], torch.zeros(0, 0, dtype=torch.long),
+              [{"size": [3, 4], "counts": b"<"}], [{"size": [3, 2**62], "counts": b"0"}], [{"size": [3], "counts": 1}]]
+    calls = [(C.rrle_encode, [g, NAMES, fm.Separators(), 0]),
+             (C.rrle_decode, ["a *1| b *3\n", 1, 4, None, 0, fm.Separators(), False, -1]),
+             (C.rle_iou_coco, [[{"size": [3, 4], "counts": b"<"}], [{"size": [3, 4], "counts": b"<"}], b"\0"])]
+    fn, args = data.draw(st.sampled_from(calls))
+    args = list(args)
+    for _ in range(data.draw(st.integers(1, 2))):
+        args[data.draw(st.integers(0, len(args) - 1))] = data.draw(st.sampled_from(values))
+    try:
+        fn(*args)
+    except (TypeError, ValueError, OverflowError, MemoryError, UnicodeError):
+        pass
+    except RuntimeError as err:  # only a tensor's own bool() (strict=tensor), as in Python
+        assert "ambiguous" in str(err), err
 
 
 def test_rrle_batches_equal_one_by_one():
@@ -423,10 +592,15 @@ def masks_direct_calls():
         fm.area(rles)
         fm.toBbox(rles)
         fm.merge(rles)
-        fm.iou(rles, rles[:2], [0, 1])
+        fm.iou(rles, rles[:2], [0, 1])  # (pycocotools dicts: the rle_iou_coco function, no op)
+        fm.rle_iou(rles, rles[:2], [0, 1])
         fm.frPyObjects([[1.0, 1.0, 3.5, 1.0, 3.0, 4.0]], 5, 4)
         text = fm.rrle_encode(grid(3, 4), NAMES)
         fm.rrle_decode(text, 3, 4, NAMES)
+        # The R-RLE ops themselves (tensors in and out, for torch.compile and export): the
+        # functions above call the C++ codec without them.
+        op_encode(grid(3, 4), NAMES)
+        op_decode([text, text[:-3]], 3, 4, NAMES)
     return record_direct_calls(workload)
 
 

@@ -10,7 +10,9 @@
 // h * w per mask), so malformed RLEs raise ValueError instead of reading or
 // writing out of bounds. The algorithms follow pycocotools' maskApi.c (its
 // 2.0.11 toBbox); its merge and iou loops are the same state machines here,
-// so results are byte-identical on every valid RLE.
+// so results are byte-identical on every valid RLE. IoU works per column
+// (see Columns below): the intersection of two masks is a vectorised sum over
+// the columns both boxes share.
 //
 // R-RLE (Text4Seg's "semantic descriptors"): an h x w grid of labels written
 // "{label}{count_sep}{count}" joined by run_sep within a row, rows joined by
@@ -18,8 +20,12 @@
 // ValueError naming the row and column) or tolerantly (repairs what models
 // emit and lists the repairs it made).
 //
-// Work is parallel over masks (fastvision::parallel_for).
+// Work is parallel over masks (fastvision::parallel_for). pyapi.h (included
+// at the end) calls the same cores from plain CPython functions, for the
+// Python objects fastvision.masks is given (pycocotools dicts, str, a small
+// tensor), where a torch op's call would cost more than the work.
 
+#include <Python.h>  // (first, as CPython asks) for pyapi.h
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -41,6 +47,7 @@
 
 #include "../common/alloc.h"
 #include "../common/check.h"
+#include "../common/common.h"
 #include "../common/parallel.h"
 
 namespace fastvision::masks {
@@ -71,6 +78,17 @@ struct RleBatch {
   int64_t w(int64_t i) const { return sizes[2 * i + 1]; }
 };
 
+// Checks n (h, w) pairs: h, w >= 0 and h * w without overflow.
+inline void check_size_values(const char* op, const std::string& name, const int64_t* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t area = 0;
+    FV_CHECK(s[2 * i] >= 0 && s[2 * i + 1] >= 0, op, name, "[", i, "] = (", s[2 * i], ", ", s[2 * i + 1],
+             ") must be non-negative");
+    FV_CHECK(mul_fits(s[2 * i], s[2 * i + 1], &area), op, name, "[", i, "] = (", s[2 * i], ", ", s[2 * i + 1],
+             "): h * w overflows int64");
+  }
+}
+
 // Checks sizes (n, 2): h, w >= 0 and h * w without overflow.
 inline const int64_t* check_sizes(const char* op, const std::string& name, const Tensor& sizes, int64_t n) {
   check_cpu(op, name, sizes);
@@ -80,13 +98,7 @@ inline const int64_t* check_sizes(const char* op, const std::string& name, const
            " must have shape (N, 2) = (h, w) per mask", n >= 0 ? " with N = " + std::to_string(n) : "",
            "; got shape ", shape_str(sizes));
   const int64_t* s = static_cast<const int64_t*>(sizes.const_data_ptr());
-  for (int64_t i = 0; i < sizes.size(0); ++i) {
-    int64_t area = 0;
-    FV_CHECK(s[2 * i] >= 0 && s[2 * i + 1] >= 0, op, name, "[", i, "] = (", s[2 * i], ", ", s[2 * i + 1],
-             ") must be non-negative");
-    FV_CHECK(mul_fits(s[2 * i], s[2 * i + 1], &area), op, name, "[", i, "] = (", s[2 * i], ", ", s[2 * i + 1],
-             "): h * w overflows int64");
-  }
+  check_size_values(op, name, s, sizes.size(0));
   return s;
 }
 
@@ -479,18 +491,163 @@ Tensor rle_to_bbox_cpu(Tensor counts, Tensor offsets, Tensor sizes) {
 
 // IoU of boxes (pycocotools' bbIou): crowd divides by the detection's area.
 inline double box_iou(const double* D, const double* G, bool crowd) {
-  const double w = std::fmin(D[2] + D[0], G[2] + G[0]) - std::fmax(D[0], G[0]);
+  // (std::min / max, not fmin / fmax: no library call; boxes hold no NaN)
+  const double w = std::min(D[2] + D[0], G[2] + G[0]) - std::max(D[0], G[0]);
   if (w <= 0) return 0;
-  const double h = std::fmin(D[3] + D[1], G[3] + G[1]) - std::fmax(D[1], G[1]);
+  const double h = std::min(D[3] + D[1], G[3] + G[1]) - std::max(D[1], G[1]);
   if (h <= 0) return 0;
   const double i = w * h, da = D[2] * D[3], ga = G[2] * G[3];
   return i / (crowd ? da : da + ga - i);
 }
 
-// A mask's foreground as sorted intervals [start, end) of column-major
-// positions, and its area: IoU then walks only the intervals inside the
-// columns both boxes share (union = area_a + area_b - intersection, the same
-// integers pycocotools' run-by-run loop counts).
+// IoU works on each mask's foreground column by column: columns [x0, x1)
+// (its box's), and in each column the foreground rows [s, e) when the column
+// holds at most one run (s = e = 0 when it holds none). Masks are mostly such
+// columns (instance masks: one run per column), so a pair's intersection is
+// a branch-free, vectorised sum over the columns both boxes share; columns
+// holding several runs are listed apart and intersected exactly afterwards.
+// union = area_a + area_b - intersection: the integers pycocotools' run-by-run
+// loop counts, so the IoUs are its bits.
+struct Columns {
+  int64_t x0 = 0, x1 = 0, area = 0;
+  std::vector<int32_t> s, e;              // per column of [x0, x1); 0, 0 where several runs
+  std::vector<int64_t> multi_x;           // the columns holding several runs, ascending
+  std::vector<int64_t> multi_off;         // column multi_x[k]'s runs: [multi_off[k], multi_off[k + 1])
+  std::vector<int32_t> ms, me;            // of ms / me (rows)
+};
+
+// Rows must fit int32; beyond that (or for boxes too wide to hold per column)
+// IoU walks the foreground intervals of the whole mask instead.
+constexpr int64_t kMaxColumnRows = INT32_MAX;
+constexpr int64_t kMaxColumnsPerCall = int64_t(1) << 24;
+
+// Columns of mask `c` (`len` counts summing to h * w) and its box, [x, y, w, h]
+// as bbox_of's (a run crossing columns covers rows h - 1 and 0 of the columns
+// it spans, so the rows' min and max are the same). No divisions on the way
+// (they would cost more than the walk): the position advances run by run.
+inline void columns_of(const int64_t* c, int64_t len, int64_t h, Columns& col, double* bb) {
+  col = Columns();
+  // The foreground's first and last pixels: [first, end).
+  int64_t first = -1, end = 0;
+  for (int64_t j = 0, p = 0; j < len; p += c[j], ++j) {
+    if (!(j & 1) || c[j] == 0) continue;
+    if (first < 0) first = p;
+    end = p + c[j];
+  }
+  if (first < 0) {  // no foreground (also h == 0)
+    bb[0] = bb[1] = bb[2] = bb[3] = 0;
+    return;
+  }
+  col.x0 = first / h;
+  col.x1 = (end - 1) / h + 1;
+  col.s.assign(static_cast<size_t>(col.x1 - col.x0), 0);
+  col.e.assign(col.s.size(), 0);
+  int64_t x = 0, y = 0, last = -1, ys = h, ye = 0;  // (x, y): where count j starts
+  for (int64_t j = 0; j < len; ++j) {
+    int64_t left = c[j];
+    if (!(j & 1)) {
+      y += left;
+      if (y >= h) {
+        if (y < 2 * h) {
+          y -= h;
+          ++x;
+        } else {
+          x += y / h;
+          y %= h;
+        }
+      }
+      continue;
+    }
+    col.area += left;
+    while (left > 0) {  // the run, cut at column ends
+      const int64_t n = std::min(left, h - y);
+      const size_t k = static_cast<size_t>(x - col.x0);
+      ys = std::min(ys, y);
+      ye = std::max(ye, y + n);
+      if (x != last) {
+        col.s[k] = static_cast<int32_t>(y);
+        col.e[k] = static_cast<int32_t>(y + n);
+      } else {  // a second (third, ...) run in this column: listed apart
+        if (col.multi_x.empty() || col.multi_x.back() != x) {
+          col.multi_x.push_back(x);
+          col.multi_off.push_back(static_cast<int64_t>(col.ms.size()));
+          col.ms.push_back(col.s[k]);
+          col.me.push_back(col.e[k]);
+          col.s[k] = col.e[k] = 0;
+        }
+        col.ms.push_back(static_cast<int32_t>(y));
+        col.me.push_back(static_cast<int32_t>(y + n));
+      }
+      last = x;
+      left -= n;
+      y += n;
+      if (y == h) {
+        y = 0;
+        ++x;
+      }
+    }
+  }
+  col.multi_off.push_back(static_cast<int64_t>(col.ms.size()));
+  bb[0] = static_cast<double>(col.x0);
+  bb[1] = static_cast<double>(ys);
+  bb[2] = static_cast<double>(col.x1 - col.x0);
+  bb[3] = static_cast<double>(ye - ys);
+}
+
+// Foreground pixels both masks have in the columns [x0, x1) they share, outside
+// the columns holding several runs (their rows are 0, 0 there).
+FV_CPU_CLONES int64_t single_run_overlap(const int32_t* as, const int32_t* ae, const int32_t* bs,
+                                         const int32_t* be, int64_t n) {
+  int64_t in = 0;
+#pragma omp simd reduction(+ : in)
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t d = std::min(ae[k], be[k]) - std::max(as[k], bs[k]);
+    in += d > 0 ? d : 0;
+  }
+  return in;
+}
+
+// Rows [s, e) of column x of a mask: its runs there (one or several), as a range of (s, e) arrays.
+struct ColumnRuns {
+  const int32_t *s, *e;
+  int64_t n;
+};
+
+inline ColumnRuns runs_at(const Columns& c, int64_t x, size_t& k) {
+  while (k < c.multi_x.size() && c.multi_x[k] < x) ++k;
+  if (k < c.multi_x.size() && c.multi_x[k] == x)
+    return {c.ms.data() + c.multi_off[k], c.me.data() + c.multi_off[k], c.multi_off[k + 1] - c.multi_off[k]};
+  if (x < c.x0 || x >= c.x1) return {nullptr, nullptr, 0};
+  const size_t i = static_cast<size_t>(x - c.x0);
+  return {c.s.data() + i, c.e.data() + i, c.s[i] < c.e[i] ? 1 : 0};
+}
+
+// Intersection of A and B in [x0, x1): the single-run columns, then every column where either holds several runs.
+inline int64_t intersection(const Columns& A, const Columns& B, int64_t x0, int64_t x1) {
+  if (x1 <= x0) return 0;
+  int64_t in = single_run_overlap(A.s.data() + (x0 - A.x0), A.e.data() + (x0 - A.x0), B.s.data() + (x0 - B.x0),
+                                  B.e.data() + (x0 - B.x0), x1 - x0);
+  if (A.multi_x.empty() && B.multi_x.empty()) return in;
+  size_t ia = std::lower_bound(A.multi_x.begin(), A.multi_x.end(), x0) - A.multi_x.begin();
+  size_t ib = std::lower_bound(B.multi_x.begin(), B.multi_x.end(), x0) - B.multi_x.begin();
+  for (;;) {
+    const int64_t xa = ia < A.multi_x.size() ? A.multi_x[ia] : x1, xb = ib < B.multi_x.size() ? B.multi_x[ib] : x1;
+    const int64_t x = std::min(xa, xb);
+    if (x >= x1) return in;
+    const ColumnRuns a = runs_at(A, x, ia), b = runs_at(B, x, ib);
+    for (int64_t i = 0, j = 0; i < a.n && j < b.n;) {  // both sorted: a merge
+      const int64_t lo = std::max(a.s[i], b.s[j]), hi = std::min(a.e[i], b.e[j]);
+      if (hi > lo) in += hi - lo;
+      if (a.e[i] < b.e[j]) ++i;
+      else ++j;
+    }
+    ia += xa == x;
+    ib += xb == x;
+  }
+}
+
+// The fallback: a mask's foreground as sorted intervals [start, end) of
+// column-major positions; IoU walks those inside the columns both boxes share.
 struct Intervals {
   std::vector<int64_t> start, end;
   int64_t area = 0;
@@ -525,6 +682,74 @@ inline int64_t intersection(const Intervals& A, const Intervals& B, int64_t lo, 
   return inter;
 }
 
+// Whether a batch's masks fit the column form (rows in int32, boxes' columns held).
+inline bool fits_columns(const RleBatch& b, int64_t& columns) {
+  for (int64_t i = 0; i < b.n; ++i) {
+    if (b.h(i) > kMaxColumnRows || b.w(i) > kMaxColumnsPerCall - columns) return false;
+    columns += b.w(i);
+  }
+  return true;
+}
+
+// The IoU kernel of rle_iou and of the Python fast path (pyapi.h): d and g
+// checked (counts sum to h * w), every d of the size of every g; out (D, G).
+void iou_into(const char* op, const RleBatch& d, const RleBatch& g, const uint8_t* crowd, double* o) {
+  std::vector<double> dbb(static_cast<size_t>(4 * d.n)), gbb(static_cast<size_t>(4 * g.n));
+  int64_t columns = 0;
+  const bool by_columns = fits_columns(d, columns) && fits_columns(g, columns);
+  std::vector<Columns> dc(by_columns ? d.n : 0), gc(by_columns ? g.n : 0);
+  std::vector<Intervals> di(by_columns ? 0 : d.n), gi(by_columns ? 0 : g.n);
+  parallel_for(op, 0, d.n + g.n, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const bool is_d = k < d.n;
+      const RleBatch& b = is_d ? d : g;
+      const int64_t i = is_d ? k : k - d.n;
+      double* bb = (is_d ? dbb : gbb).data() + 4 * i;
+      if (by_columns) {
+        columns_of(b.cnts(i), b.len(i), b.h(i), (is_d ? dc : gc)[i], bb);
+      } else {
+        bbox_of(b, i, bb);
+        (is_d ? di : gi)[i] = intervals_of(b, i);
+      }
+    }
+  });
+  parallel_for(op, 0, d.n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      for (int64_t j = 0; j < g.n; ++j) {
+        double& r = o[i * g.n + j];
+        // Boxes that do not overlap: masks that do not intersect (pycocotools' shortcut).
+        const double* D = dbb.data() + 4 * i;
+        const double* G = gbb.data() + 4 * j;
+        r = box_iou(D, G, crowd[j] != 0);
+        if (r <= 0) continue;
+        // The columns both boxes cover (boxes hold whole pixels: exact in double).
+        const int64_t x0 = static_cast<int64_t>(std::max(D[0], G[0]));
+        const int64_t x1 = static_cast<int64_t>(std::min(D[0] + D[2], G[0] + G[2]));
+        int64_t in, da, ga;
+        if (by_columns) {
+          in = intersection(dc[i], gc[j], x0, x1);
+          da = dc[i].area;
+          ga = gc[j].area;
+        } else {
+          in = intersection(di[i], gi[j], x0 * d.h(i), x1 * d.h(i));
+          da = di[i].area;
+          ga = gi[j].area;
+        }
+        const int64_t un = in == 0 ? 1 : crowd[j] ? da : da + ga - in;
+        r = static_cast<double>(in) / static_cast<double>(un);
+      }
+    }
+  });
+}
+
+// Every detection and ground truth of one size (IoU needs masks of one size).
+inline void check_one_size(const char* op, const RleBatch& d, const RleBatch& g) {
+  for (int64_t i = 0; i < d.n; ++i)
+    for (int64_t j = 0; j < g.n; ++j)
+      FV_CHECK(d.h(i) == g.h(j) && d.w(i) == g.w(j), op, "detection ", i, " is ", d.h(i), " x ", d.w(i),
+               " but ground truth ", j, " is ", g.h(j), " x ", g.w(j), ": IoU needs masks of one size");
+}
+
 // (D, G) float64: IoU of every detection with every ground truth, in the RLE
 // domain; iscrowd (G,) bool/uint8: a crowd ground truth divides by the detection's area.
 Tensor rle_iou_cpu(Tensor dt_counts, Tensor dt_offsets, Tensor dt_sizes, Tensor gt_counts, Tensor gt_offsets,
@@ -538,47 +763,12 @@ Tensor rle_iou_cpu(Tensor dt_counts, Tensor dt_offsets, Tensor dt_sizes, Tensor 
   FV_CHECK(iscrowd.dim() == 1 && iscrowd.size(0) == g.n, op, "iscrowd must have shape (G,) = (", g.n,
            ",), one flag per ground truth; got shape ", shape_str(iscrowd));
   check_contiguous(op, "iscrowd", iscrowd);
-  for (int64_t i = 0; i < d.n; ++i)
-    for (int64_t j = 0; j < g.n; ++j)
-      FV_CHECK(d.h(i) == g.h(j) && d.w(i) == g.w(j), op, "detection ", i, " is ", d.h(i), " x ", d.w(i),
-               " but ground truth ", j, " is ", g.h(j), " x ", g.w(j), ": IoU needs masks of one size");
-  const uint8_t* crowd = static_cast<const uint8_t*>(iscrowd.const_data_ptr());
-  std::vector<double> dbb(static_cast<size_t>(4 * d.n)), gbb(static_cast<size_t>(4 * g.n));
-  std::vector<Intervals> di(static_cast<size_t>(d.n)), gi(static_cast<size_t>(g.n));
-  parallel_for(op, 0, d.n + g.n, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      if (k < d.n) {
-        bbox_of(d, k, dbb.data() + 4 * k);
-        di[k] = intervals_of(d, k);
-      } else {
-        bbox_of(g, k - d.n, gbb.data() + 4 * (k - d.n));
-        gi[k - d.n] = intervals_of(g, k - d.n);
-      }
-    }
-  });
+  check_one_size(op, d, g);
   Tensor out = alloc_empty(op, "iou", dt_counts, {d.n, g.n}, ScalarType::Double);
-  double* o = static_cast<double*>(out.mutable_data_ptr());
-  parallel_for(op, 0, d.n, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      for (int64_t j = 0; j < g.n; ++j) {
-        double& r = o[i * g.n + j];
-        // Boxes that do not overlap: masks that do not intersect (pycocotools' shortcut).
-        const double* D = dbb.data() + 4 * i;
-        const double* G = gbb.data() + 4 * j;
-        r = box_iou(D, G, crowd[j] != 0);
-        if (r <= 0) continue;
-        // The columns both boxes cover (boxes hold whole pixels: exact in double).
-        const int64_t x0 = static_cast<int64_t>(std::max(D[0], G[0]));
-        const int64_t x1 = static_cast<int64_t>(std::min(D[0] + D[2], G[0] + G[2]));
-        const int64_t in = intersection(di[i], gi[j], x0 * d.h(i), x1 * d.h(i));
-        const int64_t un = in == 0 ? 1 : crowd[j] ? di[i].area : di[i].area + gi[j].area - in;
-        r = static_cast<double>(in) / static_cast<double>(un);
-      }
-    }
-  });
+  iou_into(op, d, g, static_cast<const uint8_t*>(iscrowd.const_data_ptr()),
+           static_cast<double*>(out.mutable_data_ptr()));
   return out;
 }
-
 // Union (or intersection) of the batch's N RLEs of one size: pycocotools'
 // rleMerge, pair by pair, so the counts are byte-identical to its.
 Tensor rle_merge_cpu(Tensor counts, Tensor offsets, Tensor sizes, bool intersect) {
@@ -729,6 +919,7 @@ std::tuple<Tensor, Tensor> rle_from_polygons_cpu(Tensor xy, Tensor poly_offsets,
 }  // namespace fastvision::masks
 
 #include "rrle.h"
+#include "pyapi.h"
 
 STABLE_TORCH_LIBRARY_IMPL(fastvision, CPU, m) {
   m.impl("rle_encode", TORCH_BOX(&fastvision::masks::rle_encode_cpu));

@@ -7,14 +7,18 @@
 // runs over the raster-order grid, no row separators), 2 one label per patch
 // (no counts); -1 (decode only) detects the form.
 //
-// The decoder returns the grid of *local* label ids (in order of first
-// appearance; -1 where nothing was decoded to fill with), the labels' bytes
-// and a (K, 4) table of repairs (kind, row, column, occurrences); the Python
-// wrapper maps local ids to the caller's names and words the repairs.
+// decode_batch decodes texts into the ids of one label table (the known
+// names first, then the other labels in order of first appearance; a text's
+// own table is seeded with a few known names, so its ids need no mapping)
+// and lists the repairs (text, kind, row, column, occurrences); the Python
+// wrapper words the repairs and maps unknown labels to known names. Two
+// callers share the core: the registered ops (tensors) and pyapi.h (str).
 #pragma once
 
 #include <array>
 #include <charconv>
+#include <cstring>
+#include <numeric>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -90,36 +94,79 @@ inline void check_separators(const char* op, const std::string& run_sep, const s
 // ---------------------------------------------------------------------------
 // Encode
 
-// One grid (h, w) of label ids into `s`.
+// The end of the run of L[i] in [i, e): blocks of 8 compared at once (vectorised), then one by one.
+inline int64_t run_end(const int64_t* L, int64_t i, int64_t e) {
+  const int64_t v = L[i];
+  int64_t j = i + 1;
+  for (; j + 8 <= e; j += 8) {
+    int64_t diff = 0;
+    for (int k = 0; k < 8; ++k) diff |= L[j + k] ^ v;
+    if (diff) break;
+  }
+  while (j < e && L[j] == v) ++j;
+  return j;
+}
+
+// One grid (h, w) of label ids into `s`. The text's length is counted first
+// (runs and their digits), then written through a pointer: no appends.
 void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::string_view>& names,
                  const std::string& run_sep, const std::string& row_sep, const std::string& count_sep,
                  const std::string& end, int64_t form, std::string& s) {
-  s.clear();
-  // Runs of [b, e) in raster order, joined by run_sep (form 2: one per patch).
-  auto put_runs = [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e;) {
-      int64_t j = i + 1;
-      if (form != 2)
-        while (j < e && L[j] == L[i]) ++j;
-      if (i > b) s.append(run_sep);
-      s.append(names[L[i]]);
-      if (form != 2) {
-        s.append(count_sep);
-        char digits[24];
-        s.append(digits, std::to_chars(digits, digits + sizeof(digits), j - i).ptr);
+  auto digits = [](int64_t v) {
+    int64_t n = 1;
+    for (; v >= 10; v /= 10) ++n;
+    return n;
+  };
+  // Calls f(first index, run length, first run of its line?) for every run, in order.
+  auto each_run = [&](auto&& f) {
+    auto runs = [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {
+        const int64_t j = form == 2 ? i + 1 : run_end(L, i, e);
+        f(i, j - i, i == b);
+        i = j;
       }
-      i = j;
+    };
+    if (form == 1) {
+      runs(0, h * w);
+    } else {
+      for (int64_t r = 0; r < h; ++r) runs(r * w, (r + 1) * w);
     }
   };
-  if (form == 1) {
-    put_runs(0, h * w);
-  } else {
-    for (int64_t r = 0; r < h; ++r) {
-      if (r) s.append(row_sep);
-      put_runs(r * w, (r + 1) * w);
+  const bool counts = form != 2;
+  int64_t size = static_cast<int64_t>(end.size()) + (form == 1 ? 0 : std::max<int64_t>(h - 1, 0) * row_sep.size());
+  each_run([&](int64_t i, int64_t n, bool first) {
+    size += (first ? 0 : run_sep.size()) + names[L[i]].size() + (counts ? count_sep.size() + digits(n) : 0);
+  });
+  s.resize(static_cast<size_t>(size));
+  char* p = s.data();
+  auto put = [&p](std::string_view v) {
+    std::memcpy(p, v.data(), v.size());
+    p += v.size();
+  };
+  int64_t row = -1;
+  each_run([&](int64_t i, int64_t n, bool first) {
+    if (first && form != 1 && row++ >= 0) put(row_sep);
+    if (!first) put(run_sep);
+    put(names[L[i]]);
+    if (counts) {
+      put(count_sep);
+      p = std::to_chars(p, s.data() + s.size(), n).ptr;
     }
-  }
-  s.append(end);
+  });
+  if (form != 1)  // rows of width 0 have no runs: their separators still
+    for (++row; row < h - 1 && w == 0; ++row) put(row_sep);
+  put(end);
+}
+
+// Every label id of the n = B * h * w in L indexes the K names.
+inline void check_label_ids(const char* op, const int64_t* L, int64_t n, int64_t h, int64_t w, int64_t K) {
+  bool bad = false;  // a vectorised scan first; the first bad id is looked for only when there is one
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(L[i]) >= static_cast<uint64_t>(K);
+  if (!bad) return;
+  for (int64_t i = 0; i < n; ++i)
+    FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / (h * w), ", ", (i % (h * w)) / w, ", ", i % w, "] = ", L[i],
+             " is not an index into the ", K, " names");
 }
 
 // labels (B, h, w) or (h, w) -> the texts' UTF-8 bytes, concatenated, and text_offsets (B + 1).
@@ -141,9 +188,7 @@ std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor n
   const int64_t B = labels.dim() == 3 ? labels.size(0) : 1;
   const int64_t h = labels.size(labels.dim() - 2), w = labels.size(labels.dim() - 1);
   const int64_t* L = static_cast<const int64_t*>(labels.const_data_ptr());
-  for (int64_t i = 0; i < B * h * w; ++i)
-    FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / (h * w), ", ", (i % (h * w)) / w, ", ", i % w, "] = ", L[i],
-             " is not an index into the ", K, " names");
+  check_label_ids(op, L, B * h * w, h, w, K);
   const char* nb = static_cast<const char*>(names.const_data_ptr());
   std::vector<std::string_view> nv;
   for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
@@ -166,6 +211,52 @@ struct Seps {
   std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
 };
 
+inline bool same(std::string_view a, std::string_view b) {  // (short labels: no memcmp call)
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+// Separators are a few characters: these search and compare them without the
+// library's per-position memcmp calls (string_view::find / rfind / compare).
+inline bool at(std::string_view s, size_t i, std::string_view sep) {  // s[i:] starts with sep
+  return i <= s.size() && s.size() - i >= sep.size() && same(s.substr(i, sep.size()), sep);
+}
+inline size_t find_sep(std::string_view s, std::string_view sep, size_t from = 0) {
+  return sep.size() == 1 ? s.find(sep[0], from) : s.find(sep, from);
+}
+inline size_t rfind_sep(std::string_view s, std::string_view sep) {
+  return sep.size() == 1 ? s.rfind(sep[0]) : s.rfind(sep);
+}
+
+// Labels in order of first appearance, with ids: a scan while there are few
+// (grids use few labels; a hash map costs more), then a hash map.
+struct LabelTable {
+  std::vector<std::string_view> labels;
+  std::unordered_map<std::string_view, int64_t> ids;
+  static constexpr int64_t kScan = 16;
+
+  void clear() {
+    labels.clear();
+    ids.clear();
+  }
+  int64_t id(std::string_view label) {
+    const int64_t n = static_cast<int64_t>(labels.size());
+    if (n <= kScan) {
+      for (int64_t k = 0; k < n; ++k)
+        if (same(labels[k], label)) return k;
+      if (n == kScan)
+        for (int64_t k = 0; k < n; ++k) ids.emplace(labels[k], k);
+    } else if (auto it = ids.find(label); it != ids.end()) {
+      return it->second;
+    }
+    if (n >= kScan) ids.emplace(label, n);
+    labels.push_back(label);
+    return n;
+  }
+};
+
 struct Decoder {
   const char* op = "rrle_decode";
   std::string_view text;
@@ -177,13 +268,11 @@ struct Decoder {
 
   // Ready for the next text (buffers kept: one Decoder serves a thread's texts).
   void reset() {
-    ids.clear();
-    labels.clear();
+    table.clear();
     repairs.clear();
     runs.clear();
   }
-  std::unordered_map<std::string_view, int64_t> ids;
-  std::vector<std::string_view> labels;
+  LabelTable table;  // the text's labels (local ids)
   std::vector<std::array<int64_t, 4>> repairs;
 
   // Reports repair `kind` at (row, col); separator kinds once (with their occurrences).
@@ -197,25 +286,6 @@ struct Decoder {
     repairs.push_back({kind, row, col, 1});
   }
 
-  int64_t intern(std::string_view label) {
-    // Grids use few labels: a scan of them beats hashing until there are many.
-    if (labels.size() <= 16) {
-      for (size_t i = 0; i < labels.size(); ++i)
-        if (labels[i] == label) return static_cast<int64_t>(i);
-      if (labels.size() < 16) {
-        labels.push_back(label);
-        return static_cast<int64_t>(labels.size() - 1);
-      }
-      for (size_t i = 0; i < labels.size(); ++i) ids.emplace(labels[i], static_cast<int64_t>(i));
-    }
-    auto it = ids.find(label);
-    if (it != ids.end()) return it->second;
-    const int64_t id = static_cast<int64_t>(labels.size());
-    ids.emplace(label, id);
-    labels.push_back(label);
-    return id;
-  }
-
   // Splits s at every `core` into `out`; `exact_at[i]` says whether split i reads `exact`.
   static void split(std::string_view s, const std::string& core, const std::string& exact,
                     std::vector<std::string_view>& out, std::vector<bool>& exact_at) {
@@ -223,13 +293,13 @@ struct Decoder {
     exact_at.clear();
     size_t b = 0;
     for (;;) {
-      const size_t i = s.find(core, b);
+      const size_t i = find_sep(s, core, b);
       if (i == std::string_view::npos) {
         out.push_back(s.substr(b));
         return;
       }
       out.push_back(s.substr(b, i - b));
-      const bool ex = s.compare(i, exact.size(), exact) == 0;
+      const bool ex = at(s, i, exact);
       exact_at.push_back(ex);
       b = i + (ex ? exact.size() : core.size());
     }
@@ -240,17 +310,17 @@ struct Decoder {
     const std::string &run_sep = seps->run_sep, &row_sep = seps->row_sep, &count_sep = seps->count_sep,
                       &end = seps->end, &rc = seps->rc, &uc = seps->uc, &cc = seps->cc;
     std::string_view body = text;
-    if (body.size() >= end.size() && body.compare(body.size() - end.size(), end.size(), end) == 0) {
+    if (body.size() >= end.size() && at(body, body.size() - end.size(), end)) {
       body.remove_suffix(end.size());
     } else {
       FV_CHECK(!strict, op, "the text must end with the end marker \"", end, "\"");
       repair(kEnd, -1, -1);
       body = trim(body);
       const std::string ec = core_of(end);
-      if (body.size() >= ec.size() && body.compare(body.size() - ec.size(), ec.size(), ec) == 0)
+      if (body.size() >= ec.size() && at(body, body.size() - ec.size(), ec))
         body.remove_suffix(ec.size());
     }
-    has_counts = body.find(cc) != std::string_view::npos;
+    has_counts = find_sep(body, cc) != std::string_view::npos;
     std::vector<std::string_view>& rows = rows_buf;
     split(body, rc, row_sep, rows, row_exact);
     if (rows.size() == 1 && trim(rows[0]).empty()) rows.clear();  // no rows at all
@@ -283,7 +353,7 @@ struct Decoder {
         std::string_view label, digits;
         bool exact = true;
         if (strict) {
-          const size_t p = has_counts ? tok.rfind(count_sep) : std::string_view::npos;
+          const size_t p = has_counts ? rfind_sep(tok, count_sep) : std::string_view::npos;
           if (has_counts) {
             FV_CHECK(p != std::string_view::npos, op, "row ", row, ", column ", col, ": run \"", tok,
                      "\" has no \"", count_sep, "\"");
@@ -296,7 +366,7 @@ struct Decoder {
           }
           FV_CHECK(!label.empty(), op, "row ", row, ", column ", col, ": run \"", tok, "\" has no label");
         } else {
-          const size_t p = tok.rfind(cc);
+          const size_t p = rfind_sep(tok, cc);
           if (p == std::string_view::npos) {
             label = tok;
             if (has_counts) {
@@ -311,7 +381,7 @@ struct Decoder {
               continue;
             }
             exact = tok.size() == label.size() + count_sep.size() + digits.size() &&
-                    tok.compare(label.size(), count_sep.size(), count_sep) == 0;
+                    at(tok, label.size(), count_sep);
           }
         }
         const int64_t count = digits.empty() ? 1 : parse_count(digits);
@@ -321,7 +391,7 @@ struct Decoder {
           continue;
         }
         if (!exact) repair(kCountSep, row, col);
-        runs.push_back({intern(label), count, row, col});
+        runs.push_back({table.id(label), count, row, col});
         col = std::min(kCountCap, col + count);
       }
       ++row;
@@ -402,10 +472,86 @@ void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const 
 
 }
 
-// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids:
-// the known names' ids first, then the other labels in order of first appearance
-// over the batch; where nothing was decoded to fill with, `fill` (-1: left -1);
-// the labels' bytes and offsets; repairs (K, 5) (text, kind, row, column, occurrences).
+// The integer and separator arguments of a decode call (rrle_decode and the Python fast path).
+inline void check_decode_args(const char* op, int64_t h, int64_t w, int64_t form, const std::string& run_sep,
+                              const std::string& row_sep, const std::string& count_sep, int64_t fill) {
+  check_at_least(op, "h", h, 0);
+  check_at_least(op, "w", w, 0);
+  int64_t area = 0;
+  FV_CHECK(mul_fits(h, w, &area) && area <= (int64_t(1) << 40), op, "h * w must be at most 2^40; got h = ", h,
+           ", w = ", w);
+  FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
+           "(one label per patch); got ", form);
+  check_separators(op, run_sep, row_sep, count_sep);
+  FV_CHECK(fill >= -1, op, "fill must be -1 (keep) or a label id; got ", fill);
+}
+
+// What a batch decode found: the label table (the known names first, so their
+// ids are the caller's, then the other labels in order of first appearance
+// over the batch; views into the names and texts) and the repairs (text,
+// kind, row, column, occurrences).
+struct DecodedBatch {
+  std::vector<std::string_view> labels;
+  std::vector<std::array<int64_t, 5>> repairs;
+};
+
+// Decodes texts[b] into g + b * h * w (label ids of the batch's table; where
+// nothing was decoded to fill with, `fill`, or -1 when fill is -1). Arguments checked.
+inline DecodedBatch decode_batch(const char* op, const std::vector<std::string_view>& texts, int64_t h, int64_t w,
+                                 const Seps& seps, bool strict, int64_t form, int64_t fill,
+                                 const std::vector<std::string_view>& names, int64_t* g) {
+  const int64_t B = static_cast<int64_t>(texts.size()), area = h * w;
+  struct Found {
+    int64_t seeded = 0;                     // the text's ids below this are the batch table's
+    std::vector<std::string_view> labels;   // its other labels, in order (ids seeded, seeded + 1, ...)
+    std::vector<std::array<int64_t, 4>> repairs;
+  };
+  std::vector<Found> dec(static_cast<size_t>(B));
+  // A few known names seed each text's table, so that its ids are already the
+  // batch table's (no mapping afterwards) unless it holds other labels.
+  const bool seed = static_cast<int64_t>(names.size()) <= LabelTable::kScan;
+  auto decode = [&](int64_t lo, int64_t hi) {
+    thread_local Decoder d;  // its buffers serve every call on this thread
+    for (int64_t b = lo; b < hi; ++b) {
+      d.reset();
+      for (std::string_view name : names)
+        if (seed) d.table.id(name);
+      dec[b].seeded = static_cast<int64_t>(d.table.labels.size());
+      decode_text(d, texts[b], h, w, seps, strict, form, g + b * area);
+      dec[b].labels.assign(d.table.labels.begin() + dec[b].seeded, d.table.labels.end());
+      dec[b].repairs = d.repairs;
+    }
+  };
+  if (B == 1)
+    decode(0, 1);  // (one small text: the thread pool's hand-off would cost more than the work)
+  else
+    parallel_for(op, 0, B, 8, decode);
+  DecodedBatch out;
+  LabelTable table;
+  for (std::string_view name : names) table.id(name);  // (names are distinct; a duplicate would keep the first)
+  std::vector<int64_t> lut;
+  for (int64_t b = 0; b < B; ++b) {
+    lut.resize(static_cast<size_t>(dec[b].seeded));
+    std::iota(lut.begin(), lut.end(), int64_t(0));
+    bool identity = true;
+    for (std::string_view label : dec[b].labels) {
+      const int64_t id = table.id(label);
+      identity = identity && id == static_cast<int64_t>(lut.size());
+      lut.push_back(id);
+    }
+    int64_t* gb = g + b * area;
+    if (!identity)
+      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] >= 0 ? lut[gb[i]] : fill >= 0 ? fill : gb[i];
+    else if (fill >= 0)  // ids already the table's: only the unfilled (-1) patches change
+      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] < 0 ? fill : gb[i];
+    for (const auto& r : dec[b].repairs) out.repairs.push_back({b, r[0], r[1], r[2], r[3]});
+  }
+  out.labels = std::move(table.labels);
+  return out;
+}
+
+// texts (bytes, concatenated; text_offsets (B + 1)) -> labels (B, h, w) of label ids
+// (decode_batch's table), the table's bytes and offsets, repairs (K, 5).
 std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor text_offsets, Tensor names,
                                                            Tensor name_offsets, int64_t fill, int64_t h, int64_t w,
                                                            std::string run_sep, std::string row_sep,
@@ -415,69 +561,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
   check_host_1d(op, "text", text, ScalarType::Byte, "(bytes,): the UTF-8 texts, concatenated");
   const int64_t* to = check_offsets(op, "text_offsets", text_offsets, text.size(0), "text");
   const int64_t B = text_offsets.size(0) - 1;
-  check_at_least(op, "h", h, 0);
-  check_at_least(op, "w", w, 0);
-  int64_t area = 0;
-  FV_CHECK(mul_fits(h, w, &area) && area <= (int64_t(1) << 40), op, "h * w must be at most 2^40; got h = ", h,
-           ", w = ", w);
-  FV_CHECK(form >= -1 && form <= 2, op, "form must be -1 (detect), 0 (row-wise runs), 1 (image-wise runs) or 2 "
-           "(one label per patch); got ", form);
-  check_separators(op, run_sep, row_sep, count_sep);
+  check_decode_args(op, h, w, form, run_sep, row_sep, count_sep, fill);
   check_host_1d(op, "names", names, ScalarType::Byte, "(total bytes,): the known names' UTF-8, concatenated");
   const int64_t* no = check_offsets(op, "name_offsets", name_offsets, names.size(0), "names");
   const int64_t K = name_offsets.size(0) - 1;
-  FV_CHECK(fill >= -1, op, "fill must be -1 (keep) or a label id; got ", fill);
   int64_t total = 0;
-  FV_CHECK(mul_fits(B, area, &total), op, "B * h * w overflows int64");
+  FV_CHECK(mul_fits(B, h * w, &total), op, "B * h * w overflows int64");
   Tensor grid = alloc_empty(op, "labels", text, {B, h, w}, ScalarType::Long);
-  int64_t* g = static_cast<int64_t*>(grid.mutable_data_ptr());
   const char* chars = static_cast<const char*>(text.const_data_ptr());
-  const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
-  struct Found {
-    std::vector<std::string_view> labels;
-    std::vector<std::array<int64_t, 4>> repairs;
-  };
-  std::vector<Found> dec(static_cast<size_t>(B));
-  parallel_for(op, 0, B, 8, [&](int64_t lo, int64_t hi) {
-    Decoder d;
-    for (int64_t b = lo; b < hi; ++b) {
-      d.reset();
-      decode_text(d, std::string_view(chars + to[b], static_cast<size_t>(to[b + 1] - to[b])), h, w, seps, strict,
-                  form, g + b * area);
-      dec[b].labels = d.labels;
-      dec[b].repairs = d.repairs;
-    }
-  });
-  // One label table for the batch: the known names first (so their ids are
-  // the caller's), then the other labels in order of first appearance.
-  std::unordered_map<std::string_view, int64_t> ids;
-  std::vector<std::vector<uint8_t>> found;
   const char* nb = static_cast<const char*>(names.const_data_ptr());
-  for (int64_t k = 0; k < K; ++k) {
-    const std::string_view name(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
-    if (ids.emplace(name, static_cast<int64_t>(found.size())).second) found.emplace_back(name.begin(), name.end());
-  }
-  std::vector<std::array<int64_t, 5>> repairs;
-  std::vector<int64_t> lut;
-  for (int64_t b = 0; b < B; ++b) {
-    lut.clear();
-    bool identity = true;
-    for (std::string_view label : dec[b].labels) {
-      auto it = ids.emplace(label, static_cast<int64_t>(found.size())).first;
-      if (it->second == static_cast<int64_t>(found.size())) found.emplace_back(label.begin(), label.end());
-      identity = identity && it->second == static_cast<int64_t>(lut.size());
-      lut.push_back(it->second);
-    }
-    int64_t* gb = g + b * area;
-    if (!identity || fill >= 0)
-      for (int64_t i = 0; i < area; ++i) gb[i] = gb[i] >= 0 ? lut[gb[i]] : fill >= 0 ? fill : gb[i];
-    for (const auto& r : dec[b].repairs) repairs.push_back({b, r[0], r[1], r[2], r[3]});
-  }
-  auto [bytes, offsets] = concat(op, "label names", found, text, ScalarType::Byte);
-  Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(repairs.size()), 5}, ScalarType::Long);
+  std::vector<std::string_view> texts, nv;
+  for (int64_t b = 0; b < B; ++b) texts.emplace_back(chars + to[b], static_cast<size_t>(to[b + 1] - to[b]));
+  for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+  const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
+  const DecodedBatch found = decode_batch(op, texts, h, w, seps, strict, form, fill, nv,
+                                          static_cast<int64_t*>(grid.mutable_data_ptr()));
+  std::vector<std::vector<uint8_t>> labels;
+  for (std::string_view label : found.labels) labels.emplace_back(label.begin(), label.end());
+  auto [bytes, offsets] = concat(op, "label names", labels, text, ScalarType::Byte);
+  Tensor rep = alloc_empty(op, "repairs", text, {static_cast<int64_t>(found.repairs.size()), 5}, ScalarType::Long);
   int64_t* rp = static_cast<int64_t*>(rep.mutable_data_ptr());
-  for (size_t i = 0; i < repairs.size(); ++i)
-    for (int j = 0; j < 5; ++j) rp[5 * i + j] = repairs[i][j];
+  for (size_t i = 0; i < found.repairs.size(); ++i)
+    for (int j = 0; j < 5; ++j) rp[5 * i + j] = found.repairs[i][j];
   return {grid, bytes, offsets, rep};
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._extension import C as _C
 from .rle import RLEs, _from_lists, _OPS, _sizes, as_rles, rle_from_polygons, rle_to_string
 
 
@@ -124,6 +125,15 @@ def box_iou(dt: torch.Tensor, gt: torch.Tensor, iscrowd: torch.Tensor) -> torch.
 def iou(dt, gt, pyiscrowd):
     """IoU (D, G) float64 of detections and ground truths: both RLE lists or both boxes.
     ``pyiscrowd``: one flag per ground truth (crowd: intersection / detection area)."""
+    if type(dt) is list and type(gt) is list and dt and gt and type(dt[0]) is dict and pyiscrowd is not None:
+        # pycocotools' RLE dicts: one C++ call reads the dicts and parses their strings (the
+        # general path below joins them into tensors first); None if any is of another form.
+        crowd = np.asarray(pyiscrowd, dtype=np.uint8).reshape(-1)
+        if crowd.size != len(gt):
+            raise ValueError(f"pyiscrowd must have one flag per ground truth ({len(gt)}); got {crowd.size}")
+        out = _C.rle_iou_coco(dt, gt, crowd.tobytes())
+        if out is not None:
+            return np.frombuffer(out, dtype=np.float64).reshape(len(dt), len(gt))
     kd, d = _boxes_or_rles(dt, "dt")
     kg, g = _boxes_or_rles(gt, "gt")
     if kd == "empty" or kg == "empty":

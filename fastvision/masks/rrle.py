@@ -6,15 +6,20 @@ a row is runs ``"{label} *{count}"`` joined by ``"| "``; rows are joined by
 
     others *16\\n others *16\\n others *5| cat *6| others *5\\n ...
 
-The codec core is C++ (``torch.ops.fastvision.rrle_encode`` / ``rrle_decode``).
-Separators are parameters (:class:`Separators`; Text4Seg's by default), and
-the tolerant decoder recognises the dialects of :data:`DIALECTS` by itself.
+The codec core is C++ (csrc/masks/rrle.h). The functions here call it through
+plain CPython functions of ``fastvision._C`` (csrc/masks/pyapi.h), which take
+the str, the names and a CPU int64 tensor as they are: one small grid costs
+microseconds, as much as the codec's work, where a torch op's argument
+conversion and dispatch would cost tens. The same core is also registered as
+the ops ``torch.ops.fastvision.rrle_encode`` / ``rrle_decode`` (tensors in and
+out, for torch.compile and direct calls). Separators are parameters
+(:class:`Separators`; Text4Seg's by default), and the tolerant decoder
+recognises the dialects of :data:`DIALECTS` by itself.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -22,9 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import _extension  # noqa: F401  (loads the op schemas and CPU kernels)
-
-_OPS = torch.ops.fastvision
+from .._extension import C as _C  # (also loads the op schemas and CPU kernels)
 
 
 class Separators(NamedTuple):
@@ -95,40 +98,18 @@ class DecodeReport:
         return head + ("".join(f"\n  {r}" for r in self.repairs) if self.repairs else ": no repairs")
 
 
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-
-
-@functools.lru_cache(maxsize=64)
-def _names_tensors(names: tuple[str, ...], seps: Separators | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The names as the ops take them (checked against `seps` when given), cached: a
-    dataset encodes and decodes many grids with one label set."""
-    for name in names if seps is not None else ():  # any name could be used: none may hold a separator
-        _check_label(name, seps)
-    encoded = [n.encode("utf-8") for n in names]
-    offsets = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
-    return _bytes_tensor(b"".join(encoded)), offsets
-
-
-_NO_NAMES = (torch.zeros(0, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+_TEXT4SEG = Separators()
+_ndarray, _INT64, _from_numpy = np.ndarray, np.int64, torch.from_numpy
 
 
 def _as_separators(separators) -> Separators:
     if separators is None:
-        return Separators()
+        return _TEXT4SEG
     if isinstance(separators, str):
         if separators not in DIALECTS:
             raise ValueError(f"separators must be a Separators or one of {sorted(DIALECTS)}; got {separators!r}")
         return DIALECTS[separators]
     return Separators(*separators)
-
-
-def _check_label(name: str, seps: Separators) -> None:
-    for what, sep in (("run", seps.run), ("row", seps.row), ("count", seps.count), ("end", seps.end)):
-        core = sep.strip(" ") or sep
-        if core in name:
-            raise ValueError(f"label {name!r} contains the {what} separator {core!r}: the text could not be "
-                             "decoded (rename the label, or pass escape=True)")
 
 
 def escape_label(name: str) -> str:
@@ -168,9 +149,14 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
     >>> rrle_encode([["others", "cat", "cat"], ["others"] * 3])
     'others *1| cat *2\\n others *3\\n'
     """
-    seps = _as_separators(separators)
-    if form not in FORMS:
+    seps = _TEXT4SEG if separators is None else _as_separators(separators)
+    code = FORMS.get(form) if type(form) is str else None
+    if code is None:
         raise ValueError(f"form must be one of {sorted(FORMS)}; got {form!r}")
+    if type(labels) is torch.Tensor and not escape:  # the common case: read in place
+        out = _C.rrle_encode(labels, names, seps, code)
+        if out is not NotImplemented:
+            return out
     if isinstance(labels, (list, tuple)) and (not labels or isinstance(labels[0], (list, tuple))):
         rows = [list(r) for r in labels]
         if any(len(r) != len(rows[0]) for r in rows):
@@ -187,18 +173,13 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
             raise ValueError(f"labels must be (h, w) or (B, h, w); got shape {tuple(t.shape)}")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"labels must be integers indexing names; got {t.dtype}")
-        t = t.to("cpu", torch.long).contiguous()
+        t = t.to("cpu", torch.long).resolve_neg().contiguous()
+        if type(t) is not torch.Tensor:
+            t = t.as_subclass(torch.Tensor)
     names = [str(n) for n in names]
     if escape:
         names = [escape_label(n) for n in names]
-    chars, offsets = _names_tensors(tuple(names), seps)
-    text, toff = _OPS.rrle_encode(t, chars, offsets, seps.run, seps.row, seps.count, seps.end, FORMS[form])
-    data = text.numpy().tobytes().decode("utf-8")
-    if t.dim() == 2:
-        return data
-    o = toff.tolist()  # ASCII separators and counts: byte offsets are character offsets only for ASCII names
-    raw = text.numpy().tobytes()
-    return [raw[o[i]:o[i + 1]].decode("utf-8") for i in range(len(o) - 1)]
+    return _C.rrle_encode(t, names, seps, code)
 
 
 def detect_dialect(text: str) -> str:
@@ -248,56 +229,56 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
     or ``"none"`` (one label per patch, no counts). Text around ``<seg>...</seg>``
     is ignored.
     """
-    batch = isinstance(text, (list, tuple))
-    texts = list(text) if batch else [text]
-    for t in texts:
-        if not isinstance(t, str):
-            raise TypeError(f"text must be a str (or a list of str); got {type(t).__name__}")
+    batch = type(text) is not str  # (the C++ checks that a batch is a list or tuple of str)
     if form != "auto" and form not in FORMS:
         raise ValueError(f"form must be 'auto' or one of {sorted(FORMS)}; got {form!r}")
     if unknown not in ("closest", "background"):
         raise ValueError(f"unknown must be 'closest' or 'background'; got {unknown!r}")
-    pre: list[list[Repair]] = [[] for _ in texts]
-    texts = [_strip_tags(t, strict, p) for t, p in zip(texts, pre)]
+    pre = None  # repairs made here (<seg> tags), per text
+    if batch:
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a str (or a list of str); got {type(text).__name__}")
+        if any("<" in t for t in text if type(t) is str):
+            pre = [[] for _ in text]
+            text = [_strip_tags(t, strict, p) if type(t) is str else t for t, p in zip(text, pre)]
+    elif "<" in text:
+        pre = [[]]
+        text = _strip_tags(text, strict, pre[0])
     if separators is not None:
         dialect = separators if isinstance(separators, str) else "custom"
         seps = _as_separators(separators)
     else:  # one dialect per call: the first text's
-        dialect = detect_dialect(texts[0]) if texts else "text4seg"
+        first = text if not batch else text[0] if text and type(text[0]) is str else ""
+        dialect = detect_dialect(first)
         seps = DIALECTS[dialect]
-    code = -1 if form == "auto" else FORMS[form]
-    if names is not None:
-        names = [str(n) for n in names]
-        if not names:
-            raise ValueError("names must not be empty (pass None to take the labels found)")
-        if len(set(names)) != len(names):
-            raise ValueError(f"names must be distinct; got {names}")
-        if not 0 <= background < len(names):
+    if type(background) is not int:
+        if names is not None and not 0 <= background < len(names):
             raise ValueError(f"background must index names (0..{len(names) - 1}); got {background}")
-        known, known_offsets = _names_tensors(tuple(escape_label(n) for n in names) if escape else tuple(names),
-                                              None)
-    else:
-        known, known_offsets = _NO_NAMES
-    encoded = [t.encode("utf-8") for t in texts]
-    toff = torch.tensor([0] + [len(e) for e in encoded], dtype=torch.long).cumsum(0)
-    grid, lbytes, loffsets, reps = _OPS.rrle_decode(
-        _bytes_tensor(b"".join(encoded)), toff, known, known_offsets, int(background), int(h), int(w), seps.run,
-        seps.row, seps.count, seps.end, bool(strict), code)
-    reports = [DecodeReport(dialect, form, p) for p in pre]
-    if reps.numel():
-        for b, k, r, c, n in reps.tolist():
-            reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
-    data, o = lbytes.numpy().tobytes(), loffsets.tolist()
-    found = [data[o[i]:o[i + 1]].decode("utf-8", errors="replace") for i in range(len(o) - 1)]
+        background = int(background)
+    if escape and names is not None:
+        names = [escape_label(str(n)) for n in names]
+    # The names are checked there (str()-ed, non-empty, distinct, background indexes them).
+    h, w = int(h), int(w)
+    grid, names, extra, reps = _C.rrle_decode(text, h, w, names, background, seps, strict,
+                                              -1 if form == "auto" else FORMS[form])
+    # The ids' bytes as a tensor (through numpy: cheaper than torch.empty + a copy).
+    grid = _from_numpy(_ndarray((len(text), h, w) if batch else (h, w), _INT64, grid))
     if escape:
-        found = [unescape_label(s) for s in found]
+        names = [unescape_label(n) for n in names]
+        extra = [unescape_label(n) for n in extra]
+    if not batch and pre is None and not reps and not extra:
+        return grid, names, DecodeReport(dialect, form, [])
+    if not batch:
+        grid = grid[None]
+    reports = [DecodeReport(dialect, form, p) for p in pre] if pre else \
+        [DecodeReport(dialect, form, []) for _ in range(len(text) if batch else 1)]
+    for b, k, r, c, n in reps:
+        reports[b].repairs.append(Repair(_REPAIRS[k], r, c, n))
     labels = grid
-    if names is None:
-        names = found
-    elif len(found) > len(names):  # labels outside names: map them (ids >= len(names) in the grid)
+    if extra:  # labels outside names: map them (ids >= len(names) in the grid)
         K = len(names)
         lut = list(range(K))
-        for k, label in enumerate(found[K:], start=K):
+        for k, label in enumerate(extra, start=K):
             where = (grid == k).nonzero()
             b, row, col = where[0].tolist() if len(where) else (0, -1, -1)
             if strict:
@@ -310,8 +291,8 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
                 reports[bb].repairs.append(Repair("unknown label", rr, cc, detail=f"{label!r} -> {names[lut[-1]]!r}"))
         labels = torch.tensor(lut, dtype=torch.long)[grid]
     if batch:
-        return labels, list(names), reports
-    return labels[0], list(names), reports[0]
+        return labels, names, reports
+    return labels[0], names, reports[0]
 
 
 class RRLEDecoder:

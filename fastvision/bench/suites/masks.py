@@ -195,7 +195,8 @@ def _iou_suite() -> Suite:
     def fastvision(backend):
         if backend == "cpu":
             return Impl(lambda x: fm.iou(x["rles"], x["rles"], [0] * len(x["rles"])),
-                        note="fastvision.masks.iou (drop-in; strings parsed in the call, IoU on the runs)")
+                        note="fastvision.masks.iou (drop-in; one C++ call reads the dicts and parses their "
+                             "strings, IoU per column on the runs)")
         return Impl(None, skip="CPU only")
 
     return Suite("rle_iou", None, IOU_CASES, rle_inputs, lambda s: {}, fastvision, reference,

@@ -1,0 +1,495 @@
+// The mask codecs' plain CPython functions (fastvision._C.rle_iou_coco,
+// rrle_encode, rrle_decode): the paths fastvision.masks takes for Python
+// objects. A torch op call costs microseconds of argument conversion and
+// dispatch before any work, which is the whole cost of encoding or decoding
+// one small R-RLE grid, and pycocotools' iou takes a list of dicts whose
+// strings would otherwise be joined into tensors first. These functions take
+// the Python objects as they are (str, bytes, lists, dicts, a CPU int64
+// tensor), run the same C++ codec cores as the torch ops (rrle.h, the IoU
+// kernel of cpu.cpp) and check every argument as the ops do (ValueError naming
+// the argument; never a read out of bounds). Where an input is not of the
+// form they read directly they return NotImplemented (None for rle_iou_coco)
+// and the caller converts it and takes the general path.
+//
+// Limited API (CPython >= 3.10, one abi3 library): no buffer protocol there,
+// so a tensor is read through its own attributes (exact torch.Tensor, int64,
+// CPU, strided, contiguous, not a negative view) and data_ptr().
+// Included by cpu.cpp after rrle.h.
+#pragma once
+
+#include <Python.h>
+
+#include <memory>
+
+namespace fastvision::masks::py {
+
+// Owned reference.
+struct Ref {
+  PyObject* p = nullptr;
+  Ref() = default;
+  explicit Ref(PyObject* o) : p(o) {}
+  Ref(Ref&& o) noexcept : p(o.release()) {}
+  Ref& operator=(Ref&& o) noexcept {
+    if (this != &o) {
+      Py_XDECREF(p);
+      p = o.release();
+    }
+    return *this;
+  }
+  ~Ref() { Py_XDECREF(p); }
+  PyObject* release() {
+    PyObject* o = p;
+    p = nullptr;
+    return o;
+  }
+};
+
+// Thrown when a Python error is already set.
+struct PyError {};
+
+inline PyObject* check(PyObject* o) {
+  if (!o) throw PyError{};
+  return o;
+}
+
+// The GIL released for the scope.
+struct NoGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~NoGil() { PyEval_RestoreThread(state); }
+};
+
+// Sets the Python exception for the C++ one in flight (as pybind11 translates the ops').
+inline PyObject* set_error() {
+  try {
+    throw;
+  } catch (const PyError&) {
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::bad_alloc& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+// torch's objects, looked up once (torch is imported before fastvision._C is).
+struct Torch {
+  PyObject *tensor, *int64, *strided;
+  PyObject *dtype, *layout, *is_cpu, *is_contiguous, *is_neg, *size, *data_ptr;
+};
+
+inline const Torch& torch_objects() {
+  static const Torch t = [] {
+    Ref mod(check(PyImport_ImportModule("torch")));
+    Torch r;
+    r.tensor = check(PyObject_GetAttrString(mod.p, "Tensor"));
+    r.int64 = check(PyObject_GetAttrString(mod.p, "int64"));
+    r.strided = check(PyObject_GetAttrString(mod.p, "strided"));
+    for (auto [slot, name] : {std::pair{&r.dtype, "dtype"}, {&r.layout, "layout"}, {&r.is_cpu, "is_cpu"},
+                              {&r.is_contiguous, "is_contiguous"}, {&r.is_neg, "is_neg"}, {&r.size, "size"},
+                              {&r.data_ptr, "data_ptr"}})
+      *slot = check(PyUnicode_InternFromString(name));
+    return r;
+  }();
+  return t;
+}
+
+// A CPU int64 tensor's memory and shape, or nullptr when `obj` is not one this
+// can read in place (another type or subclass, dtype, device, layout, a
+// non-contiguous or negative view).
+struct TensorView {
+  bool ok = false;
+  int64_t* data = nullptr;  // (may be null when empty)
+  std::vector<int64_t> shape;
+};
+
+inline TensorView int64_tensor(PyObject* obj) {
+  const Torch& t = torch_objects();
+  TensorView v;
+  if (reinterpret_cast<PyObject*>(Py_TYPE(obj)) != t.tensor) return v;
+  auto attr_is = [&](PyObject* name, PyObject* want) {
+    Ref a(check(PyObject_GetAttr(obj, name)));
+    return a.p == want;
+  };
+  auto call_true = [&](PyObject* name) {
+    Ref a(check(PyObject_CallMethodObjArgs(obj, name, nullptr)));
+    return a.p == Py_True;
+  };
+  if (!attr_is(t.dtype, t.int64) || !attr_is(t.is_cpu, Py_True) || !attr_is(t.layout, t.strided) ||
+      !call_true(t.is_contiguous) || call_true(t.is_neg))
+    return v;
+  Ref shape(check(PyObject_CallMethodObjArgs(obj, t.size, nullptr)));  // torch.Size: a tuple
+  const Py_ssize_t n = PyTuple_Size(shape.p);
+  if (n < 0) throw PyError{};
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long long s = PyLong_AsLongLong(check(PyTuple_GetItem(shape.p, i)));
+    if (s == -1 && PyErr_Occurred()) throw PyError{};
+    v.shape.push_back(s);
+  }
+  Ref ptr(check(PyObject_CallMethodObjArgs(obj, t.data_ptr, nullptr)));
+  v.data = static_cast<int64_t*>(PyLong_AsVoidPtr(ptr.p));
+  if (!v.data && PyErr_Occurred()) throw PyError{};
+  v.ok = true;
+  return v;
+}
+
+// "... ; got <type name>" as TypeError.
+inline PyObject* type_error(const char* what, PyObject* obj) {
+  Ref type(check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(Py_TYPE(obj)), "__name__")));
+  Ref msg(check(PyUnicode_FromFormat("%s; got %U", what, type.p)));
+  PyErr_SetObject(PyExc_TypeError, msg.p);
+  return nullptr;
+}
+
+inline std::string_view utf8(PyObject* s) {
+  Py_ssize_t n = 0;
+  const char* p = PyUnicode_AsUTF8AndSize(s, &n);
+  if (!p) throw PyError{};
+  return {p, static_cast<size_t>(n)};
+}
+
+inline int64_t as_int(PyObject* o) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw PyError{};
+  return v;
+}
+
+// Items of a list or tuple (borrowed), or false.
+inline bool items(PyObject* seq, std::vector<PyObject*>& out) {
+  out.clear();
+  const bool list = PyList_Check(seq), tuple = !list && PyTuple_Check(seq);
+  if (!list && !tuple) return false;
+  const Py_ssize_t n = list ? PyList_Size(seq) : PyTuple_Size(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) out.push_back(check(list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i)));
+  return true;
+}
+
+// The four separators of a Separators (a tuple: run, row, count, end).
+inline std::array<std::string, 4> separators(PyObject* seps) {
+  std::vector<PyObject*> s;
+  std::array<std::string, 4> out;
+  if (!items(seps, s) || s.size() != 4) {
+    type_error("separators must be a Separators (4 str: run, row, count, end)", seps);
+    throw PyError{};
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (!PyUnicode_Check(s[i])) {
+      type_error("separators must be 4 str", s[i]);
+      throw PyError{};
+    }
+    out[i] = std::string(utf8(s[i]));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// rle_iou_coco(dt, gt, crowd) -> bytearray of (D, G) float64 IoUs, or None
+
+// dt / gt as the IoU kernel takes them, parsed from pycocotools dicts with
+// compressed counts; false if any is not of that form (or its string is not ASCII).
+struct Parsed {
+  std::string chars;
+  std::vector<int64_t> char_off{0}, sizes;
+};
+
+inline bool gather(PyObject* list, Parsed& p) {
+  if (!PyList_Check(list)) return false;
+  Ref own(check(PySequence_List(list)));  // our references: a key's __eq__ could change the caller's list
+  std::vector<PyObject*> objs;
+  items(own.p, objs);
+  for (PyObject* o : objs) {
+    if (!PyDict_Check(o)) return false;
+    Ref counts(Py_XNewRef(PyDict_GetItemString(o, "counts")));
+    Ref size(Py_XNewRef(PyDict_GetItemString(o, "size")));
+    std::vector<PyObject*> hw;
+    if (!counts.p || !size.p || (!PyList_Check(size.p) && !PyTuple_Check(size.p))) return false;
+    Ref size_items(check(PySequence_List(size.p)));
+    items(size_items.p, hw);
+    if (hw.size() != 2 || !PyLong_Check(hw[0]) || !PyLong_Check(hw[1])) return false;
+    for (PyObject* v : hw) {
+      const long long x = PyLong_AsLongLong(v);
+      if (x == -1 && PyErr_Occurred()) {  // beyond int64: the general path words it
+        PyErr_Clear();
+        return false;
+      }
+      p.sizes.push_back(x);
+    }
+    std::string_view s;
+    if (PyBytes_Check(counts.p)) {
+      char* b = nullptr;
+      Py_ssize_t n = 0;
+      if (PyBytes_AsStringAndSize(counts.p, &b, &n)) throw PyError{};
+      s = {b, static_cast<size_t>(n)};
+    } else if (PyUnicode_Check(counts.p)) {
+      s = utf8(counts.p);
+      for (char c : s)
+        if (static_cast<unsigned char>(c) >= 128) return false;
+    } else {
+      return false;
+    }
+    p.chars.append(s);
+    p.char_off.push_back(static_cast<int64_t>(p.chars.size()));
+  }
+  return true;
+}
+
+// Parses p's strings as rle_from_string does (same checks and messages).
+inline void parse(const Parsed& p, Counts& counts, std::vector<int64_t>& offsets) {
+  const char* op = "rle_from_string";
+  const int64_t n = static_cast<int64_t>(p.char_off.size()) - 1;
+  check_size_values(op, "sizes", p.sizes.data(), n);
+  std::vector<Counts> out(static_cast<size_t>(n));
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(p.chars.data());
+  parallel_for(op, 0, n, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      from_string(op, i, s + p.char_off[i], p.char_off[i + 1] - p.char_off[i], p.sizes[2 * i], p.sizes[2 * i + 1],
+                  out[i]);
+  });
+  offsets.assign(1, 0);
+  for (const Counts& c : out) offsets.push_back(offsets.back() + static_cast<int64_t>(c.size()));
+  counts.clear();
+  counts.reserve(static_cast<size_t>(offsets.back()));
+  for (const Counts& c : out) counts.insert(counts.end(), c.begin(), c.end());
+}
+
+inline PyObject* rle_iou_coco(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    if (nargs != 3 || !PyBytes_Check(args[2])) {
+      PyErr_SetString(PyExc_TypeError, "rle_iou_coco(dt: list[dict], gt: list[dict], crowd: bytes)");
+      return nullptr;
+    }
+    Parsed pd, pg;
+    if (!gather(args[0], pd) || !gather(args[1], pg)) Py_RETURN_NONE;
+    const int64_t D = static_cast<int64_t>(pd.sizes.size() / 2), G = static_cast<int64_t>(pg.sizes.size() / 2);
+    char* crowd = nullptr;
+    Py_ssize_t nc = 0;
+    if (PyBytes_AsStringAndSize(args[2], &crowd, &nc)) return nullptr;
+    FV_CHECK(nc == G, "rle_iou", "iscrowd must have shape (G,) = (", G, ",), one flag per ground truth; got shape (",
+             nc, ",)");
+    int64_t bytes = 0;
+    FV_CHECK(mul_fits(D, G, &bytes) && mul_fits(bytes, 8, &bytes), "rle_iou", "D * G overflows");
+    Ref out(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
+    double* o = reinterpret_cast<double*>(PyByteArray_AsString(out.p));
+    {
+      NoGil nogil;  // pd, pg and crowd are this call's (crowd: bytes, immutable, referenced by args)
+      Counts dc, gc;
+      std::vector<int64_t> doff, goff;
+      parse(pd, dc, doff);
+      parse(pg, gc, goff);
+      const RleBatch d{dc.data(), doff.data(), pd.sizes.data(), D};
+      const RleBatch g{gc.data(), goff.data(), pg.sizes.data(), G};
+      check_one_size("rle_iou", d, g);
+      iou_into("rle_iou", d, g, reinterpret_cast<const uint8_t*>(crowd), o);
+    }
+    return out.release();
+  } catch (...) {
+    return set_error();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// R-RLE
+
+// Python's check that no name holds a separator (`sep.strip(" ") or sep` in name),
+// with its message; names as str objects.
+inline void check_names_hold_no_separator(const std::vector<PyObject*>& names, const std::array<std::string, 4>& seps) {
+  static const char* what[4] = {"run", "row", "count", "end"};
+  for (PyObject* name : names) {
+    const std::string_view n = utf8(name);
+    for (int i = 0; i < 4; ++i) {
+      std::string_view core = seps[i];
+      std::string_view stripped = core;
+      while (!stripped.empty() && stripped.front() == ' ') stripped.remove_prefix(1);
+      while (!stripped.empty() && stripped.back() == ' ') stripped.remove_suffix(1);
+      if (!stripped.empty()) core = stripped;
+      if (n.find(core) == std::string_view::npos) continue;
+      Ref c(check(PyUnicode_DecodeUTF8(core.data(), static_cast<Py_ssize_t>(core.size()), "strict")));
+      Ref msg(check(PyUnicode_FromFormat("label %R contains the %s separator %R: the text could not be decoded "
+                                         "(rename the label, or pass escape=True)", name, what[i], c.p)));
+      PyErr_SetObject(PyExc_ValueError, msg.p);
+      throw PyError{};
+    }
+  }
+}
+
+// rrle_encode(labels, names, separators, form) -> str ((h, w) labels) or list of
+// str ((B, h, w)); NotImplemented unless labels is a CPU int64 tensor read in
+// place and names a list or tuple of str.
+inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  const char* op = "rrle_encode";
+  try {
+    if (nargs != 4) {
+      PyErr_SetString(PyExc_TypeError, "rrle_encode(labels, names, separators, form)");
+      return nullptr;
+    }
+    std::vector<PyObject*> names;
+    if (!PyList_Check(args[1]) && !PyTuple_Check(args[1])) Py_RETURN_NOTIMPLEMENTED;
+    Ref own(check(PySequence_List(args[1])));  // our references: the UTF-8 stays while the GIL is released
+    items(own.p, names);
+    for (PyObject* n : names)
+      if (!PyUnicode_CheckExact(n)) Py_RETURN_NOTIMPLEMENTED;
+    const TensorView L = int64_tensor(args[0]);
+    if (!L.ok || (L.shape.size() != 2 && L.shape.size() != 3)) Py_RETURN_NOTIMPLEMENTED;
+    const std::array<std::string, 4> seps = separators(args[2]);
+    check_names_hold_no_separator(names, seps);
+    const auto& [run_sep, row_sep, count_sep, end] = seps;
+    const int64_t form = as_int(args[3]);
+    FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
+             "patch); got ", form);
+    check_separators(op, run_sep, row_sep, count_sep);
+    const bool batch = L.shape.size() == 3;
+    const int64_t B = batch ? L.shape[0] : 1, h = L.shape[batch], w = L.shape[batch + 1];
+    std::vector<std::string_view> nv;
+    for (PyObject* n : names) nv.push_back(utf8(n));
+    check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(nv.size()));
+    if (!batch) {
+      std::string s;
+      encode_grid(L.data, h, w, nv, run_sep, row_sep, count_sep, end, form, s);
+      return PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
+    }
+    std::vector<std::string> texts(static_cast<size_t>(B));
+    {
+      NoGil nogil;  // names' UTF-8 stays: `names` holds them; labels: the caller's tensor
+      parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b)
+          encode_grid(L.data + b * h * w, h, w, nv, run_sep, row_sep, count_sep, end, form, texts[b]);
+      });
+    }
+    Ref out(check(PyList_New(B)));
+    for (int64_t b = 0; b < B; ++b)
+      if (PyList_SetItem(out.p, b, check(PyUnicode_DecodeUTF8(texts[b].data(),
+                                                              static_cast<Py_ssize_t>(texts[b].size()), "strict"))))
+        throw PyError{};
+    return out.release();
+  } catch (...) {
+    return set_error();
+  }
+}
+
+// rrle_decode(text, h, w, names, background, separators, strict, form) ->
+// (labels, names, extra, repairs): labels a bytearray of the int64 label ids,
+// (h, w) for a str, (B, h, w) for a list of str (the caller views it as a
+// tensor: cheaper than torch.empty from here); names the known names (None: the labels found) as a list of
+// str; extra the labels found beyond the known names (ids len(names) + i in
+// labels); repairs [(text, kind, row, column, occurrences)]. Names are str()-ed,
+// must be distinct and non-empty, and background must index them (messages as
+// the Python API's); background fills what nothing was decoded to fill (the
+// op's `fill`).
+inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  const char* op = "rrle_decode";
+  try {
+    if (nargs != 8) {
+      PyErr_SetString(PyExc_TypeError, "rrle_decode(text, h, w, names, background, separators, strict, form)");
+      return nullptr;
+    }
+    const bool batch = !PyUnicode_Check(args[0]);
+    std::vector<PyObject*> texts;
+    if (batch) {
+      if (!items(args[0], texts)) return type_error("text must be a str (or a list of str)", args[0]);
+    } else {
+      texts.push_back(args[0]);
+    }
+    std::vector<Ref> held;  // the texts stay alive while the GIL is released
+    std::vector<std::string_view> tv;
+    for (PyObject* t : texts) {
+      if (!PyUnicode_Check(t)) return type_error("text must be a str (or a list of str)", t);
+      Py_INCREF(t);
+      held.emplace_back(t);
+      tv.push_back(utf8(t));
+    }
+    const int64_t h = as_int(args[1]), w = as_int(args[2]);
+    int64_t background = as_int(args[4]);
+    const int strict = PyObject_IsTrue(args[6]);
+    if (strict < 0) return nullptr;
+    const int64_t form = as_int(args[7]);
+    Ref names(Py_NewRef(Py_None));
+    std::vector<std::string_view> nv;
+    if (args[3] != Py_None) {
+      std::vector<PyObject*> given;
+      Ref list(check(PySequence_List(args[3])));  // our references: str() below runs the caller's code
+      items(list.p, given);
+      names = Ref(check(PyList_New(static_cast<Py_ssize_t>(given.size()))));
+      for (size_t i = 0; i < given.size(); ++i)
+        PyList_SetItem(names.p, static_cast<Py_ssize_t>(i),
+                       check(PyUnicode_CheckExact(given[i]) ? Py_NewRef(given[i]) : PyObject_Str(given[i])));
+      std::vector<PyObject*> ns;
+      items(names.p, ns);
+      for (PyObject* n : ns) nv.push_back(utf8(n));
+      if (nv.empty()) {
+        PyErr_SetString(PyExc_ValueError, "names must not be empty (pass None to take the labels found)");
+        return nullptr;
+      }
+      bool distinct = true;
+      if (nv.size() <= 32) {
+        for (size_t i = 0; i < nv.size() && distinct; ++i)
+          for (size_t j = 0; j < i && distinct; ++j) distinct = nv[i] != nv[j];
+      } else {
+        std::unordered_map<std::string_view, int> seen;
+        for (std::string_view n : nv) distinct = distinct && seen.emplace(n, 0).second;
+      }
+      if (!distinct) {
+        PyErr_Format(PyExc_ValueError, "names must be distinct; got %R", names.p);
+        return nullptr;
+      }
+      if (background < 0 || background >= static_cast<int64_t>(nv.size())) {
+        PyErr_Format(PyExc_ValueError, "background must index names (0..%zd); got %lld",
+                     static_cast<Py_ssize_t>(nv.size()) - 1, static_cast<long long>(background));
+        return nullptr;
+      }
+    }
+    const auto [run_sep, row_sep, count_sep, end] = separators(args[5]);
+    check_decode_args(op, h, w, form, run_sep, row_sep, count_sep, background);
+    const int64_t B = static_cast<int64_t>(tv.size());
+    int64_t total = 0;
+    FV_CHECK(mul_fits(B, h * w, &total), op, "B * h * w overflows int64");
+    int64_t bytes = 0;
+    FV_CHECK(mul_fits(total, 8, &bytes), op, "B * h * w overflows int64");
+    Ref grid(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
+    int64_t* g = reinterpret_cast<int64_t*>(PyByteArray_AsString(grid.p));  // (malloc'ed: aligned)
+    const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
+    DecodedBatch found;
+    if (B == 1) {
+      found = decode_batch(op, tv, h, w, seps, strict, form, background, nv, g);
+    } else {
+      NoGil nogil;
+      found = decode_batch(op, tv, h, w, seps, strict, form, background, nv, g);
+    }
+    auto str = [](std::string_view s) {
+      return check(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
+    };
+    const size_t K = nv.size();
+    if (names.p == Py_None) {
+      names = Ref(check(PyList_New(static_cast<Py_ssize_t>(found.labels.size()))));
+      for (size_t i = 0; i < found.labels.size(); ++i)
+        PyList_SetItem(names.p, static_cast<Py_ssize_t>(i), str(found.labels[i]));
+    }
+    const size_t first_extra = K ? K : found.labels.size();  // (without names, every label is in `names`)
+    Ref extra(check(PyList_New(static_cast<Py_ssize_t>(found.labels.size() - first_extra))));
+    for (size_t i = first_extra; i < found.labels.size(); ++i)
+      PyList_SetItem(extra.p, static_cast<Py_ssize_t>(i - first_extra), str(found.labels[i]));
+    Ref repairs(check(PyList_New(static_cast<Py_ssize_t>(found.repairs.size()))));
+    for (size_t i = 0; i < found.repairs.size(); ++i) {
+      const auto& r = found.repairs[i];
+      PyList_SetItem(repairs.p, static_cast<Py_ssize_t>(i),
+                     check(Py_BuildValue("(LLLLL)", r[0], r[1], r[2], r[3], r[4])));
+    }
+    return check(PyTuple_Pack(4, grid.p, names.p, extra.p, repairs.p));
+  } catch (...) {
+    return set_error();
+  }
+}
+
+inline PyMethodDef kMethods[] = {
+    {"rle_iou_coco", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rle_iou_coco)), METH_FASTCALL,
+     "IoU of pycocotools RLE dicts (compressed counts): bytearray of (D, G) float64, or None"},
+    {"rrle_encode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rrle_encode)), METH_FASTCALL,
+     "R-RLE text(s) of a CPU int64 label tensor (h, w) or (B, h, w), or NotImplemented"},
+    {"rrle_decode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rrle_decode)), METH_FASTCALL,
+     "R-RLE text (or list of texts) -> (labels, names, extra labels, repairs)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace fastvision::masks::py
+
+// fastvision._C's functions (registration.cpp's module definition).
+PyMethodDef* fastvision_python_methods() { return fastvision::masks::py::kMethods; }
