@@ -79,8 +79,7 @@ constexpr int64_t kRChunk = 32;
 
 template <typename T>
 void fma_scalars(T* out, int64_t n_out, int64_t os, const T* A, int64_t as, const T* S, int64_t so, int64_t sr,
-                 int64_t n_r, int64_t width, bool accumulate) {
-  const int64_t chunk = kRChunk;
+                 int64_t n_r, int64_t width, bool accumulate, int64_t chunk = kRChunk) {
   int64_t r0 = 0;
   do {
     const int64_t n = std::min(chunk, n_r - r0);
