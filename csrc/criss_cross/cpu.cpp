@@ -291,29 +291,44 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
 }
 
 // Forward pass 2, column w of one batch element (pointers at that element),
-// after pass 1: the column logits, lse from both parts' max and sums (rmax
-// is lse's storage) and the column weights P transposed, pt[i][h], and the
-// row part's rescaling exp(m_r - lse), scale[h].
+// after pass 1: the column logits transposed, pt[i][h] = Q[:, h] . K[:, i]
+// (vectorised over the queries h), lse from both parts' max and sums (rmax
+// is lse's storage), the column weights P transposed in place, and the row
+// part's rescaling exp(m_r - lse), scale[h]. Scratch: three H vectors.
 template <typename T>
-FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* e,
+FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
                                   T* scale) {
   const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
-  T* pt = cols.p.data() + w * H * H;
-  column_logits(d, cols.q.data() + w * Cqk * H, cols.k.data() + w * Cqk * H, e);
+  T *pt = cols.p.data() + w * H * H, *m = st, *mr = st + H, *sum = st + 2 * H;
+  fma_scalars(pt, H, H, cols.q.data() + w * Cqk * H, H, cols.k.data() + w * Cqk * H, 1, H, Cqk, H, false);
   for (int64_t h = 0; h < H; ++h) {
-    T* r = e + h * H;
-    T m = -std::numeric_limits<T>::infinity(), sum = 0;
-    for (int64_t i = 0; i < H; ++i) m = r[i] > m ? r[i] : m;
-    T& l = lse[h * W + w];  // the row max on entry
-    const T m_r = l;
-    m = std::max(m, m_r);
+    pt[h * H + h] = -std::numeric_limits<T>::infinity();  // the pixel itself: counted in its row only
+    mr[h] = m[h] = lse[h * W + w];  // the row max
+    sum[h] = 0;
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    const T* r = pt + i * H;
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) r[i] = exp_fast(r[i] - m);
-    for (int64_t i = 0; i < H; ++i) sum += r[i];
-    const T to_m = std::exp(m_r - m), total = sum + rsum[h * W + w] * to_m, inv = T(1) / total;
-    l = m + std::log(total);
-    scale[h] = to_m * inv;  // exp(m_r - lse)
-    for (int64_t i = 0; i < H; ++i) pt[i * H + h] = r[i] * inv;
+    for (int64_t h = 0; h < H; ++h) m[h] = r[h] > m[h] ? r[h] : m[h];
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    T* r = pt + i * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) {
+      r[h] = exp_fast(r[h] - m[h]);
+      sum[h] += r[h];
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const T to_m = std::exp(mr[h] - m[h]), total = sum[h] + rsum[h * W + w] * to_m;
+    lse[h * W + w] = m[h] + std::log(total);
+    sum[h] = T(1) / total;
+    scale[h] = to_m * sum[h];  // exp(m_r - lse)
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    T* r = pt + i * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) r[h] *= sum[h];
   }
 }
 
@@ -337,7 +352,7 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
   for (int64_t b = 0; b < d.B; ++b) {
     pack_columns(op, d, Q + b * qk, d.Cqk, cols.q.data());
     pack_columns(op, d, K + b * qk, d.Cqk, cols.k.data());
-    over_columns(op, d, [&] { return host_vector<T>(op, "column logits", H * H); },
+    over_columns(op, d, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
                  [&](std::vector<T>& e, int64_t w) {
       column_weights(d, cols, w, L + b * d.HW, S + b * d.HW, e.data(), scale.data() + w * H);
     });
@@ -374,18 +389,16 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
                                      std::vector<T>& w_) {
   const int64_t W = d.W, HW = d.HW;
   T *pr = w_.data(), *dsr = pr + W * W, *prt = dsr + W * W, *dsrt = prt + W * W;
-  T *vr = dsrt + W * W, *gr = vr + d.C * W;
+  T* gr = dsrt + W * W;
   for (int64_t h = h0; h < h0 + R; ++h) {
-    // The row's value and dout, [c][w] contiguous (the products' large operands).
-    for (int64_t c = 0; c < d.C; ++c) {
-      std::memcpy(vr + c * W, a.v + c * HW + h * W, W * sizeof(T));
-      std::memcpy(gr + c * W, a.dout + c * HW + h * W, W * sizeof(T));
-    }
+    // The row's dout, [c][w] contiguous: dP's vector operand, read as 16-lane
+    // rows (strided by H * W, they would take a page each).
+    for (int64_t c = 0; c < d.C; ++c) std::memcpy(gr + c * W, a.dout + c * HW + h * W, W * sizeof(T));
     T* delta = a.delta + h * W;
     const T* lse = a.lse + h * W;
     // er[j][w] = Q[:,h,w] . K[:,h,j], dP[j][w] = dout[:,h,w] . V[:,h,j]
     fma_scalars(pr, W, W, a.q + h * W, HW, a.k + h * W, 1, HW, d.Cqk, W, false);
-    fma_scalars(dsr, W, W, gr, W, vr, 1, W, d.C, W, false);
+    fma_scalars(dsr, W, W, gr, W, a.v + h * W, 1, HW, d.C, W, false);
     for (int64_t w = 0; w < W; ++w) delta[w] = 0;
     for (int64_t c = 0; c < d.C; ++c) {
       const T *o = a.out + c * HW + h * W, *g = a.dout + c * HW + h * W;
@@ -451,7 +464,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
     return BwdPtrs<T>{Q + b * qk, K + b * qk, V + b * cv, O + b * cv, G + b * cv, L + b * d.HW,
                       delta.data() + b * d.HW, DQ + b * qk, DK + b * qk, DV + b * cv};
   };
-  over_row_blocks(op, d, rows_per_task(d), [&] { return host_vector<T>(op, "row planes", (4 * d.W + 2 * d.C) * d.W); },
+  over_row_blocks(op, d, rows_per_task(d), [&] { return host_vector<T>(op, "row planes", (4 * d.W + d.C) * d.W); },
                   [&](std::vector<T>& w, int64_t b, int64_t h0, int64_t R) {
     backward_row_pass(d, at_batch(b), h0, R, w);
   });
