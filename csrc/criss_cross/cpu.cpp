@@ -5,36 +5,43 @@
 // E = q . k (no scaling).
 //
 // Every product is a small matrix product run by fma_scalars (common/gemm.h:
-// register blocks of outputs x 16 lanes, one vector load per several FMAs),
-// whose vector operand and output need a contiguous axis:
-//  - row parts, tasks of (batch, block of query rows): for a fixed row h all
-//    operands are NCHW planes with w (or j) contiguous, used in place;
-//  - column parts, tasks of (batch, block of kColumns columns): the block's
-//    query / key / value (/ dout) columns are packed to [w][c][h] (per-task
-//    scratch), so that for a fixed column every product is a GEMM over
-//    contiguous [c][h] / [h][i] planes; the results are accumulated per
-//    column in scratch [w][c][h] and added to the NCHW output at the end of
-//    the block (a transpose: O(C H W) against the O(C H W H) products).
-// No (B, H, W, H + W) tensor, no full-size copies.
+// register blocks of 4 outputs x 16 lanes, one vector load per 4 FMAs), whose
+// vector operand and output need a contiguous axis:
+//  - row parts, tasks of (batch, block of query rows): for a fixed row h the
+//    operands are NCHW planes with w (or j) contiguous, used in place (the
+//    backward copies dout's row h, [c][w], once per row: as dP's vector
+//    operand, strided by H * W, its 16-lane rows would take a page each);
+//  - column parts, per batch element: query and key are packed to columns
+//    [w][c][h] (scratch of one batch element), and value / dout in steps of
+//    kChannels channels, so that for a fixed column w every product is a GEMM
+//    over contiguous [c][h] and [h][i] planes (all columns of a step in
+//    parallel); results go to [w][c][h] scratch and are added to the NCHW
+//    output per step. Packs and adds read / write whole planes in 8 x 8
+//    register transposes: O(C H W) moves against O(C H W H) products.
+// No (B, H, W, H + W) tensor; the column weights of one batch element
+// ([w][H][H], the size of one H x H x W value plane) are scratch.
 //
 // Forward, two passes, the softmax split as in flash attention:
 //  1. rows: row logits Er[j][w], their max m_r and sum s_r = sum_j exp(Er - m_r)
 //     per query (stored), out[c, h, w] = sum_j exp(Er - m_r) V[c, h, j]
 //     (unnormalised, written);
-//  2. columns: column logits Ec[h][i], lse from both parts' statistics,
-//     out = out * exp(m_r - lse) + sum_i exp(Ec - lse) V[c, i, w]. Stores
-//     out and the logsumexp lse (B, H, W).
+//  2. columns: column logits Ec[h][i], lse from both parts' statistics, the
+//     weights P = exp(Ec - lse) of every column, then per channel step
+//     out = out * exp(m_r - lse) + sum_i P[h][i] V[c, i, w]. Stores out and
+//     the logsumexp lse (B, H, W).
 //
 // Backward (P = exp(E - lse) recomputed; Delta = sum_c dout * out;
 // dS = P (dP - Delta)); every (query, key) pair's logit and dP computed once;
 // deterministic, no atomics, every output element written by one task of
-// each pass, the tasks independent of the thread count:
+// each loop, the tasks and the order of every sum independent of the
+// thread count:
 //  1. row pass, tasks of (batch, query rows): the row pairs of row h, whose
 //     queries and keys are all in row h: dquery (written), dkey / dvalue of
 //     the keys (h, j) (written), and Delta of row h (stored for pass 2);
-//  2. column pass, tasks of (batch, kColumns columns), after pass 1: the
-//     column pairs (h, w) - (i, w), i != h, of these columns: adds to dquery,
-//     dkey and dvalue of these columns, which no other task touches.
+//  2. column pass, per batch element, after pass 1: the column pairs
+//     (h, w) - (i, w), i != h: P of every column; per channel step and
+//     column, dP += dout^T V (summed over the steps in order) and the step's
+//     dvalue = P^T dout (added); then per column dS, dquery and dkey (added).
 //
 // float and double kernels; half and bfloat16 are widened to float on entry
 // (fp32 accumulation) and the outputs narrowed on exit.
@@ -68,6 +75,13 @@ struct Dims {
 };
 
 constexpr int64_t kChannels = 32;  // value / dout channels per step of the column passes
+
+// Columns per group of the column passes: the group's weights ([w][H][H])
+// stay within kGroupWeights elements (one column at least).
+constexpr int64_t kGroupWeights = int64_t(1) << 21;
+int64_t columns_per_group(int64_t H, int64_t W) {
+  return std::clamp<int64_t>(kGroupWeights / std::max<int64_t>(H * H, 1), 1, std::max<int64_t>(W, 1));
+}
 
 // dst[w][j] = src[j][w] (n x n).
 template <typename T>
@@ -114,36 +128,37 @@ struct Tile8 {
   }
 };
 
-// dst[w][c][h] = X[c][h][w] for the n_c planes X: a plane at a time (read
-// whole, sequential memory), in 8 x 8 tiles.
+// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
+// (X at the group's first column): a plane at a time (read whole when the
+// group is, sequential memory), in 8 x 8 tiles.
 template <typename T>
-FV_CPU_CLONES void pack_plane(const Dims& d, const T* x, int64_t n_c, T* dst) {
+FV_CPU_CLONES void pack_plane(const Dims& d, const T* x, int64_t n_c, int64_t n_w, T* dst) {
   const int64_t H = d.H, W = d.W, ds = n_c * H;  // dst(w, h) = dst[w * ds + h]
   int64_t h0 = 0;
   for (; h0 + 8 <= H; h0 += 8) {
     int64_t w0 = 0;
-    for (; w0 + 8 <= W; w0 += 8) {
+    for (; w0 + 8 <= n_w; w0 += 8) {
       Tile8<T> t;
       t.load(x + h0 * W + w0, W);
       t.transpose();
       t.store(dst + w0 * ds + h0, ds);
     }
-    for (; w0 < W; ++w0)
+    for (; w0 < n_w; ++w0)
       for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * W + w0];
   }
   for (; h0 < H; ++h0)
-    for (int64_t w = 0; w < W; ++w) dst[w * ds + h0] = x[h0 * W + w];
+    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * W + w];
 }
 
 template <typename T>
-void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, T* dst) {
-  over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, dst + c * d.H); });
+void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_t n_w, T* dst) {
+  over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, n_w, dst + c * d.H); });
 }
 
 // X[c][h][w] = X[c][h][w] * scale[w][h] (scale null: 1) + src[w][c][h]:
 // pack_columns' inverse, adding.
 template <typename T>
-FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, const T* src, const T* scale) {
+FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
   const int64_t H = d.H, W = d.W, ss = n_c * H;  // src(w, h) = src[w * ss + h]
   auto one = [&](int64_t h, int64_t w) {
     x[h * W + w] = (scale ? x[h * W + w] * scale[w * H + h] : x[h * W + w]) + src[w * ss + h];
@@ -151,7 +166,7 @@ FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, const T* src, con
   int64_t h0 = 0;
   for (; h0 + 8 <= H; h0 += 8) {
     int64_t w0 = 0;
-    for (; w0 + 8 <= W; w0 += 8) {
+    for (; w0 + 8 <= n_w; w0 += 8) {
       Tile8<T> a, f, o;
       a.load(src + w0 * ss + h0, ss);
       a.transpose();
@@ -165,22 +180,23 @@ FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, const T* src, con
       }
       o.store(x + h0 * W + w0, W);
     }
-    for (; w0 < W; ++w0)
+    for (; w0 < n_w; ++w0)
       for (int64_t h = h0; h < h0 + 8; ++h) one(h, w0);
   }
   for (; h0 < H; ++h0)
-    for (int64_t w = 0; w < W; ++w) one(h0, w);
+    for (int64_t w = 0; w < n_w; ++w) one(h0, w);
 }
 
 template <typename T>
-void add_columns(const char* op, const Dims& d, T* X, int64_t n_c, const T* src, const T* scale) {
-  over_channels(op, n_c, [&](int64_t c) { add_plane(d, X + c * d.HW, n_c, src + c * d.H, scale); });
+void add_columns(const char* op, const Dims& d, T* X, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
+  over_channels(op, n_c, [&](int64_t c) { add_plane(d, X + c * d.HW, n_c, n_w, src + c * d.H, scale); });
 }
 
-// Columns [0, W) in parallel, fn(scratch, w), scratch = make() once per worker.
+// Columns [0, n_w) of a group in parallel, fn(scratch, w), scratch = make()
+// once per worker.
 template <typename Make, typename F>
-void over_columns(const char* op, const Dims& d, Make&& make, F&& fn) {
-  parallel_for(op, 0, d.W, 1, [&](int64_t begin, int64_t end) {
+void over_columns(const char* op, int64_t n_w, Make&& make, F&& fn) {
+  parallel_for(op, 0, n_w, 1, [&](int64_t begin, int64_t end) {
     auto scratch = make();
     for (int64_t w = begin; w < end; ++w) fn(scratch, w);
   });
@@ -196,28 +212,30 @@ FV_CPU_CLONES void column_logits(const Dims& d, const T* q, const T* k, T* e) {
   for (int64_t h = 0; h < H; ++h) e[h * H + h] = -std::numeric_limits<T>::infinity();
 }
 
-// The column passes of one batch element: the packed query / key columns
-// ([w][c][h]), the column weights of every column ([w][H][H]) and, per step
-// of kChannels value (dout) channels, their packed columns.
+// The column passes of a group of n_w columns of one batch element: the
+// packed query / key columns ([w][c][h]), the column weights ([w][H][H]) and,
+// per step of kChannels value (dout) channels, their packed columns.
 template <typename T>
 struct Columns {
   std::vector<T> q, k, p, v, g;
-  Columns(const char* op, const Dims& d)
-      : q(host_vector<T>(op, "packed query columns", d.W * d.Cqk * d.H)),
-        k(host_vector<T>(op, "packed key columns", d.W * d.Cqk * d.H)),
-        p(host_vector<T>(op, "column weights", d.W * d.H * d.H)),
-        v(host_vector<T>(op, "packed value columns", d.W * std::min(d.C, kChannels) * d.H)),
-        g(host_vector<T>(op, "packed dout / out columns", d.W * std::min(d.C, kChannels) * d.H)) {}
+  Columns(const char* op, const Dims& d, int64_t n_w)
+      : q(host_vector<T>(op, "packed query columns", n_w * d.Cqk * d.H)),
+        k(host_vector<T>(op, "packed key columns", n_w * d.Cqk * d.H)),
+        p(host_vector<T>(op, "column weights", n_w * d.H * d.H)),
+        v(host_vector<T>(op, "packed value columns", n_w * std::min(d.C, kChannels) * d.H)),
+        g(host_vector<T>(op, "packed dout / out columns", n_w * std::min(d.C, kChannels) * d.H)) {}
 };
 
 // Runs step(c0, n) over the value channels in steps of kChannels, the
-// channels [c0, c0 + n) of value (dout) packed into cols.v (cols.g) first.
+// channels [c0, c0 + n) of value (dout) of the group's n_w columns (V, G at
+// the group's first column) packed into cols.v (cols.g) first.
 template <typename T, typename Step>
-void over_channel_steps(const char* op, const Dims& d, const T* V, const T* G, Columns<T>& cols, Step&& step) {
+void over_channel_steps(const char* op, const Dims& d, const T* V, const T* G, int64_t n_w, Columns<T>& cols,
+                        Step&& step) {
   for (int64_t c0 = 0; c0 < d.C; c0 += kChannels) {
     const int64_t n = std::min(kChannels, d.C - c0);
-    pack_columns(op, d, V + c0 * d.HW, n, cols.v.data());
-    if (G) pack_columns(op, d, G + c0 * d.HW, n, cols.g.data());
+    pack_columns(op, d, V + c0 * d.HW, n, n_w, cols.v.data());
+    if (G) pack_columns(op, d, G + c0 * d.HW, n, n_w, cols.g.data());
     step(c0, n);
   }
 }
@@ -290,8 +308,8 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
   }
 }
 
-// Forward pass 2, column w of one batch element (pointers at that element),
-// after pass 1: the column logits transposed, pt[i][h] = Q[:, h] . K[:, i]
+// Forward pass 2, column w of a group of one batch element (lse and rsum at
+// the group's first column), after pass 1: the column logits transposed, pt[i][h] = Q[:, h] . K[:, i]
 // (vectorised over the queries h), lse from both parts' max and sums (rmax
 // is lse's storage), the column weights P transposed in place, and the row
 // part's rescaling exp(m_r - lse), scale[h]. Scratch: three H vectors.
@@ -347,26 +365,31 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
                   [&](RowScratch<T>& w, int64_t b, int64_t h0, int64_t R) {
     forward_rows(d, Q + b * qk, K + b * qk, V + b * cv, O + b * cv, L + b * d.HW, S + b * d.HW, h0, R, w);
   });
-  if (d.B == 0) return {out, lse};
-  Columns<T> cols(op, d);
-  for (int64_t b = 0; b < d.B; ++b) {
-    pack_columns(op, d, Q + b * qk, d.Cqk, cols.q.data());
-    pack_columns(op, d, K + b * qk, d.Cqk, cols.k.data());
-    over_columns(op, d, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
-                 [&](std::vector<T>& e, int64_t w) {
-      column_weights(d, cols, w, L + b * d.HW, S + b * d.HW, e.data(), scale.data() + w * H);
-    });
-    // out[c,h,w] = out[c,h,w] * scale[w][h] + sum_i P[h][i] V[c,i,w], per column a GEMM
-    // (sums over H keys: one pass), its output [w][c][h] in place of the packed
-    // dout / out columns.
-    over_channel_steps(op, d, V + b * cv, static_cast<const T*>(nullptr), cols, [&](int64_t c0, int64_t n) {
-      over_columns(op, d, [] { return 0; }, [&](int, int64_t w) {
-        fma_scalars(cols.g.data() + w * n * H, n, H, cols.p.data() + w * H * H, H, cols.v.data() + w * n * H, H,
-                    1, H, H, false, H);
+  if (d.B == 0 || d.W == 0) return {out, lse};
+  const int64_t group = columns_per_group(H, d.W);
+  Columns<T> cols(op, d, group);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t w0 = 0; w0 < d.W; w0 += group) {
+      const int64_t n_w = std::min(group, d.W - w0), at = b * d.HW + w0;
+      pack_columns(op, d, Q + b * qk + w0, d.Cqk, n_w, cols.q.data());
+      pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.data());
+      over_columns(op, n_w, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
+                   [&](std::vector<T>& e, int64_t w) {
+        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w * H);
       });
-      add_columns(op, d, O + b * cv + c0 * d.HW, n, cols.g.data(), scale.data());
-    });
-  }
+      // out[c,h,w] = out[c,h,w] * scale[w][h] + sum_i P[h][i] V[c,i,w], per column a
+      // GEMM (sums over H keys: one pass), its output [w][c][h] in place of the
+      // packed dout / out columns.
+      T* O_b = O + b * cv + w0;
+      over_channel_steps(op, d, V + b * cv + w0, static_cast<const T*>(nullptr), n_w, cols,
+                         [&](int64_t c0, int64_t n) {
+        over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+          fma_scalars(cols.g.data() + w * n * H, n, H, cols.p.data() + w * H * H, H, cols.v.data() + w * n * H,
+                      H, 1, H, H, false, H);
+        });
+        add_columns(op, d, O_b + c0 * d.HW, n, n_w, cols.g.data(), scale.data());
+      });
+    }
   return {out, lse};
 }
 
@@ -377,6 +400,9 @@ template <typename T>
 struct BwdPtrs {
   const T *q, *k, *v, *out, *dout, *lse;
   T *delta, *dq, *dk, *dv;
+  BwdPtrs at_column(int64_t w) const {
+    return {q + w, k + w, v + w, out + w, dout + w, lse + w, delta + w, dq + w, dk + w, dv + w};
+  }
 };
 
 // Row pass over query rows [h0, h0 + R) of one batch element (pointers at
@@ -425,7 +451,8 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
   }
 }
 
-// Backward column pass, column w of one batch element, after dP is summed
+// Backward column pass, column w of a group of one batch element (a at the
+// group's first column), after dP is summed
 // into ds (cols.p holds P): dS = P (dP - Delta) in place, and the column
 // parts of dkey (into dk [c][i]) and dquery (into dq [c][h]).
 template <typename T>
@@ -468,45 +495,49 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
                   [&](std::vector<T>& w, int64_t b, int64_t h0, int64_t R) {
     backward_row_pass(d, at_batch(b), h0, R, w);
   });
-  if (d.B == 0) return {dq, dk, dv};
-  // Column pass, per batch element: the column pairs (query (h, w), key (i, w),
-  // i != h), every pair once; adds their parts of dquery, dkey and dvalue.
-  Columns<T> cols(op, d);
-  std::vector<T> dp = host_vector<T>(op, "column dP", d.W * H * H);
-  std::vector<T> dqk = host_vector<T>(op, "column dquery / dkey", 2 * d.W * d.Cqk * H);
-  T *dqc = dqk.data(), *dkc = dqc + d.W * d.Cqk * H;
-  for (int64_t b = 0; b < d.B; ++b) {
-    const BwdPtrs<T> a = at_batch(b);
-    pack_columns(op, d, a.q, d.Cqk, cols.q.data());
-    pack_columns(op, d, a.k, d.Cqk, cols.k.data());
-    over_columns(op, d, [] { return 0; }, [&](int, int64_t w) {
-      T* p = cols.p.data() + w * H * H;
-      column_logits(d, cols.q.data() + w * d.Cqk * H, cols.k.data() + w * d.Cqk * H, p);
-      for (int64_t h = 0; h < H; ++h) {
-        const T l = a.lse[h * d.W + w];
-        T* e = p + h * H;
+  if (d.B == 0 || d.W == 0) return {dq, dk, dv};
+  // Column pass, per group of columns of a batch element: the column pairs
+  // (query (h, w), key (i, w), i != h), every pair once; adds their parts of
+  // dquery, dkey and dvalue.
+  const int64_t group = columns_per_group(H, d.W);
+  Columns<T> cols(op, d, group);
+  std::vector<T> dp = host_vector<T>(op, "column dP", group * H * H);
+  std::vector<T> dqk = host_vector<T>(op, "column dquery / dkey", 2 * group * d.Cqk * H);
+  T *dqc = dqk.data(), *dkc = dqc + group * d.Cqk * H;
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t w0 = 0; w0 < d.W; w0 += group) {
+      const int64_t n_w = std::min(group, d.W - w0);
+      const BwdPtrs<T> a = at_batch(b).at_column(w0);
+      pack_columns(op, d, a.q, d.Cqk, n_w, cols.q.data());
+      pack_columns(op, d, a.k, d.Cqk, n_w, cols.k.data());
+      over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+        T* p = cols.p.data() + w * H * H;  // P[h][i] = exp(Q[:,h] . K[:,i] - lse[h]), 0 at i == h
+        column_logits(d, cols.q.data() + w * d.Cqk * H, cols.k.data() + w * d.Cqk * H, p);
+        for (int64_t h = 0; h < H; ++h) {
+          const T l = a.lse[h * d.W + w];
+          T* e = p + h * H;
 #pragma omp simd
-        for (int64_t i = 0; i < H; ++i) e[i] = exp_fast(e[i] - l);
-        e[h] = 0;
-      }
-    });
-    // Per step of value / dout channels and column: dP[h][i] += sum_c dout[c][h] V[c][i];
-    // dvalue[c][i] += sum_h P[h][i] dout[c][h] (into the value columns, dead after dP).
-    over_channel_steps(op, d, a.v, a.dout, cols, [&](int64_t c0, int64_t n) {
-      over_columns(op, d, [] { return 0; }, [&](int, int64_t w) {
-        T *v = cols.v.data() + w * n * H, *g = cols.g.data() + w * n * H;
-        fma_scalars(dp.data() + w * H * H, H, H, v, H, g, 1, H, n, H, c0 > 0, n);
-        fma_scalars(v, n, H, cols.p.data() + w * H * H, H, g, H, 1, H, H, false, H);
+          for (int64_t i = 0; i < H; ++i) e[i] = exp_fast(e[i] - l);
+          e[h] = 0;
+        }
       });
-      add_columns(op, d, a.dv + c0 * d.HW, n, cols.v.data(), static_cast<const T*>(nullptr));
-    });
-    over_columns(op, d, [&] { return host_vector<T>(op, "transposed column dS", H * H); },
-                 [&](std::vector<T>& dst, int64_t w) {
-      column_dqk(d, a, cols, w, dp.data() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
-    });
-    add_columns(op, d, a.dq, d.Cqk, dqc, static_cast<const T*>(nullptr));
-    add_columns(op, d, a.dk, d.Cqk, dkc, static_cast<const T*>(nullptr));
-  }
+      // Per step of value / dout channels and column: dP[h][i] += sum_c dout[c][h] V[c][i];
+      // dvalue[c][i] += sum_h P[h][i] dout[c][h] (into the value columns, dead after dP).
+      over_channel_steps(op, d, a.v, a.dout, n_w, cols, [&](int64_t c0, int64_t n) {
+        over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+          T *v = cols.v.data() + w * n * H, *g = cols.g.data() + w * n * H;
+          fma_scalars(dp.data() + w * H * H, H, H, v, H, g, 1, H, n, H, c0 > 0, n);
+          fma_scalars(v, n, H, cols.p.data() + w * H * H, H, g, H, 1, H, H, false, H);
+        });
+        add_columns(op, d, a.dv + c0 * d.HW, n, n_w, cols.v.data(), static_cast<const T*>(nullptr));
+      });
+      over_columns(op, n_w, [&] { return host_vector<T>(op, "transposed column dS", H * H); },
+                   [&](std::vector<T>& dst, int64_t w) {
+        column_dqk(d, a, cols, w, dp.data() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
+      });
+      add_columns(op, d, a.dq, d.Cqk, n_w, dqc, static_cast<const T*>(nullptr));
+      add_columns(op, d, a.dk, d.Cqk, n_w, dkc, static_cast<const T*>(nullptr));
+    }
   return {dq, dk, dv};
 }
 

@@ -42,6 +42,7 @@ EDGE = [
     # than a block (Cqk = 3), 8 x 8 transpose tiles with tails on both axes
     case(Cqk=3, C=70, H=17, W=19, B=1),
     case(Cqk=5, C=33, H=24, W=16),           # W one block exactly, H three tiles, a 1-channel step
+    case(Cqk=1, C=2, H=300, W=30, B=1),      # column groups of 2^21 / H^2 = 23 columns: two groups
 ]
 _rng = random.Random(3)
 RANDOM = [case(B=_rng.choice([1, 2, 3]), Cqk=_rng.choice([1, 2, 4, 8, 9]), C=_rng.choice([1, 3, 8, 17]),
