@@ -2,7 +2,9 @@
 // axis (GCC's autovectoriser, `#pragma omp simd`): fma_scalars sums rows of
 // a plane weighted by scalars, the form of a matrix product whose output rows
 // and second operand are contiguous. Criss-cross attention (its row and column
-// products) and deform_conv2d (its implicit GEMMs) use it.
+// products) and deform_conv2d (its implicit GEMMs) use it. Register blocks of
+// kOuts outputs x kChunk lanes; the last block of a row (of the outputs) is
+// moved back to end at the row's end, so tails run at full width.
 #pragma once
 
 #include <algorithm>
@@ -98,7 +100,9 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
 // The sums over r run in chunks of kRChunk: a chunk's rows of the large
 // operand (kOuts planes x kRChunk rows x kChunk lanes: 8 KB of float) stay in
 // L1 while every row of the block reuses them, and when r runs over channels
-// (stride H * W) they stay within a few pages (TLB entries).
+// (stride H * W) they stay within a few pages (TLB entries). Callers whose
+// operands stay in cache anyway pass chunk = n_r: one pass, every output block
+// stored once (chunk >= 1).
 constexpr int64_t kRChunk = 32;
 
 template <typename T>

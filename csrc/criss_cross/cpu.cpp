@@ -263,6 +263,26 @@ void over_row_blocks(const char* op, const Dims& d, int64_t R, Make&& make, Body
 // ---------------------------------------------------------------------------
 // Forward.
 
+// The softmax numerators of a plane e[r][l] (n_rows rows, n lanes: one query
+// a lane), vectorised over the lanes: m[l] = max(m[l], max_r e[r][l]), then
+// e = exp(e - m) and s[l] += sum_r e[r][l] (m and s set by the caller).
+template <typename T>
+FV_CPU_CLONES void exp_rows(T* e, int64_t n_rows, int64_t n, T* m, T* s) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const T* x = e + r * n;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) m[l] = x[l] > m[l] ? x[l] : m[l];
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    T* x = e + r * n;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      x[l] = exp_fast(x[l] - m[l]);
+      s[l] += x[l];
+    }
+  }
+}
+
 template <typename T>
 struct RowScratch {
   std::vector<T> e, m, s;  // [W][W] logits / weights, per-query statistics
@@ -286,19 +306,7 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
       m[w] = -std::numeric_limits<T>::infinity();
       s[w] = 0;
     }
-    for (int64_t j = 0; j < W; ++j) {
-      const T* r = e + j * W;
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) m[w] = r[w] > m[w] ? r[w] : m[w];
-    }
-    for (int64_t j = 0; j < W; ++j) {
-      T* r = e + j * W;
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) {
-        r[w] = exp_fast(r[w] - m[w]);
-        s[w] += r[w];
-      }
-    }
+    exp_rows(e, W, W, m, s);
     for (int64_t w = 0; w < W; ++w) {
       rmax[h * W + w] = m[w];
       rsum[h * W + w] = s[w];
@@ -309,10 +317,11 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
 }
 
 // Forward pass 2, column w of a group of one batch element (lse and rsum at
-// the group's first column), after pass 1: the column logits transposed, pt[i][h] = Q[:, h] . K[:, i]
-// (vectorised over the queries h), lse from both parts' max and sums (rmax
-// is lse's storage), the column weights P transposed in place, and the row
-// part's rescaling exp(m_r - lse), scale[h]. Scratch: three H vectors.
+// the group's first column), after pass 1: the column logits transposed,
+// pt[i][h] = Q[:, h] . K[:, i] (vectorised over the queries h), lse from both
+// parts' max and sums (rmax is lse's storage), the column weights P
+// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h].
+// Scratch: three H vectors.
 template <typename T>
 FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
                                   T* scale) {
@@ -324,19 +333,7 @@ FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T*
     mr[h] = m[h] = lse[h * W + w];  // the row max
     sum[h] = 0;
   }
-  for (int64_t i = 0; i < H; ++i) {
-    const T* r = pt + i * H;
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) m[h] = r[h] > m[h] ? r[h] : m[h];
-  }
-  for (int64_t i = 0; i < H; ++i) {
-    T* r = pt + i * H;
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) {
-      r[h] = exp_fast(r[h] - m[h]);
-      sum[h] += r[h];
-    }
-  }
+  exp_rows(pt, H, H, m, sum);
   for (int64_t h = 0; h < H; ++h) {
     const T to_m = std::exp(mr[h] - m[h]), total = sum[h] + rsum[h * W + w] * to_m;
     lse[h * W + w] = m[h] + std::log(total);
