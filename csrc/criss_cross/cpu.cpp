@@ -406,7 +406,7 @@ struct BwdPtrs {
 // that element): the row pairs (query (h, w), key (h, j)) of these rows, all
 // of them: P, dS, dquery (written), and dkey / dvalue of the keys (h, j)
 // (written: their row queries are exactly these). Delta of the rows (stored
-// for the column pass). Scratch: four W x W planes.
+// for the column pass). Scratch: four W x W planes and dout's row ([C][W]).
 template <typename T>
 FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t h0, int64_t R,
                                      std::vector<T>& w_) {
