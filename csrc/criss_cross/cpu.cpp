@@ -4,29 +4,44 @@
 // pixel itself once, in its row), in one softmax over the H + W logits
 // E = q . k (no scaling).
 //
-// Everything works in NCHW directly, vectorised over w (contiguous): for a
-// fixed query row h, the column logits Ec[i][w] = sum_c Q[c,h,w] K[c,i,w] and
-// the row logits Er[j][w] = sum_c Q[c,h,w] K[c,h,j] are (H + W) x W planes
-// in per-thread scratch, and every product the op needs is one of two forms
-// (fma_planes below, fma_scalars of common/gemm.h) over such planes. No layout copies, no
-// (B, H, W, H + W) tensor.
+// Every product is a small matrix product run by fma_scalars (common/gemm.h:
+// register blocks of 4 outputs x 16 lanes, one vector load per 4 FMAs), whose
+// vector operand and output need a contiguous axis:
+//  - row parts, tasks of (batch, block of query rows): for a fixed row h the
+//    operands are NCHW planes with w (or j) contiguous, used in place (the
+//    backward copies dout's row h, [c][w], once per row: as dP's vector
+//    operand, strided by H * W, its 16-lane rows would take a page each);
+//  - column parts, per batch element: query and key are packed to columns
+//    [w][c][h] (scratch of one batch element), and value / dout in steps of
+//    kChannels channels, so that for a fixed column w every product is a GEMM
+//    over contiguous [c][h] and [h][i] planes (all columns of a step in
+//    parallel); results go to [w][c][h] scratch and are added to the NCHW
+//    output per step. Packs and adds read / write whole planes in 8 x 8
+//    register transposes: O(C H W) moves against O(C H W H) products.
+// No (B, H, W, H + W) tensor; the column weights of one batch element
+// ([w][H][H], the size of one H x H x W value plane) are scratch.
 //
-// Forward: tasks of (batch, block of up to 16 query rows; a block shares the
-// reads of the value planes from cache): logits, softmax (max / exp / sum per
-// query), out[c, h, :] = sum_i P[i][:] V[c, i, :] + sum_j P[j][:] V[c, h, j].
-// Stores out and the logsumexp lse (B, H, W).
+// Forward, two passes, the softmax split as in flash attention:
+//  1. rows: row logits Er[j][w], their max m_r and sum s_r = sum_j exp(Er - m_r)
+//     per query (stored), out[c, h, w] = sum_j exp(Er - m_r) V[c, h, j]
+//     (unnormalised, written);
+//  2. columns: column logits Ec[h][i], lse from both parts' statistics, the
+//     weights P = exp(Ec - lse) of every column, then per channel step
+//     out = out * exp(m_r - lse) + sum_i P[h][i] V[c, i, w]. Stores out and
+//     the logsumexp lse (B, H, W).
 //
 // Backward (P = exp(E - lse) recomputed; Delta = sum_c dout * out;
 // dS = P (dP - Delta)); every (query, key) pair's logit and dP computed once;
 // deterministic, no atomics, every output element written by one task of
-// each pass:
+// each loop, the tasks and the order of every sum independent of the
+// thread count:
 //  1. row pass, tasks of (batch, query rows): the row pairs of row h, whose
 //     queries and keys are all in row h: dquery (written), dkey / dvalue of
 //     the keys (h, j) (written), and Delta of row h (stored for pass 2);
-//  2. column pass, tasks of (batch, 16 columns), after pass 1: the column
-//     pairs (h, w) - (i, w), i != h, of these columns, query rows in steps
-//     of 64: adds to dquery of the queries and dkey / dvalue of the keys of
-//     these columns, which no other task touches.
+//  2. column pass, per batch element, after pass 1: the column pairs
+//     (h, w) - (i, w), i != h: P of every column; per channel step and
+//     column, dP += dout^T V (summed over the steps in order) and the step's
+//     dvalue = P^T dout (added); then per column dS, dquery and dkey (added).
 //
 // float and double kernels; half and bfloat16 are widened to float on entry
 // (fp32 accumulation) and the outputs narrowed on exit.
@@ -41,6 +56,7 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+#include <cstring>
 
 #include "../common/alloc.h"
 #include "../common/check.h"
@@ -54,84 +70,17 @@
 namespace fastvision::cc {
 namespace {
 
+struct Dims {
+  int64_t B, Cqk, C, H, W, HW;
+};
 
-// For each of n_rows rows t (out and A shifted by t * out_rs and t * a_rs;
-// B shared): out[o * os + w] (+)= sum_r A[r * as + w] * B[o * bo + r * br + w]
-// for o < n_out, r < n_r, w < width: each output row a sum of elementwise
-// products of rows of two planes. Blocks of kOuts outputs x kChunk w keep
-// the sums in registers and load each A row once per block; the rows loop
-// innermost but one, so the block of B (the large operand: value, key or
-// dout planes) comes from cache for every row after the first.
-template <typename T>
-FV_CPU_CLONES void fma_planes_chunk(T* __restrict out, int64_t n_out, int64_t os, int64_t out_rs, const T* __restrict A,
-                              int64_t as, int64_t a_rs, const T* __restrict B, int64_t bo, int64_t br, int64_t n_r,
-                              int64_t width, int64_t n_rows, bool accumulate) {
-  int64_t o0 = 0;
-  for (; o0 + kOuts <= n_out; o0 += kOuts) {
-    int64_t w0 = 0;
-    for (; w0 + kChunk <= width; w0 += kChunk)
-      for (int64_t row = 0; row < n_rows; ++row) {
-        const T* Ar = A + row * a_rs;
-        T acc[kOuts][kChunk] = {};
-        for (int64_t r = 0; r < n_r; ++r) {
-          const T* a = Ar + r * as + w0;
-#pragma GCC unroll 4
-          for (int t = 0; t < kOuts; ++t) {
-            const T* b = B + (o0 + t) * bo + r * br + w0;
-#pragma omp simd
-            for (int e = 0; e < kChunk; ++e) acc[t][e] += a[e] * b[e];
-          }
-        }
-        for (int t = 0; t < kOuts; ++t) {
-          T* o = out + row * out_rs + (o0 + t) * os + w0;
-#pragma omp simd
-          for (int e = 0; e < kChunk; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
-        }
-      }
-    if (w0 < width) {  // w tail: the same blocks, fewer lanes (independent sums per output)
-      const int64_t nw = width - w0;
-      for (int64_t row = 0; row < n_rows; ++row) {
-        const T* Ar = A + row * a_rs;
-        T acc[kOuts][kChunk] = {};
-        for (int64_t r = 0; r < n_r; ++r) {
-          const T* a = Ar + r * as + w0;
-          for (int t = 0; t < kOuts; ++t) {
-            const T* b = B + (o0 + t) * bo + r * br + w0;
-            for (int64_t e = 0; e < nw; ++e) acc[t][e] += a[e] * b[e];
-          }
-        }
-        for (int t = 0; t < kOuts; ++t) {
-          T* o = out + row * out_rs + (o0 + t) * os + w0;
-          for (int64_t e = 0; e < nw; ++e) o[e] = accumulate ? o[e] + acc[t][e] : acc[t][e];
-        }
-      }
-    }
-  }
-  for (; o0 < n_out; ++o0)  // output tail, one row at a time
-    for (int64_t row = 0; row < n_rows; ++row) {
-      T* o = out + row * out_rs + o0 * os;
-      if (!accumulate)
-        for (int64_t w = 0; w < width; ++w) o[w] = T(0);
-      for (int64_t r = 0; r < n_r; ++r) {
-        const T* a = A + row * a_rs + r * as;
-        const T* b = B + o0 * bo + r * br;
-#pragma omp simd
-        for (int64_t w = 0; w < width; ++w) o[w] += a[w] * b[w];
-      }
-    }
-}
+constexpr int64_t kChannels = 32;  // value / dout channels per step of the column passes
 
-template <typename T>
-void fma_planes(T* out, int64_t n_out, int64_t os, int64_t out_rs, const T* A, int64_t as, int64_t a_rs,
-                const T* B, int64_t bo, int64_t br, int64_t n_r, int64_t width, int64_t n_rows, bool accumulate) {
-  const int64_t chunk = kRChunk;
-  int64_t r0 = 0;
-  do {
-    const int64_t n = std::min(chunk, n_r - r0);
-    fma_planes_chunk(out, n_out, os, out_rs, A + r0 * as, as, a_rs, B + r0 * br, bo, br, n, width, n_rows,
-                     accumulate || r0 > 0);
-    r0 += chunk;
-  } while (r0 < n_r);
+// Columns per group of the column passes: the group's weights ([w][H][H])
+// stay within kGroupWeights elements (one column at least).
+constexpr int64_t kGroupWeights = int64_t(1) << 21;
+int64_t columns_per_group(int64_t H, int64_t W) {
+  return std::clamp<int64_t>(kGroupWeights / std::max<int64_t>(H * H, 1), 1, std::max<int64_t>(W, 1));
 }
 
 // dst[w][j] = src[j][w] (n x n).
@@ -141,114 +90,261 @@ void transpose(const T* src, T* dst, int64_t n) {
     for (int64_t w = 0; w < n; ++w) dst[w * n + j] = src[j * n + w];
 }
 
-struct Dims {
-  int64_t B, Cqk, C, H, W, HW;
+// Channels [0, n_c) in parallel, fn(c); n_c is small, one channel a task.
+template <typename F>
+void over_channels(const char* op, int64_t n_c, F&& fn) {
+  parallel_for(op, 0, n_c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
+  });
+}
+
+// An 8 x 8 tile transposed in registers (GCC vector extensions: shuffles on
+// any target), for the moves between NCHW planes and [w][c][h] columns.
+template <typename T>
+struct Tile8 {
+  typedef T V __attribute__((vector_size(8 * sizeof(T))));
+  V r[8];
+  void load(const T* p, int64_t stride) {
+    for (int k = 0; k < 8; ++k) std::memcpy(&r[k], p + k * stride, sizeof(V));
+  }
+  void store(T* p, int64_t stride) const {
+    for (int k = 0; k < 8; ++k) std::memcpy(p + k * stride, &r[k], sizeof(V));
+  }
+  void transpose() {
+    V t[8], u[8];
+    for (int k = 0; k < 8; k += 2) {
+      t[k] = __builtin_shufflevector(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+      t[k + 1] = __builtin_shufflevector(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int k = 0; k < 8; k += 4)
+      for (int j = 0; j < 2; ++j) {
+        u[k + j * 2] = __builtin_shufflevector(t[k + j], t[k + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[k + j * 2 + 1] = __builtin_shufflevector(t[k + j], t[k + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+    for (int k = 0; k < 4; ++k) {
+      r[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      r[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+  }
 };
 
-// Per-thread planes (each kernel sizes the ones it uses): column planes
-// [rows][H][width], row planes [rows][W][W], per-position statistics.
+// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
+// (X at the group's first column): a plane at a time (read whole when the
+// group is, sequential memory), in 8 x 8 tiles.
 template <typename T>
-struct Scratch {
-  std::vector<T> ec, er, dpc, dpr, t1, t2, m, s;
-  // Forward over blocks of R query rows.
-  static Scratch forward(const char* op, const Dims& d, int64_t R) {
-    return {host_vector<T>(op, "column logits", R * d.H * d.W), host_vector<T>(op, "row logits", R * d.W * d.W),
-            {}, {}, {}, {}, host_vector<T>(op, "row statistics", d.W), host_vector<T>(op, "row statistics", d.W)};
+FV_CPU_CLONES void pack_plane(const Dims& d, const T* x, int64_t n_c, int64_t n_w, T* dst) {
+  const int64_t H = d.H, W = d.W, ds = n_c * H;  // dst(w, h) = dst[w * ds + h]
+  int64_t h0 = 0;
+  for (; h0 + 8 <= H; h0 += 8) {
+    int64_t w0 = 0;
+    for (; w0 + 8 <= n_w; w0 += 8) {
+      Tile8<T> t;
+      t.load(x + h0 * W + w0, W);
+      t.transpose();
+      t.store(dst + w0 * ds + h0, ds);
+    }
+    for (; w0 < n_w; ++w0)
+      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * W + w0];
   }
-  // Backward row pass, one query row at a time.
-  static Scratch rows(const char* op, const Dims& d) {
-    return {{}, host_vector<T>(op, "row weights", d.W * d.W), {}, host_vector<T>(op, "row dS", d.W * d.W),
-            host_vector<T>(op, "transposed row weights", d.W * d.W),
-            host_vector<T>(op, "transposed row dS", d.W * d.W), {}, {}};
+  for (; h0 < H; ++h0)
+    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * W + w];
+}
+
+template <typename T>
+void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_t n_w, T* dst) {
+  over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, n_w, dst + c * d.H); });
+}
+
+// X[c][h][w] = X[c][h][w] * scale[w][h] (scale null: 1) + src[w][c][h]:
+// pack_columns' inverse, adding.
+template <typename T>
+FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
+  const int64_t H = d.H, W = d.W, ss = n_c * H;  // src(w, h) = src[w * ss + h]
+  auto one = [&](int64_t h, int64_t w) {
+    x[h * W + w] = (scale ? x[h * W + w] * scale[w * H + h] : x[h * W + w]) + src[w * ss + h];
+  };
+  int64_t h0 = 0;
+  for (; h0 + 8 <= H; h0 += 8) {
+    int64_t w0 = 0;
+    for (; w0 + 8 <= n_w; w0 += 8) {
+      Tile8<T> a, f, o;
+      a.load(src + w0 * ss + h0, ss);
+      a.transpose();
+      o.load(x + h0 * W + w0, W);
+      if (scale) {
+        f.load(scale + w0 * H + h0, H);
+        f.transpose();
+        for (int k = 0; k < 8; ++k) o.r[k] = o.r[k] * f.r[k] + a.r[k];
+      } else {
+        for (int k = 0; k < 8; ++k) o.r[k] += a.r[k];
+      }
+      o.store(x + h0 * W + w0, W);
+    }
+    for (; w0 < n_w; ++w0)
+      for (int64_t h = h0; h < h0 + 8; ++h) one(h, w0);
   }
-  // Backward column pass, R query rows x H key rows x `width` columns.
-  static Scratch columns(const char* op, const Dims& d, int64_t R, int64_t width) {
-    return {host_vector<T>(op, "column weights", R * d.H * width), {},
-            host_vector<T>(op, "column dS", R * d.H * width), {}, {}, {}, {}, {}};
-  }
+  for (; h0 < H; ++h0)
+    for (int64_t w = 0; w < n_w; ++w) one(h0, w);
+}
+
+template <typename T>
+void add_columns(const char* op, const Dims& d, T* X, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
+  over_channels(op, n_c, [&](int64_t c) { add_plane(d, X + c * d.HW, n_c, n_w, src + c * d.H, scale); });
+}
+
+// Columns [0, n_w) of a group in parallel, fn(scratch, w), scratch = make()
+// once per worker.
+template <typename Make, typename F>
+void over_columns(const char* op, int64_t n_w, Make&& make, F&& fn) {
+  parallel_for(op, 0, n_w, 1, [&](int64_t begin, int64_t end) {
+    auto scratch = make();
+    for (int64_t w = begin; w < end; ++w) fn(scratch, w);
+  });
+}
+
+// The column logits of one column, from its packed [c][h] query and key
+// planes: e[h][i] = Q[:, h] . K[:, i], -inf at i == h (the pixel itself is
+// counted in its row only).
+template <typename T>
+FV_CPU_CLONES void column_logits(const Dims& d, const T* q, const T* k, T* e) {
+  const int64_t H = d.H;
+  fma_scalars(e, H, H, k, H, q, 1, H, d.Cqk, H, false);
+  for (int64_t h = 0; h < H; ++h) e[h * H + h] = -std::numeric_limits<T>::infinity();
+}
+
+// The column passes of a group of n_w columns of one batch element: the
+// packed query / key columns ([w][c][h]), the column weights ([w][H][H]) and,
+// per step of kChannels value (dout) channels, their packed columns.
+template <typename T>
+struct Columns {
+  std::vector<T> q, k, p, v, g;
+  Columns(const char* op, const Dims& d, int64_t n_w)
+      : q(host_vector<T>(op, "packed query columns", n_w * d.Cqk * d.H)),
+        k(host_vector<T>(op, "packed key columns", n_w * d.Cqk * d.H)),
+        p(host_vector<T>(op, "column weights", n_w * d.H * d.H)),
+        v(host_vector<T>(op, "packed value columns", n_w * std::min(d.C, kChannels) * d.H)),
+        g(host_vector<T>(op, "packed dout / out columns", n_w * std::min(d.C, kChannels) * d.H)) {}
 };
 
-// The logits of query rows [h0, h0 + R): per row t, ec[t][i][w] =
-// Q[:,h,w] . K[:,i,w] (-inf at i == h), er[t][j][w] = Q[:,h,w] . K[:,h,j].
-template <typename T>
-void row_logits(const Dims& d, const T* Q, const T* K, int64_t h0, int64_t R, T* ec, T* er) {
-  const int64_t H = d.H, W = d.W, HW = d.HW;
-  fma_planes(ec, H, W, H * W, Q + h0 * W, HW, W, K, W, HW, d.Cqk, W, R, false);
-  for (int64_t t = 0; t < R; ++t) {
-    const int64_t h = h0 + t;
-    fma_scalars(er + t * W * W, W, W, Q + h * W, HW, K + h * W, 1, HW, d.Cqk, W, false);
-    for (int64_t w = 0; w < W; ++w) ec[(t * H + h) * W + w] = -std::numeric_limits<T>::infinity();
+// Runs step(c0, n) over the value channels in steps of kChannels, the
+// channels [c0, c0 + n) of value (dout) of the group's n_w columns (V, G at
+// the group's first column) packed into cols.v (cols.g) first.
+template <typename T, typename Step>
+void over_channel_steps(const char* op, const Dims& d, const T* V, const T* G, int64_t n_w, Columns<T>& cols,
+                        Step&& step) {
+  for (int64_t c0 = 0; c0 < d.C; c0 += kChannels) {
+    const int64_t n = std::min(kChannels, d.C - c0);
+    pack_columns(op, d, V + c0 * d.HW, n, n_w, cols.v.data());
+    if (G) pack_columns(op, d, G + c0 * d.HW, n, n_w, cols.g.data());
+    step(c0, n);
   }
 }
 
-// The rows of the column plane [n][W] then of the row plane [W][W] of one query row.
-template <typename T, typename F>
-void for_rows(T* ec, int64_t n, T* er, int64_t W, F&& f) {
-  for (int64_t r = 0; r < n; ++r) f(ec + r * W);
-  for (int64_t r = 0; r < W; ++r) f(er + r * W);
-}
-
-// Rows per task: a block of query (key) rows shares the reads of the large
-// planes (value, dout) from cache; enough tasks remain to keep threads busy.
+// Rows per task: enough tasks remain to keep threads busy.
 int64_t rows_per_task(const Dims& d) {
   const int64_t threads = std::max<int64_t>(torch::stable::get_num_threads(), 1);
   return std::clamp<int64_t>(d.B * d.H / (4 * threads), 1, 16);
 }
 
+// Runs body(scratch, b, first, count) over the blocks of R rows of every
+// batch element, scratch = make() once per worker.
+template <typename Make, typename Body>
+void over_row_blocks(const char* op, const Dims& d, int64_t R, Make&& make, Body&& body) {
+  const int64_t blocks = ceil_div(d.H, R);
+  parallel_for(op, 0, d.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    auto scratch = make();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, h0 = (task % blocks) * R;
+      body(scratch, b, h0, std::min(R, d.H - h0));
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Forward.
 
+// The softmax numerators of a plane e[r][l] (n_rows rows, n lanes: one query
+// a lane), vectorised over the lanes: m[l] = max(m[l], max_r e[r][l]), then
+// e = exp(e - m) and s[l] += sum_r e[r][l] (m and s set by the caller).
 template <typename T>
-FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* V, T* out, T* lse, int64_t h0,
-                                int64_t R, Scratch<T>& w_) {
-  const int64_t H = d.H, W = d.W, HW = d.HW;
-  T *m = w_.m.data(), *s = w_.s.data();
-  row_logits(d, Q, K, h0, R, w_.ec.data(), w_.er.data());
-  for (int64_t t = 0; t < R; ++t) {
-    T *ec = w_.ec.data() + t * H * W, *er = w_.er.data() + t * W * W;
-    // Softmax over the H + W logits of every query, vectorised over w.
+FV_CPU_CLONES void exp_rows(T* e, int64_t n_rows, int64_t n, T* m, T* s) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const T* x = e + r * n;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) m[l] = x[l] > m[l] ? x[l] : m[l];
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    T* x = e + r * n;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      x[l] = exp_fast(x[l] - m[l]);
+      s[l] += x[l];
+    }
+  }
+}
+
+template <typename T>
+struct RowScratch {
+  std::vector<T> e, m, s;  // [W][W] logits / weights, per-query statistics
+  RowScratch(const char* op, const Dims& d)
+      : e(host_vector<T>(op, "row logits", d.W * d.W)), m(host_vector<T>(op, "row statistics", d.W)),
+        s(host_vector<T>(op, "row statistics", d.W)) {}
+};
+
+// Forward pass 1 over query rows [h0, h0 + R) of one batch element (pointers
+// at that element): per query, the row logits' max (rmax) and sum of
+// exp(E - max) (rsum), and out = sum_j exp(E - max) V[c, h, j] (written).
+template <typename T>
+FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* V, T* out, T* rmax, T* rsum,
+                                int64_t h0, int64_t R, RowScratch<T>& w_) {
+  const int64_t W = d.W, HW = d.HW;
+  T *e = w_.e.data(), *m = w_.m.data(), *s = w_.s.data();
+  for (int64_t h = h0; h < h0 + R; ++h) {
+    // e[j][w] = Q[:,h,w] . K[:,h,j], then exp(e - max) per query (vectorised over w).
+    fma_scalars(e, W, W, Q + h * W, HW, K + h * W, 1, HW, d.Cqk, W, false);
     for (int64_t w = 0; w < W; ++w) {
       m[w] = -std::numeric_limits<T>::infinity();
       s[w] = 0;
     }
-    for_rows(ec, H, er, W, [&](const T* e) {
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) m[w] = e[w] > m[w] ? e[w] : m[w];
-    });
-    for_rows(ec, H, er, W, [&](T* e) {
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) {
-        e[w] = exp_fast(e[w] - m[w]);
-        s[w] += e[w];
-      }
-    });
+    exp_rows(e, W, W, m, s);
     for (int64_t w = 0; w < W; ++w) {
-      lse[(h0 + t) * W + w] = m[w] + std::log(s[w]);
-      s[w] = T(1) / s[w];
+      rmax[h * W + w] = m[w];
+      rsum[h * W + w] = s[w];
     }
-    for_rows(ec, H, er, W, [&](T* e) {
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) e[w] *= s[w];
-    });
+    // out[c,h,w] = sum_j e[j][w] V[c,h,j] (sums over W keys: planes in cache, one pass)
+    fma_scalars(out + h * W, d.C, HW, e, W, V + h * W, HW, 1, W, W, false, W);
   }
-  // out[c,h,w] = sum_i P[i][w] V[c,i,w] + sum_j P[j][w] V[c,h,j]
-  fma_planes(out + h0 * W, d.C, HW, W, w_.ec.data(), W, H * W, V, HW, W, H, W, R, false);
-  for (int64_t t = 0; t < R; ++t)
-    fma_scalars(out + (h0 + t) * W, d.C, HW, w_.er.data() + t * W * W, W, V + (h0 + t) * W, HW, 1, W, W, true);
 }
 
-// Runs body(scratch, b, first row, rows) over the blocks of R rows of every
-// batch element, scratch = make() once per worker.
-template <typename T, typename Make, typename Body>
-void over_row_blocks(const char* op, const Dims& d, int64_t R, Make&& make, Body&& body) {
-  const int64_t blocks = ceil_div(d.H, R);
-  parallel_for(op, 0, d.B * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> w = make();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, h0 = (task % blocks) * R;
-      body(w, b, h0, std::min(R, d.H - h0));
-    }
-  });
+// Forward pass 2, column w of a group of one batch element (lse and rsum at
+// the group's first column), after pass 1: the column logits transposed,
+// pt[i][h] = Q[:, h] . K[:, i] (vectorised over the queries h), lse from both
+// parts' max and sums (rmax is lse's storage), the column weights P
+// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h].
+// Scratch: three H vectors.
+template <typename T>
+FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
+                                  T* scale) {
+  const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
+  T *pt = cols.p.data() + w * H * H, *m = st, *mr = st + H, *sum = st + 2 * H;
+  fma_scalars(pt, H, H, cols.q.data() + w * Cqk * H, H, cols.k.data() + w * Cqk * H, 1, H, Cqk, H, false);
+  for (int64_t h = 0; h < H; ++h) {
+    pt[h * H + h] = -std::numeric_limits<T>::infinity();  // the pixel itself: counted in its row only
+    mr[h] = m[h] = lse[h * W + w];  // the row max
+    sum[h] = 0;
+  }
+  exp_rows(pt, H, H, m, sum);
+  for (int64_t h = 0; h < H; ++h) {
+    const T to_m = std::exp(mr[h] - m[h]), total = sum[h] + rsum[h * W + w] * to_m;
+    lse[h * W + w] = m[h] + std::log(total);
+    sum[h] = T(1) / total;
+    scale[h] = to_m * sum[h];  // exp(m_r - lse)
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    T* r = pt + i * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) r[h] *= sum[h];
+  }
 }
 
 template <typename T>
@@ -257,14 +353,40 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
   const ScalarType t = acc_scalar_type<T>();
   Tensor out = alloc_empty(op, "out", v, {d.B, d.C, d.H, d.W}, t);
   Tensor lse = alloc_empty(op, "lse", q, {d.B, d.H, d.W}, t);
+  std::vector<T> rsum = host_vector<T>(op, "row sums (batch, H, W)", d.B * d.HW);
+  std::vector<T> scale = host_vector<T>(op, "row scales", d.HW);
   const T *Q = q.const_data_ptr<T>(), *K = k.const_data_ptr<T>(), *V = v.const_data_ptr<T>();
-  T *O = out.mutable_data_ptr<T>(), *L = lse.mutable_data_ptr<T>();
-  const int64_t rows = rows_per_task(d);
-  over_row_blocks<T>(op, d, rows, [&] { return Scratch<T>::forward(op, d, rows); },
-                     [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
-    forward_rows(d, Q + b * d.Cqk * d.HW, K + b * d.Cqk * d.HW, V + b * d.C * d.HW, O + b * d.C * d.HW,
-                 L + b * d.HW, h0, R, w);
+  T *O = out.mutable_data_ptr<T>(), *L = lse.mutable_data_ptr<T>(), *S = rsum.data();
+  const int64_t H = d.H, qk = d.Cqk * d.HW, cv = d.C * d.HW;
+  over_row_blocks(op, d, rows_per_task(d), [&] { return RowScratch<T>(op, d); },
+                  [&](RowScratch<T>& w, int64_t b, int64_t h0, int64_t R) {
+    forward_rows(d, Q + b * qk, K + b * qk, V + b * cv, O + b * cv, L + b * d.HW, S + b * d.HW, h0, R, w);
   });
+  if (d.B == 0 || d.W == 0) return {out, lse};
+  const int64_t group = columns_per_group(H, d.W);
+  Columns<T> cols(op, d, group);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t w0 = 0; w0 < d.W; w0 += group) {
+      const int64_t n_w = std::min(group, d.W - w0), at = b * d.HW + w0;
+      pack_columns(op, d, Q + b * qk + w0, d.Cqk, n_w, cols.q.data());
+      pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.data());
+      over_columns(op, n_w, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
+                   [&](std::vector<T>& e, int64_t w) {
+        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w * H);
+      });
+      // out[c,h,w] = out[c,h,w] * scale[w][h] + sum_i P[h][i] V[c,i,w], per column a
+      // GEMM (sums over H keys: one pass), its output [w][c][h] in place of the
+      // packed dout / out columns.
+      T* O_b = O + b * cv + w0;
+      over_channel_steps(op, d, V + b * cv + w0, static_cast<const T*>(nullptr), n_w, cols,
+                         [&](int64_t c0, int64_t n) {
+        over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+          fma_scalars(cols.g.data() + w * n * H, n, H, cols.p.data() + w * H * H, H, cols.v.data() + w * n * H,
+                      H, 1, H, H, false, H);
+        });
+        add_columns(op, d, O_b + c0 * d.HW, n, n_w, cols.g.data(), scale.data());
+      });
+    }
   return {out, lse};
 }
 
@@ -275,24 +397,31 @@ template <typename T>
 struct BwdPtrs {
   const T *q, *k, *v, *out, *dout, *lse;
   T *delta, *dq, *dk, *dv;
+  BwdPtrs at_column(int64_t w) const {
+    return {q + w, k + w, v + w, out + w, dout + w, lse + w, delta + w, dq + w, dk + w, dv + w};
+  }
 };
 
 // Row pass over query rows [h0, h0 + R) of one batch element (pointers at
 // that element): the row pairs (query (h, w), key (h, j)) of these rows, all
 // of them: P, dS, dquery (written), and dkey / dvalue of the keys (h, j)
 // (written: their row queries are exactly these). Delta of the rows (stored
-// for the column pass).
+// for the column pass). Scratch: four W x W planes and dout's row ([C][W]).
 template <typename T>
-FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t h0, int64_t R, Scratch<T>& w_) {
+FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t h0, int64_t R,
+                                     std::vector<T>& w_) {
   const int64_t W = d.W, HW = d.HW;
-  for (int64_t t = 0; t < R; ++t) {
-    const int64_t h = h0 + t;
-    T *pr = w_.er.data(), *dsr = w_.dpr.data(), *prt = w_.t1.data(), *dsrt = w_.t2.data();
+  T *pr = w_.data(), *dsr = pr + W * W, *prt = dsr + W * W, *dsrt = prt + W * W;
+  T* gr = dsrt + W * W;
+  for (int64_t h = h0; h < h0 + R; ++h) {
+    // The row's dout, [c][w] contiguous: dP's vector operand, read as 16-lane
+    // rows (strided by H * W, they would take a page each).
+    for (int64_t c = 0; c < d.C; ++c) std::memcpy(gr + c * W, a.dout + c * HW + h * W, W * sizeof(T));
     T* delta = a.delta + h * W;
     const T* lse = a.lse + h * W;
     // er[j][w] = Q[:,h,w] . K[:,h,j], dP[j][w] = dout[:,h,w] . V[:,h,j]
     fma_scalars(pr, W, W, a.q + h * W, HW, a.k + h * W, 1, HW, d.Cqk, W, false);
-    fma_scalars(dsr, W, W, a.dout + h * W, HW, a.v + h * W, 1, HW, d.C, W, false);
+    fma_scalars(dsr, W, W, gr, W, a.v + h * W, 1, HW, d.C, W, false);
     for (int64_t w = 0; w < W; ++w) delta[w] = 0;
     for (int64_t c = 0; c < d.C; ++c) {
       const T *o = a.out + c * HW + h * W, *g = a.dout + c * HW + h * W;
@@ -309,56 +438,38 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
       }
     }
     // dquery[c,h,w] = sum_j dS[j][w] K[c,h,j]; dkey[c,h,j] = sum_w dS[j][w] Q[c,h,w],
-    // dvalue[c,h,j] = sum_w P[j][w] dout[c,h,w] (the planes transposed to [w][j]).
-    fma_scalars(a.dq + h * W, d.Cqk, HW, dsr, W, a.k + h * W, HW, 1, W, W, false);
+    // dvalue[c,h,j] = sum_w P[j][w] dout[c,h,w] (the planes transposed to [w][j];
+    // sums over W: one pass).
+    fma_scalars(a.dq + h * W, d.Cqk, HW, dsr, W, a.k + h * W, HW, 1, W, W, false, W);
     transpose(pr, prt, W);
     transpose(dsr, dsrt, W);
-    fma_scalars(a.dk + h * W, d.Cqk, HW, dsrt, W, a.q + h * W, HW, 1, W, W, false);
-    fma_scalars(a.dv + h * W, d.C, HW, prt, W, a.dout + h * W, HW, 1, W, W, false);
+    fma_scalars(a.dk + h * W, d.Cqk, HW, dsrt, W, a.q + h * W, HW, 1, W, W, false, W);
+    fma_scalars(a.dv + h * W, d.C, HW, prt, W, gr, W, 1, W, W, false, W);
   }
 }
 
-// Column pass over the columns [w0, w0 + Wb) of one batch element, after the
-// row pass: the column pairs (query (h, w), key (i, w), i != h), every pair
-// once, query rows in blocks of R. Adds the column parts of dquery (rows of
-// the block) and of dkey / dvalue (every key row of these columns: only this
-// task touches them).
+// Backward column pass, column w of a group of one batch element (a at the
+// group's first column), after dP is summed
+// into ds (cols.p holds P): dS = P (dP - Delta) in place, and the column
+// parts of dkey (into dk [c][i]) and dquery (into dq [c][h]).
 template <typename T>
-FV_CPU_CLONES void backward_column_pass(const Dims& d, const BwdPtrs<T>& a, int64_t w0, int64_t Wb, int64_t R,
-                                        Scratch<T>& w_) {
-  const int64_t H = d.H, W = d.W, HW = d.HW;
-  T *p = w_.ec.data(), *ds = w_.dpc.data();  // [t][i][w - w0]
-  for (int64_t h0 = 0; h0 < H; h0 += R) {
-    const int64_t n = std::min(R, H - h0);
-    // p[t][i][w] = Q[:,h,w] . K[:,i,w], ds[t][i][w] = dout[:,h,w] . V[:,i,w]
-    fma_planes(p, H, Wb, H * Wb, a.q + h0 * W + w0, HW, W, a.k + w0, W, HW, d.Cqk, Wb, n, false);
-    fma_planes(ds, H, Wb, H * Wb, a.dout + h0 * W + w0, HW, W, a.v + w0, W, HW, d.C, Wb, n, false);
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t h = h0 + t;
-      const T *l = a.lse + h * W + w0, *dl = a.delta + h * W + w0;
-      for (int64_t i = 0; i < H; ++i) {
-        T *e = p + (t * H + i) * Wb, *g = ds + (t * H + i) * Wb;
-        if (i == h) {  // the pixel itself: counted in its row only
-          for (int64_t w = 0; w < Wb; ++w) e[w] = g[w] = 0;
-          continue;
-        }
+FV_CPU_CLONES void column_dqk(const Dims& d, const BwdPtrs<T>& a, const Columns<T>& cols, int64_t w, T* ds,
+                              T* dst, T* dq, T* dk) {
+  const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
+  const T* p = cols.p.data() + w * H * H;
+  for (int64_t h = 0; h < H; ++h) {
+    const T dl = a.delta[h * W + w];
+    const T* e = p + h * H;
+    T* f = ds + h * H;
 #pragma omp simd
-        for (int64_t w = 0; w < Wb; ++w) {
-          e[w] = exp_fast(e[w] - l[w]);
-          g[w] = e[w] * (g[w] - dl[w]);
-        }
-      }
-    }
-    // dquery[c,h,w] += sum_i dS[t][i][w] K[c,i,w]
-    fma_planes(a.dq + h0 * W + w0, d.Cqk, HW, W, ds, Wb, H * Wb, a.k + w0, HW, W, H, Wb, n, true);
-    // dkey[c,i,w] += sum_t dS[t][i][w] Q[c,h0+t,w]; dvalue[c,i,w] += sum_t P[t][i][w] dout[c,h0+t,w]
-    fma_planes(a.dk + w0, d.Cqk, HW, W, ds, H * Wb, Wb, a.q + h0 * W + w0, HW, W, n, Wb, H, true);
-    fma_planes(a.dv + w0, d.C, HW, W, p, H * Wb, Wb, a.dout + h0 * W + w0, HW, W, n, Wb, H, true);
+    for (int64_t i = 0; i < H; ++i) f[i] = e[i] * (f[i] - dl);
+    f[h] = 0;  // the pixel itself: counted in its row only
   }
+  // dkey[c][i] = sum_h dS[h][i] Q[c][h]; dquery[c][h] = sum_i dS[h][i] K[c][i] (dS transposed)
+  fma_scalars(dk, Cqk, H, ds, H, cols.q.data() + w * Cqk * H, H, 1, H, H, false, H);
+  transpose(ds, dst, H);
+  fma_scalars(dq, Cqk, H, dst, H, cols.k.data() + w * Cqk * H, H, 1, H, H, false, H);
 }
-
-constexpr int64_t kColumns = 16;  // columns per task of the column pass
-constexpr int64_t kColumnRows = 64;  // query rows per step of the column pass
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, const Tensor& dout,
@@ -372,23 +483,58 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
   const T *Q = q.const_data_ptr<T>(), *K = k.const_data_ptr<T>(), *V = v.const_data_ptr<T>();
   const T *O = out.const_data_ptr<T>(), *G = dout.const_data_ptr<T>(), *L = lse.const_data_ptr<T>();
   T *DQ = dq.mutable_data_ptr<T>(), *DK = dk.mutable_data_ptr<T>(), *DV = dv.mutable_data_ptr<T>();
+  const int64_t H = d.H, qk = d.Cqk * d.HW, cv = d.C * d.HW;
   auto at_batch = [&](int64_t b) {
-    const int64_t qk = b * d.Cqk * d.HW, cv = b * d.C * d.HW;
-    return BwdPtrs<T>{Q + qk, K + qk, V + cv, O + cv, G + cv, L + b * d.HW, delta.data() + b * d.HW,
-                      DQ + qk, DK + qk, DV + cv};
+    return BwdPtrs<T>{Q + b * qk, K + b * qk, V + b * cv, O + b * cv, G + b * cv, L + b * d.HW,
+                      delta.data() + b * d.HW, DQ + b * qk, DK + b * qk, DV + b * cv};
   };
-  over_row_blocks<T>(op, d, rows_per_task(d), [&] { return Scratch<T>::rows(op, d); },
-                     [&](Scratch<T>& w, int64_t b, int64_t h0, int64_t R) {
+  over_row_blocks(op, d, rows_per_task(d), [&] { return host_vector<T>(op, "row planes", (4 * d.W + d.C) * d.W); },
+                  [&](std::vector<T>& w, int64_t b, int64_t h0, int64_t R) {
     backward_row_pass(d, at_batch(b), h0, R, w);
   });
-  const int64_t blocks = ceil_div(d.W, kColumns);
-  parallel_for(op, 0, d.B * blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> w = Scratch<T>::columns(op, d, kColumnRows, kColumns);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, w0 = (task % blocks) * kColumns;
-      backward_column_pass(d, at_batch(b), w0, std::min(kColumns, d.W - w0), kColumnRows, w);
+  if (d.B == 0 || d.W == 0) return {dq, dk, dv};
+  // Column pass, per group of columns of a batch element: the column pairs
+  // (query (h, w), key (i, w), i != h), every pair once; adds their parts of
+  // dquery, dkey and dvalue.
+  const int64_t group = columns_per_group(H, d.W);
+  Columns<T> cols(op, d, group);
+  std::vector<T> dp = host_vector<T>(op, "column dP", group * H * H);
+  std::vector<T> dqk = host_vector<T>(op, "column dquery / dkey", 2 * group * d.Cqk * H);
+  T *dqc = dqk.data(), *dkc = dqc + group * d.Cqk * H;
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t w0 = 0; w0 < d.W; w0 += group) {
+      const int64_t n_w = std::min(group, d.W - w0);
+      const BwdPtrs<T> a = at_batch(b).at_column(w0);
+      pack_columns(op, d, a.q, d.Cqk, n_w, cols.q.data());
+      pack_columns(op, d, a.k, d.Cqk, n_w, cols.k.data());
+      over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+        T* p = cols.p.data() + w * H * H;  // P[h][i] = exp(Q[:,h] . K[:,i] - lse[h]), 0 at i == h
+        column_logits(d, cols.q.data() + w * d.Cqk * H, cols.k.data() + w * d.Cqk * H, p);
+        for (int64_t h = 0; h < H; ++h) {
+          const T l = a.lse[h * d.W + w];
+          T* e = p + h * H;
+#pragma omp simd
+          for (int64_t i = 0; i < H; ++i) e[i] = exp_fast(e[i] - l);
+          e[h] = 0;
+        }
+      });
+      // Per step of value / dout channels and column: dP[h][i] += sum_c dout[c][h] V[c][i];
+      // dvalue[c][i] += sum_h P[h][i] dout[c][h] (into the value columns, dead after dP).
+      over_channel_steps(op, d, a.v, a.dout, n_w, cols, [&](int64_t c0, int64_t n) {
+        over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
+          T *v = cols.v.data() + w * n * H, *g = cols.g.data() + w * n * H;
+          fma_scalars(dp.data() + w * H * H, H, H, v, H, g, 1, H, n, H, c0 > 0, n);
+          fma_scalars(v, n, H, cols.p.data() + w * H * H, H, g, H, 1, H, H, false, H);
+        });
+        add_columns(op, d, a.dv + c0 * d.HW, n, n_w, cols.v.data(), static_cast<const T*>(nullptr));
+      });
+      over_columns(op, n_w, [&] { return host_vector<T>(op, "transposed column dS", H * H); },
+                   [&](std::vector<T>& dst, int64_t w) {
+        column_dqk(d, a, cols, w, dp.data() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
+      });
+      add_columns(op, d, a.dq, d.Cqk, n_w, dqc, static_cast<const T*>(nullptr));
+      add_columns(op, d, a.dk, d.Cqk, n_w, dkc, static_cast<const T*>(nullptr));
     }
-  });
   return {dq, dk, dv};
 }
 
