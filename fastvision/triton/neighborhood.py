@@ -732,7 +732,12 @@ class _Problem:
         # (FMA) dots, whose operands live in registers: smaller tiles.
         big = max(self.D_PAD, self.DV_PAD) > 64
         self.block = 32 if big or query.dtype == torch.float32 else 64
-        self.num_warps = 8 if max(self.D_PAD, self.DV_PAD) >= 256 else 4
+        wide = max(self.D_PAD, self.DV_PAD) >= 256
+        self.num_warps = 8 if wide else 4
+        # Two pipeline stages at head dim 256: with three, fp32 needs 164-228 KB of shared
+        # memory (over sm_80's 163 KB, and the dq re-run over sm_90's 227 KB;
+        # bench/compile_check.py); with two, 100-164 KB.
+        self.num_stages = 2 if wide else 3
 
     def axis_args(self, tile, heads):
         """(tiles per (batch, head), per-axis kernel arguments) for a launch over `tile`s."""
@@ -745,7 +750,7 @@ class _Problem:
         return dict(C0=self.c[0], C1=self.c[1], C2=self.c[2], NDIM=self.nd, HAS_RPB=has_rpb,
                     DOT_PREC=self.dot_prec, D=self.D, DV=self.Dv, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
                     TK0=tk[0], TK1=tk[1], TK2=tk[2], D_PAD=self.D_PAD, DV_PAD=self.DV_PAD,
-                    num_warps=self.num_warps)
+                    num_warps=self.num_warps, num_stages=self.num_stages)
 
     def query_major_tiles(self, q_tile, k_tile):
         """(query tile, key block) for kernels walking query tiles."""
