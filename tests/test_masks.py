@@ -577,6 +577,68 @@ def test_fuzz_mutated_rrle(h, w, seed, data):
         pass
 
 
+def _decode_both_paths(text, h, w, names, strict, seps):
+    """rrle_decode with and without the decoder's one-pass path for exact texts."""
+    out = []
+    for exact in (True, False):
+        before = C._rrle_exact_path(exact)
+        try:
+            res = fm.rrle_decode(text, h, w, names, strict=strict, separators=seps)
+            out.append(("ok", res[0], res[1], [str(r) for r in (res[2] if isinstance(res[2], list) else [res[2]])]))
+        except ValueError as err:
+            out.append(("error", str(err)))
+        finally:
+            C._rrle_exact_path(before)
+    return out
+
+
+SEPARATOR_SETS = [*fm.DIALECTS.values(), fm.Separators(count="* "), fm.Separators(count=" * "),
+                  fm.Separators(run=" | "), fm.Separators(row="\n", end="$")]
+
+
+@settings(FUZZ, max_examples=400)
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(0, 10**6), st.sampled_from(range(len(SEPARATOR_SETS))),
+       st.booleans(), st.booleans(), st.data())
+def test_rrle_exact_path_equals_general_parse(h, w, seed, which, strict, known, data):
+    """Exact texts take a one-pass decoder (csrc/masks/rrle.h, Decoder::decode_exact);
+    it must agree with the general parse on every text: exact ones, and ones
+    that differ from exact by a character, a split run, a leading zero, a
+    zero or too large count, a run of 0, spaces, a tab, a missing or extra row."""
+    seps = SEPARATOR_SETS[which]
+    g = grid(h, w, seed=seed, k=4)
+    text = fm.rrle_encode(g, NAMES, separators=seps)
+    for _ in range(data.draw(st.integers(0, 2))):
+        i = data.draw(st.integers(0, len(text)))
+        edit = data.draw(st.sampled_from(["drop", "dup", "char", "split", "zero", "count", "empty run"]))
+        if edit == "drop" and i < len(text):
+            text = text[:i] + text[i + 1:]
+        elif edit == "dup" and i < len(text):
+            text = text[:i] + text[i] + text[i:]
+        elif edit == "char":
+            text = text[:i] + data.draw(st.sampled_from(list(" *|\n\t\r;,09xa") + ["big dog", "kat"])) + text[i:]
+        elif edit == "split":  # "cat *3" -> "cat *1{run}cat *2" (exact, if the count was > 1)
+            m = re.search(re.escape(seps.count) + r"([2-9])", text[i:])
+            if m:
+                a, b = i + m.start(), i + m.end()
+                label = re.split(r"[|;,\n*]", text[:a])[-1].strip()
+                text = text[:a] + seps.count + "1" + seps.run + label + seps.count + str(int(m.group(1)) - 1) + text[b:]
+        else:  # one run's count with a leading zero, another count (0, one too many, 14 digits), a run of 0 after it
+            counts = list(re.finditer(re.escape(seps.count) + r"(\d+)", text))
+            if counts:
+                m = counts[data.draw(st.integers(0, len(counts) - 1))]
+                count = "0" + m.group(1) if edit == "zero" else m.group(1) + seps.run + "cat" + seps.count + "0" \
+                    if edit == "empty run" else data.draw(st.sampled_from(["0", "00", str(int(m.group(1)) + 1), "9" * 14]))
+                text = text[:m.start(1)] + count + text[m.end(1):]
+    fast, general = _decode_both_paths(text, h, w, NAMES if known else None, strict, seps)
+    assert fast[0] == general[0], (text, fast, general)
+    if fast[0] == "error":
+        assert fast == general
+    else:
+        assert torch.equal(fast[1], general[1]) and fast[2:] == general[2:], (text, fast, general)
+    batch = _decode_both_paths([text, fm.rrle_encode(g, NAMES, separators=seps)], h, w, NAMES, False, seps)
+    assert torch.equal(batch[0][1], batch[1][1]) and batch[0][2:] == batch[1][2:]
+
+
 # --------------------------------------------------------------------------
 # The registered ops: opcheck, torch.compile, direct-call fuzz
 

@@ -343,17 +343,21 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     std::vector<std::string_view> nv;
     for (PyObject* n : names) nv.push_back(utf8(n));
     check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(nv.size()));
+    const GridEncoder encoder(nv, run_sep, row_sep, count_sep, end, form);
     if (!batch) {
-      std::string s;
-      encode_grid(L.data, h, w, nv, run_sep, row_sep, count_sep, end, form, s);
-      return PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
+      thread_local std::string buf;  // (its capacity serves the next call)
+      const size_t n = encoder.encode(L.data, h, w, buf);
+      return PyUnicode_DecodeUTF8(buf.data(), static_cast<Py_ssize_t>(n), "strict");
     }
     std::vector<std::string> texts(static_cast<size_t>(B));
     {
       NoGil nogil;  // names' UTF-8 stays: `names` holds them; labels: the caller's tensor
       parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
-        for (int64_t b = lo; b < hi; ++b)
-          encode_grid(L.data + b * h * w, h, w, nv, run_sep, row_sep, count_sep, end, form, texts[b]);
+        std::string buf;
+        for (int64_t b = lo; b < hi; ++b) {
+          const size_t n = encoder.encode(L.data + b * h * w, h, w, buf);
+          texts[b].assign(buf.data(), n);
+        }
       });
     }
     Ref out(check(PyList_New(B)));
@@ -447,7 +451,7 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     FV_CHECK(mul_fits(total, 8, &bytes), op, "B * h * w overflows int64");
     Ref grid(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
     int64_t* g = reinterpret_cast<int64_t*>(PyByteArray_AsString(grid.p));  // (malloc'ed: aligned)
-    const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
+    const Seps seps(run_sep, row_sep, count_sep, end);
     DecodedBatch found;
     if (B == 1) {
       found = decode_batch(op, tv, h, w, seps, strict, form, background, nv, g);
@@ -480,6 +484,13 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   }
 }
 
+// _rrle_exact_path(enabled) -> the previous setting (tests compare the decoder's two paths).
+inline PyObject* rrle_exact_path(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(exact_path_enabled.exchange(on != 0));
+}
+
 inline PyMethodDef kMethods[] = {
     {"rle_iou_coco", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rle_iou_coco)), METH_FASTCALL,
      "IoU of pycocotools RLE dicts (compressed counts): bytearray of (D, G) float64, or None"},
@@ -487,6 +498,8 @@ inline PyMethodDef kMethods[] = {
      "R-RLE text(s) of a CPU int64 label tensor (h, w) or (B, h, w), or NotImplemented"},
     {"rrle_decode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rrle_decode)), METH_FASTCALL,
      "R-RLE text (or list of texts) -> (labels, names, extra labels, repairs)"},
+    {"_rrle_exact_path", &rrle_exact_path, METH_O,
+     "_rrle_exact_path(enabled) -> previous: whether R-RLE decoding tries its one-pass path for exact texts"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace fastvision::masks::py

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <charconv>
 #include <cstring>
 #include <numeric>
@@ -107,63 +108,110 @@ inline int64_t run_end(const int64_t* L, int64_t i, int64_t e) {
   return j;
 }
 
-// One grid (h, w) of label ids into `s`. The text's length is counted first
-// (runs and their digits), then written through a pointer: no appends.
-void encode_grid(const int64_t* L, int64_t h, int64_t w, const std::vector<std::string_view>& names,
-                 const std::string& run_sep, const std::string& row_sep, const std::string& count_sep,
-                 const std::string& end, int64_t form, std::string& s) {
-  auto digits = [](int64_t v) {
-    int64_t n = 1;
-    for (; v >= 10; v /= 10) ++n;
-    return n;
-  };
-  // Calls f(first index, run length, first run of its line?) for every run, in order.
-  auto each_run = [&](auto&& f) {
+inline int64_t decimal_digits(int64_t v) {
+  int64_t n = 1;
+  for (; v >= 10; v /= 10) ++n;
+  return n;
+}
+
+// Grids of label ids into text, for one set of names and separators. One
+// pass per grid: each label's "{name}{count_sep}" is prepared once per call,
+// and every piece is copied in whole 16-byte blocks (the pieces sit in a
+// padded arena, the output keeps room past its end), so a run costs a few
+// vector moves and its count's digits.
+class GridEncoder {
+ public:
+  GridEncoder(const std::vector<std::string_view>& names, std::string_view run_sep, std::string_view row_sep,
+              std::string_view count_sep, std::string_view end, int64_t form)
+      : form_(form) {
+    auto add = [this](std::string_view a, std::string_view b) {
+      offsets_.push_back(arena_.size());
+      arena_.append(a).append(b);
+      longest_ = std::max(longest_, arena_.size() - offsets_.back());
+    };
+    for (std::string_view n : names) add(n, form == 2 ? std::string_view() : count_sep);
+    add(run_sep, {});
+    add(row_sep, {});
+    add(end, {});
+    offsets_.push_back(arena_.size());
+    arena_.append(kBlock, '\0');  // (the last piece's block copy reads up to here)
+  }
+
+  // The text of grid L (h, w) in buf[0, returned length) (buf resized as needed; its capacity is reused).
+  size_t encode(const int64_t* L, int64_t h, int64_t w, std::string& buf) const {
+    const size_t K = offsets_.size() - 4, run = K, row = K + 1, end = K + 2;
+    const int64_t max_count = form_ == 2 ? 0 : form_ == 1 ? h * w : w;
+    const size_t per_run = 2 * longest_ + static_cast<size_t>(decimal_digits(max_count)) + kBlock;
+    char* p = buf.data();
+    auto room = [&](size_t need) {  // p may write `need` more bytes
+      const size_t pos = static_cast<size_t>(p - buf.data());
+      if (buf.size() < pos + need) {
+        buf.resize(std::max(2 * buf.size(), pos + need));
+        p = buf.data() + pos;
+      }
+    };
     auto runs = [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e;) {
-        const int64_t j = form == 2 ? i + 1 : run_end(L, i, e);
-        f(i, j - i, i == b);
+        const int64_t j = form_ == 2 ? i + 1 : run_end(L, i, e);
+        room(per_run);
+        if (i != b) put(p, run);
+        put(p, static_cast<size_t>(L[i]));
+        if (form_ != 2) p = write_count(p, j - i);
         i = j;
       }
     };
-    if (form == 1) {
+    if (form_ == 1) {
       runs(0, h * w);
     } else {
-      for (int64_t r = 0; r < h; ++r) runs(r * w, (r + 1) * w);
+      for (int64_t r = 0; r < h; ++r) {
+        room(per_run);
+        if (r > 0) put(p, row);
+        runs(r * w, (r + 1) * w);
+      }
     }
-  };
-  const bool counts = form != 2;
-  int64_t size = static_cast<int64_t>(end.size()) + (form == 1 ? 0 : std::max<int64_t>(h - 1, 0) * row_sep.size());
-  each_run([&](int64_t i, int64_t n, bool first) {
-    size += (first ? 0 : run_sep.size()) + names[L[i]].size() + (counts ? count_sep.size() + digits(n) : 0);
-  });
-  s.resize(static_cast<size_t>(size));
-  char* p = s.data();
-  auto put = [&p](std::string_view v) {
-    std::memcpy(p, v.data(), v.size());
-    p += v.size();
-  };
-  int64_t row = -1;
-  each_run([&](int64_t i, int64_t n, bool first) {
-    if (first && form != 1 && row++ >= 0) put(row_sep);
-    if (!first) put(run_sep);
-    put(names[L[i]]);
-    if (counts) {
-      put(count_sep);
-      p = std::to_chars(p, s.data() + s.size(), n).ptr;
+    room(per_run);
+    put(p, end);
+    return static_cast<size_t>(p - buf.data());
+  }
+
+ private:
+  static constexpr size_t kBlock = 16;
+  int64_t form_;
+  std::string arena_;            // the pieces: names (+ count_sep), run_sep, row_sep, end; then kBlock zeros
+  std::vector<size_t> offsets_;  // piece k is arena_[offsets_[k], offsets_[k + 1])
+  size_t longest_ = 0;
+
+  void put(char*& p, size_t k) const {
+    const char* s = arena_.data() + offsets_[k];
+    const size_t n = offsets_[k + 1] - offsets_[k];
+    for (size_t i = 0; i < n; i += kBlock) std::memcpy(p + i, s + i, kBlock);
+    p += n;
+  }
+  static char* write_count(char* p, int64_t n) {
+    if (n < 10) {
+      *p = static_cast<char>('0' + n);
+      return p + 1;
     }
-  });
-  if (form != 1)  // rows of width 0 have no runs: their separators still
-    for (++row; row < h - 1 && w == 0; ++row) put(row_sep);
-  put(end);
-}
+    if (n < 100) {
+      p[0] = static_cast<char>('0' + n / 10);
+      p[1] = static_cast<char>('0' + n % 10);
+      return p + 2;
+    }
+    return std::to_chars(p, p + 24, n).ptr;
+  }
+};
 
 // Every label id of the n = B * h * w in L indexes the K names.
 inline void check_label_ids(const char* op, const int64_t* L, int64_t n, int64_t h, int64_t w, int64_t K) {
-  bool bad = false;  // a vectorised scan first; the first bad id is looked for only when there is one
-#pragma omp simd reduction(| : bad)
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(L[i]) >= static_cast<uint64_t>(K);
-  if (!bad) return;
+  // A vectorised scan first (an id is bad iff it or K - 1 - it has the sign
+  // bit, in unsigned arithmetic); the first bad id is looked for only when there is one.
+  uint64_t any = 0;
+  const uint64_t last = static_cast<uint64_t>(K) - 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t v = static_cast<uint64_t>(L[i]);
+    any |= v | (last - v);
+  }
+  if (!(any >> 63)) return;
   for (int64_t i = 0; i < n; ++i)
     FV_CHECK(L[i] >= 0 && L[i] < K, op, "labels[", i / (h * w), ", ", (i % (h * w)) / w, ", ", i % w, "] = ", L[i],
              " is not an index into the ", K, " names");
@@ -192,12 +240,13 @@ std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor n
   const char* nb = static_cast<const char*>(names.const_data_ptr());
   std::vector<std::string_view> nv;
   for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
+  const GridEncoder encoder(nv, run_sep, row_sep, count_sep, end, form);
   std::vector<std::vector<uint8_t>> texts(static_cast<size_t>(B));
   parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
     std::string s;
     for (int64_t b = lo; b < hi; ++b) {
-      encode_grid(L + b * h * w, h, w, nv, run_sep, row_sep, count_sep, end, form, s);
-      texts[b].assign(s.begin(), s.end());
+      const size_t n = encoder.encode(L + b * h * w, h, w, s);
+      texts[b].assign(s.data(), s.data() + n);
     }
   });
   return concat(op, "text", texts, labels, ScalarType::Byte);
@@ -209,6 +258,23 @@ std::tuple<Tensor, Tensor> rrle_encode_cpu(Tensor labels, Tensor names, Tensor n
 // The separators of a call and their cores, shared by every text's Decoder.
 struct Seps {
   std::string run_sep, row_sep, count_sep, end, rc, uc, cc;
+  // Whether exact texts can take Decoder::decode_exact: each core one
+  // non-space character, run_sep and row_sep their core then spaces, count_sep
+  // spaces, its core, spaces (count_lead: the leading spaces).
+  bool exact_path = false;
+  size_t count_lead = 0;
+
+  Seps(std::string run, std::string row, std::string count, std::string end_marker)
+      : run_sep(std::move(run)), row_sep(std::move(row)), count_sep(std::move(count)), end(std::move(end_marker)),
+        rc(core_of(row_sep)), uc(core_of(run_sep)), cc(core_of(count_sep)) {
+    auto spaces = [](std::string_view v) { return v.find_first_not_of(' ') == std::string_view::npos; };
+    auto core_then_spaces = [&](const std::string& sep, const std::string& core) {
+      return core.size() == 1 && core[0] != ' ' && sep[0] == core[0] && spaces(std::string_view(sep).substr(1));
+    };
+    count_lead = count_sep.find_first_not_of(' ');
+    exact_path = core_then_spaces(run_sep, uc) && core_then_spaces(row_sep, rc) && cc.size() == 1 && cc[0] != ' ' &&
+                 count_lead != std::string::npos && core_then_spaces(count_sep.substr(count_lead), cc);
+  }
 };
 
 inline bool same(std::string_view a, std::string_view b) {  // (short labels: no memcmp call)
@@ -240,6 +306,14 @@ struct LabelTable {
   void clear() {
     labels.clear();
     ids.clear();
+  }
+  // Back to its first n labels.
+  void truncate(size_t n) {
+    if (labels.size() <= n) return;
+    labels.resize(n);
+    ids.clear();
+    if (static_cast<int64_t>(n) > kScan)
+      for (size_t k = 0; k < n; ++k) ids.emplace(labels[k], static_cast<int64_t>(k));
   }
   int64_t id(std::string_view label) {
     const int64_t n = static_cast<int64_t>(labels.size());
@@ -303,6 +377,54 @@ struct Decoder {
       exact_at.push_back(ex);
       b = i + (ex ? exact.size() : core.size());
     }
+  }
+
+  // A text written exactly (the separators as given, h rows whose counts sum
+  // to w, labels without surrounding spaces or separator cores, counts >= 1)
+  // decoded in one pass into g (h * w): the general parse would find the
+  // same runs and no repair. False at the first deviation (g then holds
+  // anything, the table is as it was): the general parse takes the text.
+  bool decode_exact(int64_t h, int64_t w, int64_t* g) {
+    if (!seps->exact_path || h <= 0 || w <= 0) return false;
+    const size_t seeded = table.labels.size();
+    auto fail = [&] {
+      table.truncate(seeded);
+      return false;
+    };
+    const std::string_view t = text;
+    const size_t n = t.size(), lead = seps->count_lead;
+    const char rc = seps->rc[0], uc = seps->uc[0], cc = seps->cc[0];
+    size_t p = 0;
+    for (int64_t r = 0; r < h; ++r) {
+      int64_t* row = g + r * w;
+      for (int64_t col = 0;;) {
+        size_t q = p;  // the label ends where count_sep begins: before the count core and its leading spaces
+        while (q < n && t[q] != cc && t[q] != uc && t[q] != rc) ++q;
+        if (q == n || t[q] != cc || q - p <= lead || !at(t, q - lead, seps->count_sep)) return fail();
+        const std::string_view label = t.substr(p, q - lead - p);
+        if (is_space(label.front()) || is_space(label.back())) return fail();
+        q += seps->count_sep.size() - lead;
+        const size_t digits = q;
+        int64_t count = 0;
+        for (; q < n && q - digits < 13 && t[q] >= '0' && t[q] <= '9'; ++q) count = count * 10 + (t[q] - '0');
+        if (q == digits || count == 0 || count > w - col) return fail();
+        std::fill(row + col, row + col + count, table.id(label));
+        col += count;
+        if (col < w) {
+          if (!at(t, q, seps->run_sep)) return fail();
+          p = q + seps->run_sep.size();
+          continue;
+        }
+        if (r + 1 < h) {
+          if (!at(t, q, seps->row_sep)) return fail();
+          p = q + seps->row_sep.size();
+        } else if (n - q != seps->end.size() || !at(t, q, seps->end)) {
+          return fail();
+        }
+        break;
+      }
+    }
+    return true;
   }
 
   // Parses the text into runs (row, col); returns the number of rows.
@@ -400,6 +522,10 @@ struct Decoder {
   }
 };
 
+// Whether decode_text tries Decoder::decode_exact first (the tests turn it off
+// to compare both paths: fastvision._C._rrle_exact_path).
+inline std::atomic<bool> exact_path_enabled{true};
+
 // Decodes one text into g (h * w local label ids, -1: nothing to fill with); fills d.labels, d.repairs.
 void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const Seps& seps, bool strict,
                  int64_t form, int64_t* g) {
@@ -408,6 +534,7 @@ void decode_text(Decoder& d, std::string_view text, int64_t h, int64_t w, const 
   d.text = text;
   d.seps = &seps;
   d.strict = strict;
+  if (form <= 0 && exact_path_enabled.load(std::memory_order_relaxed) && d.decode_exact(h, w, g)) return;
   std::vector<Run>& runs = d.runs;
   bool has_counts = false;
   const int64_t rows = d.parse(runs, has_counts);
@@ -573,7 +700,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rrle_decode_cpu(Tensor text, Tensor t
   std::vector<std::string_view> texts, nv;
   for (int64_t b = 0; b < B; ++b) texts.emplace_back(chars + to[b], static_cast<size_t>(to[b + 1] - to[b]));
   for (int64_t k = 0; k < K; ++k) nv.emplace_back(nb + no[k], static_cast<size_t>(no[k + 1] - no[k]));
-  const Seps seps{run_sep, row_sep, count_sep, end, core_of(row_sep), core_of(run_sep), core_of(count_sep)};
+  const Seps seps(run_sep, row_sep, count_sep, end);
   const DecodedBatch found = decode_batch(op, texts, h, w, seps, strict, form, fill, nv,
                                           static_cast<int64_t*>(grid.mutable_data_ptr()));
   std::vector<std::vector<uint8_t>> labels;
