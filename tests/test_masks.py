@@ -577,6 +577,34 @@ def test_fuzz_mutated_rrle(h, w, seed, data):
         pass
 
 
+def test_rrle_prepared_names_follow_the_objects():
+    """The codecs keep the last call's names and separators prepared (csrc/masks/pyapi.h):
+    a list changed in place, another list, a str subclass, a bad name after good
+    calls and other separators must all be read afresh."""
+    g = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    names = ["others", "cat", "dog"]
+    assert fm.rrle_encode(g, names) == "others *2| cat *1\n cat *1| dog *2\n"
+    names[1] = "big cat"
+    assert fm.rrle_encode(g, names) == "others *2| big cat *1\n big cat *1| dog *2\n"
+    assert fm.rrle_encode(g, ("a", "b", "c")) == "a *2| b *1\n b *1| c *2\n"
+    assert fm.rrle_encode(g, ["a", type("S", (str,), {})("b"), "c"]) == "a *2| b *1\n b *1| c *2\n"
+    assert fm.rrle_encode(g, names, separators="compact") == "others*2,big cat*1;big cat*1,dog*2;"
+    with pytest.raises(ValueError, match="contains the run separator"):
+        fm.rrle_encode(g, ["a", "b|", "c"])
+    text = "x *2| y *1\n y *1| z *2\n"
+    names = ["x", "y", "z"]
+    assert fm.rrle_decode(text, 2, 3, names)[0].tolist() == [[0, 0, 1], [1, 2, 2]]
+    names.reverse()
+    labels, got, _ = fm.rrle_decode(text, 2, 3, names)
+    assert labels.tolist() == [[2, 2, 1], [1, 0, 0]] and got == ["z", "y", "x"] and got is not names
+    assert fm.rrle_decode(text, 2, 3, None)[1] == ["x", "y", "z"]
+    with pytest.raises(ValueError, match="names must be distinct"):
+        fm.rrle_decode(text, 2, 3, ["x", "y", "x"])
+    with pytest.raises(ValueError, match="names must not be empty"):
+        fm.rrle_decode(text, 2, 3, [])
+    assert fm.rrle_decode(text, 2, 3, [1, "y", "z"])[1] == ["1", "y", "z"]
+
+
 def _decode_both_paths(text, h, w, names, strict, seps):
     """rrle_decode with and without the decoder's one-pass path for exact texts."""
     out = []

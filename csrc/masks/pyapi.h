@@ -290,6 +290,16 @@ inline PyObject* rle_iou_coco(PyObject*, PyObject* const* args, Py_ssize_t nargs
 
 // ---------------------------------------------------------------------------
 // R-RLE
+//
+// A caller passes the same names and separators call after call, and checking
+// and preparing them (their UTF-8, the separators' cores, the encoder's
+// pieces) costs more than coding a small grid. So the last call's are kept
+// prepared, keyed by the objects themselves: the names' str objects in order
+// (a list is compared item by item on every call) and the separators tuple.
+// The cache holds them, and str and tuples of str are immutable: the same
+// objects are the same text. Only calls with names given as exact str (or
+// None) are cached; the GIL guards the cache, and a call keeps its entry
+// alive (shared_ptr) while it runs without the GIL.
 
 // Python's check that no name holds a separator (`sep.strip(" ") or sep` in name),
 // with its message; names as str objects.
@@ -313,6 +323,59 @@ inline void check_names_hold_no_separator(const std::vector<PyObject*>& names, c
   }
 }
 
+// Items of a list or tuple of exact str (borrowed), or false.
+inline bool str_items(PyObject* seq, std::vector<PyObject*>& out) {
+  if (!items(seq, out)) return false;
+  for (PyObject* n : out)
+    if (!PyUnicode_CheckExact(n)) return false;
+  return true;
+}
+
+// Names and separators as a call gave them (held), checked, and their text.
+struct Prepared {
+  std::vector<Ref> name_objs;        // the names' str objects (nv views their UTF-8)
+  Ref seps_obj;                      // the separators' tuple
+  bool names_given = true;           // (decode: names=None takes the labels found)
+  std::vector<std::string_view> nv;  // the names' UTF-8
+  std::array<std::string, 4> seps;   // run, row, count, end
+
+  Prepared(const std::vector<PyObject*>& names, PyObject* separators_obj, bool given)
+      : seps_obj(Py_NewRef(separators_obj)), names_given(given), seps(separators(separators_obj)) {
+    for (PyObject* n : names) {
+      name_objs.emplace_back(Py_NewRef(n));
+      nv.push_back(utf8(n));
+    }
+  }
+  bool same(const std::vector<PyObject*>& names, PyObject* separators_obj, bool given) const {
+    if (separators_obj != seps_obj.p || given != names_given || names.size() != name_objs.size()) return false;
+    for (size_t i = 0; i < names.size(); ++i)
+      if (names[i] != name_objs[i].p) return false;
+    return true;
+  }
+};
+
+// The last call's prepared names and separators of each codec (never freed:
+// their references must not be dropped after the interpreter is gone).
+template <class P>
+std::shared_ptr<P>& last_prepared() {
+  static auto* last = new std::shared_ptr<P>();
+  return *last;
+}
+
+struct EncodePrepared : Prepared {
+  std::array<std::unique_ptr<GridEncoder>, 3> encoders;  // per form, made when first asked for
+
+  EncodePrepared(const std::vector<PyObject*>& names, PyObject* separators_obj)
+      : Prepared(names, separators_obj, true) {
+    check_names_hold_no_separator(names, seps);
+    check_separators("rrle_encode", seps[0], seps[1], seps[2]);
+  }
+  const GridEncoder& encoder(int64_t form) {
+    if (!encoders[form]) encoders[form] = std::make_unique<GridEncoder>(nv, seps[0], seps[1], seps[2], seps[3], form);
+    return *encoders[form];
+  }
+};
+
 // rrle_encode(labels, names, separators, form) -> str ((h, w) labels) or list of
 // str ((B, h, w)); NotImplemented unless labels is a CPU int64 tensor read in
 // place and names a list or tuple of str.
@@ -323,27 +386,21 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       PyErr_SetString(PyExc_TypeError, "rrle_encode(labels, names, separators, form)");
       return nullptr;
     }
-    std::vector<PyObject*> names;
     if (!PyList_Check(args[1]) && !PyTuple_Check(args[1])) Py_RETURN_NOTIMPLEMENTED;
-    Ref own(check(PySequence_List(args[1])));  // our references: the UTF-8 stays while the GIL is released
-    items(own.p, names);
-    for (PyObject* n : names)
-      if (!PyUnicode_CheckExact(n)) Py_RETURN_NOTIMPLEMENTED;
-    const TensorView L = int64_tensor(args[0]);
+    const TensorView L = int64_tensor(args[0]);  // (first: reading it may run Python code)
     if (!L.ok || (L.shape.size() != 2 && L.shape.size() != 3)) Py_RETURN_NOTIMPLEMENTED;
-    const std::array<std::string, 4> seps = separators(args[2]);
-    check_names_hold_no_separator(names, seps);
-    const auto& [run_sep, row_sep, count_sep, end] = seps;
+    std::vector<PyObject*> names;
+    std::shared_ptr<EncodePrepared>& last = last_prepared<EncodePrepared>();
+    std::shared_ptr<EncodePrepared> prep = last;
+    if (!str_items(args[1], names)) Py_RETURN_NOTIMPLEMENTED;
+    if (!prep || !prep->same(names, args[2], true)) last = prep = std::make_shared<EncodePrepared>(names, args[2]);
     const int64_t form = as_int(args[3]);
     FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
              "patch); got ", form);
-    check_separators(op, run_sep, row_sep, count_sep);
     const bool batch = L.shape.size() == 3;
     const int64_t B = batch ? L.shape[0] : 1, h = L.shape[batch], w = L.shape[batch + 1];
-    std::vector<std::string_view> nv;
-    for (PyObject* n : names) nv.push_back(utf8(n));
-    check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(nv.size()));
-    const GridEncoder encoder(nv, run_sep, row_sep, count_sep, end, form);
+    check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(prep->nv.size()));
+    const GridEncoder& encoder = prep->encoder(form);
     if (!batch) {
       thread_local std::string buf;  // (its capacity serves the next call)
       const size_t n = encoder.encode(L.data, h, w, buf);
@@ -351,7 +408,7 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     }
     std::vector<std::string> texts(static_cast<size_t>(B));
     {
-      NoGil nogil;  // names' UTF-8 stays: `names` holds them; labels: the caller's tensor
+      NoGil nogil;  // prep holds the names; labels: the caller's tensor
       parallel_for(op, 0, B, 16, [&](int64_t lo, int64_t hi) {
         std::string buf;
         for (int64_t b = lo; b < hi; ++b) {
@@ -370,6 +427,32 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     return set_error();
   }
 }
+
+struct DecodePrepared : Prepared {
+  Seps seps_of_text;
+
+  DecodePrepared(const std::vector<PyObject*>& names, PyObject* separators_obj, bool given)
+      : Prepared(names, separators_obj, given), seps_of_text(seps[0], seps[1], seps[2], seps[3]) {
+    if (given && nv.empty())
+      throw std::invalid_argument("names must not be empty (pass None to take the labels found)");
+    bool distinct = true;
+    if (nv.size() <= 32) {
+      for (size_t i = 0; i < nv.size() && distinct; ++i)
+        for (size_t j = 0; j < i && distinct; ++j) distinct = nv[i] != nv[j];
+    } else {
+      std::unordered_map<std::string_view, int> seen;
+      for (std::string_view n : nv) distinct = distinct && seen.emplace(n, 0).second;
+    }
+    if (!distinct) {
+      Ref list(check(PyList_New(0)));
+      for (const Ref& n : name_objs)
+        if (PyList_Append(list.p, n.p)) throw PyError{};
+      PyErr_Format(PyExc_ValueError, "names must be distinct; got %R", list.p);
+      throw PyError{};
+    }
+    check_separators("rrle_decode", seps[0], seps[1], seps[2]);
+  }
+};
 
 // rrle_decode(text, h, w, names, background, separators, strict, form) ->
 // (labels, names, extra, repairs): labels a bytearray of the int64 label ids,
@@ -394,56 +477,45 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     } else {
       texts.push_back(args[0]);
     }
-    std::vector<Ref> held;  // the texts stay alive while the GIL is released
+    std::vector<Ref> held;  // a batch's texts stay alive while the GIL is released
     std::vector<std::string_view> tv;
     for (PyObject* t : texts) {
       if (!PyUnicode_Check(t)) return type_error("text must be a str (or a list of str)", t);
-      Py_INCREF(t);
-      held.emplace_back(t);
+      if (batch) held.emplace_back(Py_NewRef(t));
       tv.push_back(utf8(t));
     }
     const int64_t h = as_int(args[1]), w = as_int(args[2]);
-    int64_t background = as_int(args[4]);
+    const int64_t background = as_int(args[4]);
     const int strict = PyObject_IsTrue(args[6]);
     if (strict < 0) return nullptr;
     const int64_t form = as_int(args[7]);
-    Ref names(Py_NewRef(Py_None));
-    std::vector<std::string_view> nv;
-    if (args[3] != Py_None) {
-      std::vector<PyObject*> given;
+    // The names as exact str (cached), or str()-ed into a list of this call's.
+    const bool given = args[3] != Py_None;
+    std::vector<PyObject*> names;
+    Ref str_names;
+    const bool cacheable = !given || str_items(args[3], names);
+    if (!cacheable) {
+      std::vector<PyObject*> objs;
       Ref list(check(PySequence_List(args[3])));  // our references: str() below runs the caller's code
-      items(list.p, given);
-      names = Ref(check(PyList_New(static_cast<Py_ssize_t>(given.size()))));
-      for (size_t i = 0; i < given.size(); ++i)
-        PyList_SetItem(names.p, static_cast<Py_ssize_t>(i),
-                       check(PyUnicode_CheckExact(given[i]) ? Py_NewRef(given[i]) : PyObject_Str(given[i])));
-      std::vector<PyObject*> ns;
-      items(names.p, ns);
-      for (PyObject* n : ns) nv.push_back(utf8(n));
-      if (nv.empty()) {
-        PyErr_SetString(PyExc_ValueError, "names must not be empty (pass None to take the labels found)");
-        return nullptr;
-      }
-      bool distinct = true;
-      if (nv.size() <= 32) {
-        for (size_t i = 0; i < nv.size() && distinct; ++i)
-          for (size_t j = 0; j < i && distinct; ++j) distinct = nv[i] != nv[j];
-      } else {
-        std::unordered_map<std::string_view, int> seen;
-        for (std::string_view n : nv) distinct = distinct && seen.emplace(n, 0).second;
-      }
-      if (!distinct) {
-        PyErr_Format(PyExc_ValueError, "names must be distinct; got %R", names.p);
-        return nullptr;
-      }
-      if (background < 0 || background >= static_cast<int64_t>(nv.size())) {
-        PyErr_Format(PyExc_ValueError, "background must index names (0..%zd); got %lld",
-                     static_cast<Py_ssize_t>(nv.size()) - 1, static_cast<long long>(background));
-        return nullptr;
-      }
+      items(list.p, objs);
+      str_names = Ref(check(PyList_New(static_cast<Py_ssize_t>(objs.size()))));
+      for (size_t i = 0; i < objs.size(); ++i)
+        PyList_SetItem(str_names.p, static_cast<Py_ssize_t>(i), check(PyObject_Str(objs[i])));
+      items(str_names.p, names);
     }
-    const auto [run_sep, row_sep, count_sep, end] = separators(args[5]);
-    check_decode_args(op, h, w, form, run_sep, row_sep, count_sep, background);
+    std::shared_ptr<DecodePrepared>& last = last_prepared<DecodePrepared>();
+    std::shared_ptr<DecodePrepared> prep = cacheable ? last : nullptr;
+    if (!prep || !prep->same(names, args[5], given)) {
+      prep = std::make_shared<DecodePrepared>(names, args[5], given);
+      if (cacheable) last = prep;
+    }
+    const std::vector<std::string_view>& nv = prep->nv;
+    if (given && (background < 0 || background >= static_cast<int64_t>(nv.size()))) {
+      PyErr_Format(PyExc_ValueError, "background must index names (0..%zd); got %lld",
+                   static_cast<Py_ssize_t>(nv.size()) - 1, static_cast<long long>(background));
+      return nullptr;
+    }
+    check_decode_ints(op, h, w, form, background);
     const int64_t B = static_cast<int64_t>(tv.size());
     int64_t total = 0;
     FV_CHECK(mul_fits(B, h * w, &total), op, "B * h * w overflows int64");
@@ -451,24 +523,22 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     FV_CHECK(mul_fits(total, 8, &bytes), op, "B * h * w overflows int64");
     Ref grid(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
     int64_t* g = reinterpret_cast<int64_t*>(PyByteArray_AsString(grid.p));  // (malloc'ed: aligned)
-    const Seps seps(run_sep, row_sep, count_sep, end);
     DecodedBatch found;
     if (B == 1) {
-      found = decode_batch(op, tv, h, w, seps, strict, form, background, nv, g);
+      found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
     } else {
-      NoGil nogil;
-      found = decode_batch(op, tv, h, w, seps, strict, form, background, nv, g);
+      NoGil nogil;  // prep holds the names, `held` the texts
+      found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
     }
     auto str = [](std::string_view s) {
       return check(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
     };
     const size_t K = nv.size();
-    if (names.p == Py_None) {
-      names = Ref(check(PyList_New(static_cast<Py_ssize_t>(found.labels.size()))));
-      for (size_t i = 0; i < found.labels.size(); ++i)
-        PyList_SetItem(names.p, static_cast<Py_ssize_t>(i), str(found.labels[i]));
-    }
-    const size_t first_extra = K ? K : found.labels.size();  // (without names, every label is in `names`)
+    Ref out_names(check(PyList_New(static_cast<Py_ssize_t>(given ? K : found.labels.size()))));
+    for (size_t i = 0; i < (given ? K : found.labels.size()); ++i)
+      PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
+                     given ? Py_NewRef(prep->name_objs[i].p) : str(found.labels[i]));
+    const size_t first_extra = given ? K : found.labels.size();
     Ref extra(check(PyList_New(static_cast<Py_ssize_t>(found.labels.size() - first_extra))));
     for (size_t i = first_extra; i < found.labels.size(); ++i)
       PyList_SetItem(extra.p, static_cast<Py_ssize_t>(i - first_extra), str(found.labels[i]));
@@ -478,7 +548,7 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       PyList_SetItem(repairs.p, static_cast<Py_ssize_t>(i),
                      check(Py_BuildValue("(LLLLL)", r[0], r[1], r[2], r[3], r[4])));
     }
-    return check(PyTuple_Pack(4, grid.p, names.p, extra.p, repairs.p));
+    return check(PyTuple_Pack(4, grid.p, out_names.p, extra.p, repairs.p));
   } catch (...) {
     return set_error();
   }

@@ -99,7 +99,7 @@ class DecodeReport:
 
 
 _TEXT4SEG = Separators()
-_ndarray, _INT64, _from_numpy = np.ndarray, np.int64, torch.from_numpy
+_ndarray, _INT64, _from_numpy, _Tensor = np.ndarray, np.int64, torch.from_numpy, torch.Tensor
 
 
 def _as_separators(separators) -> Separators:
@@ -153,7 +153,7 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
     code = FORMS.get(form) if type(form) is str else None
     if code is None:
         raise ValueError(f"form must be one of {sorted(FORMS)}; got {form!r}")
-    if type(labels) is torch.Tensor and not escape:  # the common case: read in place
+    if type(labels) is _Tensor and not escape:  # the common case: read in place
         out = _C.rrle_encode(labels, names, seps, code)
         if out is not NotImplemented:
             return out
@@ -249,7 +249,7 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
         seps = _as_separators(separators)
     else:  # one dialect per call: the first text's
         first = text if not batch else text[0] if text and type(text[0]) is str else ""
-        dialect = detect_dialect(first)
+        dialect = "text4seg" if "|" in first or "\n" in first else detect_dialect(first)  # (its first test, inline)
         seps = DIALECTS[dialect]
     if type(background) is not int:
         if names is not None and not 0 <= background < len(names):
@@ -258,7 +258,8 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
     if escape and names is not None:
         names = [escape_label(str(n)) for n in names]
     # The names are checked there (str()-ed, non-empty, distinct, background indexes them).
-    h, w = int(h), int(w)
+    if type(h) is not int or type(w) is not int:
+        h, w = int(h), int(w)
     grid, names, extra, reps = _C.rrle_decode(text, h, w, names, background, seps, strict,
                                               -1 if form == "auto" else FORMS[form])
     # The ids' bytes as a tensor (through numpy: cheaper than torch.empty + a copy).
