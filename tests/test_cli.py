@@ -7,6 +7,8 @@ import pkgutil
 import subprocess
 import sys
 
+import time
+
 import pytest
 import torch
 
@@ -257,10 +259,10 @@ def toy(monkeypatch):
     real_time_once, real_peak = core._time_once, core.peak_memory
 
     def flagged(real):
-        def wrapper(fn, device):
+        def wrapper(fn, device, *rest):
             counter["timing"] = True
             try:
-                return real(fn, device)
+                return real(fn, device, *rest)
             finally:
                 counter["timing"] = False
         return wrapper
@@ -339,11 +341,21 @@ def test_busy_machine_warning(monkeypatch):
     assert core.busy_warning("cpu") == ""
 
 
+def test_short_cpu_calls_are_timed_in_loops():
+    calls = []
+    seconds, samples, per_sample = core.median_time(lambda: calls.append(1), "cpu", 3, 10.0)
+    assert per_sample > 1 and samples == 3 and len(calls) == 1 + 3 * per_sample  # (a warm-up call, then loops)
+    assert 0 < seconds < core.SHORT_CALL_S
+    seconds, samples, per_sample = core.median_time(lambda: time.sleep(2 * core.SHORT_CALL_S), "cpu", 2, 10.0)
+    assert per_sample == 1 and seconds >= 2 * core.SHORT_CALL_S
+
+
 def test_setup_runs_once_per_case_outside_timing(toy):
     records = bench.run(["toy_square"], device="cpu", repeats=4, budget_s=10.0, progress=False)
     indexed = next(r for r in records if r["implementation"] == "indexed")
     assert toy["setup"] == 1  # once for the case, however many calls were timed
-    calls = 1 + (indexed["fwd_samples"] + 1) + (indexed["fwd_bwd_samples"] + 1)  # memory + warm-ups
+    calls = 1 + sum(1 + indexed[f"{key}_samples"] * indexed[f"{key}_calls_per_sample"]  # memory, warm-ups, loops
+                    for key in ("fwd", "fwd_bwd"))
     assert toy["run"] == calls and indexed["fwd_samples"] == 4
     assert indexed["setup_ms"] > 0 and indexed["setup_bytes"] == 64 * 8
     assert indexed["note"] == "indexes with a prepared table"

@@ -15,7 +15,10 @@ Every implementation of a case runs on the same inputs in one process:
   code path (on CUDA after one more warm-up call);
 * fwd, then fwd+bwd: repeated until ``repeats`` samples or the time budget is
   spent (at least one sample); the first sample is a warm-up, dropped
-  whenever there is more than one; the median is reported. An implementation
+  whenever there is more than one; the median is reported. On the CPU a call
+  shorter than ``SHORT_CALL_S`` is timed in loops of about ``LOOP_S`` per
+  sample (as timeit does: one call of a few microseconds is near the timer's
+  own cost and resolution), for every implementation alike. An implementation
   planned "once" (a slow baseline under ``--quick``) takes one sample and no
   warm-up call beyond the peak-memory call.
 
@@ -256,8 +259,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_once(fn, device: str) -> float:
-    """Seconds for one call (CUDA events on the GPU)."""
+SHORT_CALL_S = 1e-4  # CPU calls shorter than this are timed in loops ...
+LOOP_S = 1e-3        # ... of about this long per sample
+
+
+def _time_once(fn, device: str, calls: int = 1) -> float:
+    """Seconds per call over `calls` calls in a row (one call, with CUDA events, on the GPU)."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -267,20 +274,25 @@ def _time_once(fn, device: str) -> float:
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
 
 
-def median_time(fn, device: str, repeats: int, budget_s: float, warmup: bool = True) -> tuple[float, int]:
-    """(median seconds, samples used): up to repeats (+ 1 warm-up) calls within
-    budget_s, at least one; with `warmup` the first is dropped when there are others."""
+def median_time(fn, device: str, repeats: int, budget_s: float, warmup: bool = True) -> tuple[float, int, int]:
+    """(median seconds per call, samples used, calls per sample after the first):
+    up to repeats (+ 1 warm-up) samples within budget_s, at least one; with
+    `warmup` the first is dropped when there are others."""
     samples: list[float] = []
     limit = repeats + (1 if warmup else 0)
+    calls = 1  # per sample: set from the first sample on the CPU (see SHORT_CALL_S)
     t0 = time.perf_counter()
     while len(samples) < limit and (not samples or time.perf_counter() - t0 < budget_s):
-        samples.append(_time_once(fn, device))
+        samples.append(_time_once(fn, device, calls))
+        if len(samples) == 1 and device != "cuda" and samples[0] < SHORT_CALL_S:
+            calls = max(1, round(LOOP_S / max(samples[0], 1e-7)))
     kept = (samples[1:] if warmup else samples) or samples
-    return statistics.median(kept), len(kept)
+    return statistics.median(kept), len(kept), calls
 
 
 def fwd_bwd(forward: Callable[[Inputs], torch.Tensor], inputs: Inputs, dout: torch.Tensor,
@@ -513,11 +525,12 @@ def _measure(rec: dict, item: Planned, suite: Suite, case: Case, inputs: Inputs,
     for key, fn, title in measures:
         step(*label, title)
         if sampling == "once":  # the peak-memory call above (if any) was the warm-up
-            seconds, n = median_time(fn, device, 1, 0.0, warmup=False)
+            seconds, n, calls = median_time(fn, device, 1, 0.0, warmup=False)
         else:
-            seconds, n = median_time(fn, device, repeats, budget_s)
+            seconds, n, calls = median_time(fn, device, repeats, budget_s)
         rec[f"{key}_ms"] = seconds * 1e3
         rec[f"{key}_samples"] = n
+        rec[f"{key}_calls_per_sample"] = calls
         if device == "cuda" and suite.flops is not None:
             useful = suite.flops(case.shape) * (1.0 if key == "fwd" else 3.5)
             rec[f"{key}_useful_tflops"] = useful / seconds / 1e12
