@@ -457,12 +457,12 @@ struct DecodePrepared : Prepared {
 // rrle_decode(text, h, w, names, background, separators, strict, form) ->
 // (labels, names, extra, repairs): labels a bytearray of the int64 label ids,
 // (h, w) for a str, (B, h, w) for a list of str (the caller views it as a
-// tensor: cheaper than torch.empty from here); names the known names (None: the labels found) as a list of
-// str; extra the labels found beyond the known names (ids len(names) + i in
-// labels); repairs [(text, kind, row, column, occurrences)]. Names are str()-ed,
-// must be distinct and non-empty, and background must index them (messages as
-// the Python API's); background fills what nothing was decoded to fill (the
-// op's `fill`).
+// tensor: cheaper than torch.empty from here); names the known names (None:
+// the labels found) as a list of str; extra the labels found beyond the known
+// names (ids len(names) + i in labels) and repairs ((text, kind, row, column,
+// occurrences), ...) as tuples. Names are str()-ed, must be distinct and
+// non-empty, and background must index them (messages as the Python API's);
+// background fills what nothing was decoded to fill (the op's `fill`).
 inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const char* op = "rrle_decode";
   try {
@@ -538,15 +538,16 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     for (size_t i = 0; i < (given ? K : found.labels.size()); ++i)
       PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
                      given ? Py_NewRef(prep->name_objs[i].p) : str(found.labels[i]));
+    // extra and repairs as tuples (the empty tuple is shared: the common case allocates nothing)
     const size_t first_extra = given ? K : found.labels.size();
-    Ref extra(check(PyList_New(static_cast<Py_ssize_t>(found.labels.size() - first_extra))));
+    Ref extra(check(PyTuple_New(static_cast<Py_ssize_t>(found.labels.size() - first_extra))));
     for (size_t i = first_extra; i < found.labels.size(); ++i)
-      PyList_SetItem(extra.p, static_cast<Py_ssize_t>(i - first_extra), str(found.labels[i]));
-    Ref repairs(check(PyList_New(static_cast<Py_ssize_t>(found.repairs.size()))));
+      PyTuple_SetItem(extra.p, static_cast<Py_ssize_t>(i - first_extra), str(found.labels[i]));
+    Ref repairs(check(PyTuple_New(static_cast<Py_ssize_t>(found.repairs.size()))));
     for (size_t i = 0; i < found.repairs.size(); ++i) {
       const auto& r = found.repairs[i];
-      PyList_SetItem(repairs.p, static_cast<Py_ssize_t>(i),
-                     check(Py_BuildValue("(LLLLL)", r[0], r[1], r[2], r[3], r[4])));
+      PyTuple_SetItem(repairs.p, static_cast<Py_ssize_t>(i),
+                      check(Py_BuildValue("(LLLLL)", r[0], r[1], r[2], r[3], r[4])));
     }
     return check(PyTuple_Pack(4, grid.p, out_names.p, extra.p, repairs.p));
   } catch (...) {
