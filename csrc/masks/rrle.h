@@ -7,11 +7,14 @@
 // runs over the raster-order grid, no row separators), 2 one label per patch
 // (no counts); -1 (decode only) detects the form.
 //
-// decode_batch decodes texts into the ids of one label table (the known
-// names first, then the other labels in order of first appearance; a text's
-// own table is seeded with a few known names, so its ids need no mapping)
-// and lists the repairs (text, kind, row, column, occurrences); the Python
-// wrapper words the repairs and maps unknown labels to known names. Two
+// GridEncoder writes a grid's text in one pass. decode_batch decodes texts
+// into the ids of one label table (the known names first, then the other
+// labels in order of first appearance; a text's own table is seeded with a
+// few known names, so its ids need no mapping) and lists the repairs (text,
+// kind, row, column, occurrences); the Python wrapper words the repairs and
+// maps unknown labels to known names. A text written exactly (what encoders
+// and most model outputs are) is decoded in one pass (Decoder::decode_exact);
+// at its first deviation the general, tolerant parse takes the text. Two
 // callers share the core: the registered ops (tensors) and pyapi.h (str).
 #pragma once
 
