@@ -76,7 +76,7 @@ inline PyObject* set_error() {
 // torch's objects, looked up once (torch is imported before fastvision._C is).
 struct Torch {
   PyObject *tensor, *int64, *strided;
-  PyObject *dtype, *layout, *is_cpu, *is_contiguous, *is_neg, *size, *data_ptr;
+  PyObject *dtype, *layout, *is_cpu, *is_contiguous, *is_neg, *shape, *data_ptr;
 };
 
 inline const Torch& torch_objects() {
@@ -87,7 +87,7 @@ inline const Torch& torch_objects() {
     r.int64 = check(PyObject_GetAttrString(mod.p, "int64"));
     r.strided = check(PyObject_GetAttrString(mod.p, "strided"));
     for (auto [slot, name] : {std::pair{&r.dtype, "dtype"}, {&r.layout, "layout"}, {&r.is_cpu, "is_cpu"},
-                              {&r.is_contiguous, "is_contiguous"}, {&r.is_neg, "is_neg"}, {&r.size, "size"},
+                              {&r.is_contiguous, "is_contiguous"}, {&r.is_neg, "is_neg"}, {&r.shape, "shape"},
                               {&r.data_ptr, "data_ptr"}})
       *slot = check(PyUnicode_InternFromString(name));
     return r;
@@ -119,7 +119,7 @@ inline TensorView int64_tensor(PyObject* obj) {
   if (!attr_is(t.dtype, t.int64) || !attr_is(t.is_cpu, Py_True) || !attr_is(t.layout, t.strided) ||
       !call_true(t.is_contiguous) || call_true(t.is_neg))
     return v;
-  Ref shape(check(PyObject_CallMethodObjArgs(obj, t.size, nullptr)));  // torch.Size: a tuple
+  Ref shape(check(PyObject_GetAttr(obj, t.shape)));  // torch.Size: a tuple
   const Py_ssize_t n = PyTuple_Size(shape.p);
   if (n < 0) throw PyError{};
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -402,9 +402,9 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(prep->nv.size()));
     const GridEncoder& encoder = prep->encoder(form);
     if (!batch) {
-      thread_local std::string buf;  // (its capacity serves the next call)
-      const size_t n = encoder.encode(L.data, h, w, buf);
-      return PyUnicode_DecodeUTF8(buf.data(), static_cast<Py_ssize_t>(n), "strict");
+      static auto* buf = new std::string;  // (the GIL is held; its capacity serves the next call)
+      const size_t n = encoder.encode(L.data, h, w, *buf);
+      return PyUnicode_DecodeUTF8(buf->data(), static_cast<Py_ssize_t>(n), "strict");
     }
     std::vector<std::string> texts(static_cast<size_t>(B));
     {

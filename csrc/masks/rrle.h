@@ -195,16 +195,13 @@ class GridEncoder {
     p += n;
   }
   static char* write_count(char* p, int64_t n) {
-    if (n < 10) {
-      *p = static_cast<char>('0' + n);
-      return p + 1;
-    }
-    if (n < 100) {
-      p[0] = static_cast<char>('0' + n / 10);
-      p[1] = static_cast<char>('0' + n % 10);
-      return p + 2;
-    }
-    return std::to_chars(p, p + 24, n).ptr;
+    if (n >= 100) return std::to_chars(p, p + 24, n).ptr;
+    // One or two digits without a branch on which (counts of a row mix them):
+    // both are written, the cursor moves past the ones the count has.
+    const int two = n >= 10;
+    p[0] = static_cast<char>('0' + (two ? n / 10 : n));
+    p[1] = static_cast<char>('0' + n % 10);
+    return p + 1 + two;
   }
 };
 
