@@ -15,7 +15,7 @@
 # R-RLE texts mutated by hypothesis, malformed RLEs, the direct-call fuzz of
 # every codec op) runs alone with:
 #
-#   bash tools/sanitize.sh tests/test_masks.py -k "fuzz or malformed or mismatched or gigapixel"
+#   bash tools/sanitize.sh tests/test_masks.py -k "fuzz or malformed or mismatched or gigapixel or exact_path or prepared"
 #
 # (extra arguments go to pytest; a test file given there is run instead of the default list).
 #

@@ -523,6 +523,31 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     FV_CHECK(mul_fits(total, 8, &bytes), op, "B * h * w overflows int64");
     Ref grid(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
     int64_t* g = reinterpret_cast<int64_t*>(PyByteArray_AsString(grid.p));  // (malloc'ed: aligned)
+    const size_t K = nv.size();
+    // One exact text (the common call): decoded here, without decode_batch's
+    // tables; its ids are the names' (the decoder's table seeded with them)
+    // unless it holds other labels, which the general path maps.
+    if (B == 1 && form <= 0 && K <= static_cast<size_t>(LabelTable::kScan) &&
+        exact_path_enabled.load(std::memory_order_relaxed)) {
+      static auto* d = new Decoder;  // (the GIL is held)
+      d->reset();
+      for (std::string_view name : nv) d->table.id(name);
+      d->text = tv[0];
+      d->seps = &prep->seps_of_text;
+      d->strict = strict;
+      if (d->decode_exact(h, w, g) && (!given || d->table.labels.size() == K)) {
+        const size_t n = given ? K : d->table.labels.size();
+        Ref out_names(check(PyList_New(static_cast<Py_ssize_t>(n))));
+        for (size_t i = 0; i < n; ++i)
+          PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
+                         given ? Py_NewRef(prep->name_objs[i].p)
+                               : check(PyUnicode_DecodeUTF8(d->table.labels[i].data(),
+                                                            static_cast<Py_ssize_t>(d->table.labels[i].size()),
+                                                            "replace")));
+        Ref none(check(PyTuple_New(0)));
+        return check(PyTuple_Pack(4, grid.p, out_names.p, none.p, none.p));
+      }
+    }
     DecodedBatch found;
     if (B == 1) {
       found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
@@ -533,7 +558,6 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     auto str = [](std::string_view s) {
       return check(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
     };
-    const size_t K = nv.size();
     Ref out_names(check(PyList_New(static_cast<Py_ssize_t>(given ? K : found.labels.size()))));
     for (size_t i = 0; i < (given ? K : found.labels.size()); ++i)
       PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
