@@ -529,20 +529,19 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     // unless it holds other labels, which the general path maps.
     if (B == 1 && form <= 0 && K <= static_cast<size_t>(LabelTable::kScan) &&
         exact_path_enabled.load(std::memory_order_relaxed)) {
-      static auto* d = new Decoder;  // (the GIL is held)
-      d->reset();
-      for (std::string_view name : nv) d->table.id(name);
-      d->text = tv[0];
-      d->seps = &prep->seps_of_text;
-      d->strict = strict;
-      if (d->decode_exact(h, w, g) && (!given || d->table.labels.size() == K)) {
-        const size_t n = given ? K : d->table.labels.size();
+      Decoder d;  // (this call's own: creating Python objects below may run a collection, and its finalizers this function)
+      for (std::string_view name : nv) d.table.id(name);
+      d.text = tv[0];
+      d.seps = &prep->seps_of_text;
+      d.strict = strict;
+      if (d.decode_exact(h, w, g) && (!given || d.table.labels.size() == K)) {
+        const size_t n = given ? K : d.table.labels.size();
         Ref out_names(check(PyList_New(static_cast<Py_ssize_t>(n))));
         for (size_t i = 0; i < n; ++i)
           PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
                          given ? Py_NewRef(prep->name_objs[i].p)
-                               : check(PyUnicode_DecodeUTF8(d->table.labels[i].data(),
-                                                            static_cast<Py_ssize_t>(d->table.labels[i].size()),
+                               : check(PyUnicode_DecodeUTF8(d.table.labels[i].data(),
+                                                            static_cast<Py_ssize_t>(d.table.labels[i].size()),
                                                             "replace")));
         Ref none(check(PyTuple_New(0)));
         return check(PyTuple_Pack(4, grid.p, out_names.p, none.p, none.p));
