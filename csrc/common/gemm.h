@@ -51,23 +51,25 @@ __attribute__((always_inline)) inline void fma_scalars_block(T* __restrict out, 
       for (int v = 0; v < NV; ++v) acc[t][v] += a[v] * s;
     }
   }
-  for (int t = static_cast<int>(keep_o); t < kOuts; ++t) {
-    T* o = out + (o0 + t) * os + w0;
-    if (keep_w == 0) {
+  if (keep_o == 0 && keep_w == 0) {  // the common case, stored from registers
+    for (int t = 0; t < kOuts; ++t)
       for (int v = 0; v < NV; ++v) {
+        T* o = out + (o0 + t) * os + w0 + v * L;
         V x = acc[t][v];
         if (accumulate) {
           V y;
-          std::memcpy(&y, o + v * L, sizeof(V));
+          std::memcpy(&y, o, sizeof(V));
           x += y;
         }
-        std::memcpy(o + v * L, &x, sizeof(V));
+        std::memcpy(o, &x, sizeof(V));
       }
-    } else {
-      T lanes[NV * L];
-      std::memcpy(lanes, acc[t], sizeof(lanes));
-      for (int64_t e = keep_w; e < NV * L; ++e) o[e] = accumulate ? o[e] + lanes[e] : lanes[e];
-    }
+    return;
+  }
+  for (int t = static_cast<int>(keep_o); t < kOuts; ++t) {
+    T lanes[NV * L];
+    std::memcpy(lanes, acc[t], sizeof(lanes));
+    T* o = out + (o0 + t) * os + w0;
+    for (int64_t e = keep_w; e < NV * L; ++e) o[e] = accumulate ? o[e] + lanes[e] : lanes[e];
   }
 }
 

@@ -74,7 +74,7 @@ struct Dims {
   int64_t B, Cqk, C, H, W, HW;
 };
 
-constexpr int64_t kChannels = 32;  // value / dout channels per step of the column passes
+constexpr int64_t kChannels = 36;  // value / dout channels per step of the column passes
 
 // Columns per group of the column passes: the group's weights ([w][H][H])
 // stay within kGroupWeights elements (one column at least).
