@@ -155,13 +155,14 @@ void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_
   over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, n_w, dst + c * d.H); });
 }
 
-// X[c][h][w] = X[c][h][w] * scale[w][h] (scale null: 1) + src[w][c][h]:
+// X[c][h][w] = X[c][h][w] * scale[h][w] (scale null: 1; rows W apart, like
+// X's) + src[w][c][h]:
 // pack_columns' inverse, adding.
 template <typename T>
 FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
   const int64_t H = d.H, W = d.W, ss = n_c * H;  // src(w, h) = src[w * ss + h]
   auto one = [&](int64_t h, int64_t w) {
-    x[h * W + w] = (scale ? x[h * W + w] * scale[w * H + h] : x[h * W + w]) + src[w * ss + h];
+    x[h * W + w] = (scale ? x[h * W + w] * scale[h * W + w] : x[h * W + w]) + src[w * ss + h];
   };
   int64_t h0 = 0;
   for (; h0 + 8 <= H; h0 += 8) {
@@ -172,8 +173,7 @@ FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, cons
       a.transpose();
       o.load(x + h0 * W + w0, W);
       if (scale) {
-        f.load(scale + w0 * H + h0, H);
-        f.transpose();
+        f.load(scale + h0 * W + w0, W);
         for (int k = 0; k < 8; ++k) o.r[k] = o.r[k] * f.r[k] + a.r[k];
       } else {
         for (int k = 0; k < 8; ++k) o.r[k] += a.r[k];
@@ -320,7 +320,8 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
 // the group's first column), after pass 1: the column logits transposed,
 // pt[i][h] = Q[:, h] . K[:, i] (vectorised over the queries h), lse from both
 // parts' max and sums (rmax is lse's storage), the column weights P
-// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h].
+// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h * W]
+// (scale at the column: the layout of out's planes, read by add_plane as they are).
 // Scratch: three H vectors.
 template <typename T>
 FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
@@ -338,7 +339,7 @@ FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T*
     const T to_m = std::exp(mr[h] - m[h]), total = sum[h] + rsum[h * W + w] * to_m;
     lse[h * W + w] = m[h] + std::log(total);
     sum[h] = T(1) / total;
-    scale[h] = to_m * sum[h];  // exp(m_r - lse)
+    scale[h * W] = to_m * sum[h];  // exp(m_r - lse)
   }
   for (int64_t i = 0; i < H; ++i) {
     T* r = pt + i * H;
@@ -372,9 +373,9 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
       pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.data());
       over_columns(op, n_w, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
                    [&](std::vector<T>& e, int64_t w) {
-        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w * H);
+        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w);
       });
-      // out[c,h,w] = out[c,h,w] * scale[w][h] + sum_i P[h][i] V[c,i,w], per column a
+      // out[c,h,w] = out[c,h,w] * scale[h][w] + sum_i P[h][i] V[c,i,w], per column a
       // GEMM (sums over H keys: one pass), its output [w][c][h] in place of the
       // packed dout / out columns.
       T* O_b = O + b * cv + w0;
