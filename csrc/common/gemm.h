@@ -73,6 +73,56 @@ __attribute__((always_inline)) inline void fma_scalars_block(T* __restrict out, 
   }
 }
 
+// NO outputs' dot products over r of one lane (its column of A gathered into
+// col, nr values) with rows of S contiguous along r: vectorised along r, NO
+// sums in flight; out = sum (first) or out + sum.
+template <int NO, typename T>
+__attribute__((always_inline)) inline void fma_scalars_dot(T* out, int64_t os, const T* col, const T* S, int64_t so,
+                                                           int64_t nr, bool first) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int L = static_cast<int>(kLanes<T>);
+  V acc[NO] = {};
+  int64_t r = 0;
+  for (; r + L <= nr; r += L) {
+    V a;
+    std::memcpy(&a, col + r, sizeof(V));
+    for (int t = 0; t < NO; ++t) {
+      V x;
+      std::memcpy(&x, S + t * so + r, sizeof(V));
+      acc[t] += a * x;
+    }
+  }
+  for (int t = 0; t < NO; ++t) {
+    T sum = 0;
+    for (int e = 0; e < L; ++e) sum += acc[t][e];
+    for (int64_t q = r; q < nr; ++q) sum += col[q] * S[t * so + q];
+    out[t * os] = first ? sum : out[t * os] + sum;
+  }
+}
+
+// Lanes [w0, width) (fewer than half a vector: the tail of a row) when S is
+// contiguous along r: dot products, at 1 / kLanes of a vector block's FMAs
+// per lane (the sums run along r in vector lanes: another order than the
+// blocks', as deterministic). r in pieces of kCol, each lane's column of A
+// gathered once per piece.
+template <typename T>
+__attribute__((always_inline)) inline void fma_scalars_dots(T* out, int64_t n_out, int64_t os, const T* A, int64_t as,
+                                                            const T* S, int64_t so, int64_t n_r, int64_t w0,
+                                                            int64_t width, bool accumulate) {
+  constexpr int64_t kCol = 128;
+  T col[kCol];
+  for (int64_t w = w0; w < width; ++w)
+    for (int64_t r0 = 0; r0 < n_r; r0 += kCol) {
+      const int64_t nr = std::min(kCol, n_r - r0);
+      for (int64_t r = 0; r < nr; ++r) col[r] = A[(r0 + r) * as + w];
+      const bool first = r0 == 0 && !accumulate;
+      int64_t o = 0;
+      for (; o + kOuts <= n_out; o += kOuts)
+        fma_scalars_dot<kOuts>(out + o * os + w, os, col, S + o * so + r0, so, nr, first);
+      for (; o < n_out; ++o) fma_scalars_dot<1>(out + o * os + w, os, col, S + o * so + r0, so, nr, first);
+    }
+}
+
 // out[o * os + w] (+)= sum_r A[r * as + w] * S[o * so + r * sr]
 // (rows of a plane weighted by scalars), for o < n_out and w < width.
 template <typename T>
@@ -80,6 +130,11 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
                                      const T* __restrict S, int64_t so, int64_t sr, int64_t n_r, int64_t width,
                                      bool accumulate) {
   constexpr int64_t L = kLanes<T>, C = kChunk<T>;
+  // A tail of at most half a vector of lanes by dot products where S allows.
+  const int64_t rem = width % C;
+  const bool dots = sr == 1 && rem > 0 && rem <= L / 2 && width >= C && n_out >= kOuts;
+  const int64_t bw = dots ? width - rem : width;  // the lanes of the register blocks
+  if (dots) fma_scalars_dots(out, n_out, os, A, as, S, so, n_r, bw, width, accumulate);
   int64_t o0 = 0;
   for (; o0 < n_out && n_out >= kOuts && width >= L; o0 += kOuts) {
     int64_t keep_o = 0;
@@ -88,13 +143,13 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
       o0 = n_out - kOuts;
     }
     int64_t w0 = 0;
-    for (; w0 + C <= width; w0 += C)
+    for (; w0 + C <= bw; w0 += C)
       fma_scalars_block<2>(out, os, A, as, S, so, sr, n_r, o0, w0, keep_o, 0, accumulate);
     // w tail: the last one or two vectors of lanes, the new ones stored
-    if (w0 < width && width - w0 <= L)
-      fma_scalars_block<1>(out, os, A, as, S, so, sr, n_r, o0, width - L, keep_o, w0 + L - width, accumulate);
-    else if (w0 < width)
-      fma_scalars_block<2>(out, os, A, as, S, so, sr, n_r, o0, width - C, keep_o, w0 + C - width, accumulate);
+    if (w0 < bw && bw - w0 <= L)
+      fma_scalars_block<1>(out, os, A, as, S, so, sr, n_r, o0, bw - L, keep_o, w0 + L - bw, accumulate);
+    else if (w0 < bw)
+      fma_scalars_block<2>(out, os, A, as, S, so, sr, n_r, o0, bw - C, keep_o, w0 + C - bw, accumulate);
   }
   for (; o0 < n_out; ++o0) {  // fewer outputs than a block, or rows narrower than a vector
     T* o = out + o0 * os;
