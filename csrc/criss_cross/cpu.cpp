@@ -83,13 +83,6 @@ int64_t columns_per_group(int64_t H, int64_t W) {
   return std::clamp<int64_t>(kGroupWeights / std::max<int64_t>(H * H, 1), 1, std::max<int64_t>(W, 1));
 }
 
-// dst[w][j] = src[j][w] (n x n).
-template <typename T>
-void transpose(const T* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t w = 0; w < n; ++w) dst[w * n + j] = src[j * n + w];
-}
-
 // Channels [0, n_c) in parallel, fn(c); n_c is small, one channel a task.
 template <typename F>
 void over_channels(const char* op, int64_t n_c, F&& fn) {
@@ -128,31 +121,31 @@ struct Tile8 {
   }
 };
 
-// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
-// (X at the group's first column): a plane at a time (read whole when the
-// group is, sequential memory), in 8 x 8 tiles.
+// dst[w * ds + h] = x[h * xs + w], h < n_h, w < n_w, in 8 x 8 tiles (rows of
+// x read whole: sequential memory).
 template <typename T>
-FV_CPU_CLONES void pack_plane(const Dims& d, const T* x, int64_t n_c, int64_t n_w, T* dst) {
-  const int64_t H = d.H, W = d.W, ds = n_c * H;  // dst(w, h) = dst[w * ds + h]
+FV_CPU_CLONES void transpose(const T* x, int64_t xs, int64_t n_h, int64_t n_w, T* dst, int64_t ds) {
   int64_t h0 = 0;
-  for (; h0 + 8 <= H; h0 += 8) {
+  for (; h0 + 8 <= n_h; h0 += 8) {
     int64_t w0 = 0;
     for (; w0 + 8 <= n_w; w0 += 8) {
       Tile8<T> t;
-      t.load(x + h0 * W + w0, W);
+      t.load(x + h0 * xs + w0, xs);
       t.transpose();
       t.store(dst + w0 * ds + h0, ds);
     }
     for (; w0 < n_w; ++w0)
-      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * W + w0];
+      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * xs + w0];
   }
-  for (; h0 < H; ++h0)
-    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * W + w];
+  for (; h0 < n_h; ++h0)
+    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * xs + w];
 }
 
+// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
+// (X at the group's first column), a plane at a time.
 template <typename T>
 void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_t n_w, T* dst) {
-  over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, n_w, dst + c * d.H); });
+  over_channels(op, n_c, [&](int64_t c) { transpose(X + c * d.HW, d.W, d.H, n_w, dst + c * d.H, n_c * d.H); });
 }
 
 // X[c][h][w] = X[c][h][w] * scale[h][w] (scale null: 1; rows W apart, like
@@ -442,8 +435,8 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
     // dvalue[c,h,j] = sum_w P[j][w] dout[c,h,w] (the planes transposed to [w][j];
     // sums over W: one pass).
     fma_scalars(a.dq + h * W, d.Cqk, HW, dsr, W, a.k + h * W, HW, 1, W, W, false, W);
-    transpose(pr, prt, W);
-    transpose(dsr, dsrt, W);
+    transpose(pr, W, W, W, prt, W);
+    transpose(dsr, W, W, W, dsrt, W);
     fma_scalars(a.dk + h * W, d.Cqk, HW, dsrt, W, a.q + h * W, HW, 1, W, W, false, W);
     fma_scalars(a.dv + h * W, d.C, HW, prt, W, gr, W, 1, W, W, false, W);
   }
@@ -468,7 +461,7 @@ FV_CPU_CLONES void column_dqk(const Dims& d, const BwdPtrs<T>& a, const Columns<
   }
   // dkey[c][i] = sum_h dS[h][i] Q[c][h]; dquery[c][h] = sum_i dS[h][i] K[c][i] (dS transposed)
   fma_scalars(dk, Cqk, H, ds, H, cols.q.data() + w * Cqk * H, H, 1, H, H, false, H);
-  transpose(ds, dst, H);
+  transpose(ds, H, H, H, dst, H);
   fma_scalars(dq, Cqk, H, dst, H, cols.k.data() + w * Cqk * H, H, 1, H, H, false, H);
 }
 
