@@ -5,19 +5,23 @@
 // E = q . k (no scaling).
 //
 // Every product is a small matrix product run by fma_scalars (common/gemm.h:
-// register blocks of 4 outputs x 16 lanes, one vector load per 4 FMAs), whose
-// vector operand and output need a contiguous axis:
+// register blocks of 6 outputs x 16 lanes, 12 FMAs per two vector loads and
+// six broadcasts; a row's last lanes by a one-vector block or, where the
+// scalar operand is contiguous, by dot products), whose vector operand and
+// output need a contiguous axis:
 //  - row parts, tasks of (batch, block of query rows): for a fixed row h the
 //    operands are NCHW planes with w (or j) contiguous, used in place (the
 //    backward copies dout's row h, [c][w], once per row: as dP's vector
 //    operand, strided by H * W, its 16-lane rows would take a page each);
 //  - column parts, per batch element: query and key are packed to columns
 //    [w][c][h] (scratch of one batch element), and value / dout in steps of
-//    kChannels channels, so that for a fixed column w every product is a GEMM
-//    over contiguous [c][h] and [h][i] planes (all columns of a step in
+//    kChannels = 36 channels (a multiple of the register block's 6
+//    outputs), so that for a fixed column w every product is a GEMM over
+//    contiguous [c][h] and [h][i] planes (all columns of a step in
 //    parallel); results go to [w][c][h] scratch and are added to the NCHW
-//    output per step. Packs and adds read / write whole planes in 8 x 8
-//    register transposes: O(C H W) moves against O(C H W H) products.
+//    output per step (the forward's row rescaling read in out's [h][w]
+//    layout). Packs, adds and the backward's plane transposes move 8 x 8
+//    register tiles: O(C H W) moves against O(C H W H) products.
 // No (B, H, W, H + W) tensor; the column weights of one batch element
 // ([w][H][H], the size of one H x H x W value plane) are scratch.
 //
