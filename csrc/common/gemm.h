@@ -8,8 +8,9 @@
 // the 6 x 16 block of AVX2 SGEMM kernels (16 ymm registers). GCC vector
 // extensions keep the sums in registers on any target (the baseline clone
 // splits each vector in two). A row's last block is moved back to end at the
-// row's end, one vector wide when at most one vector's lanes remain, so tails
-// run at full vector width and recompute (without storing) at most one
+// row's end, one vector wide when at most one vector's lanes remain (a row
+// of one to two vectors: two one-vector blocks), so tails run at full vector
+// width, never outside the row, and recompute (without storing) at most one
 // vector of lanes; likewise the last block of outputs.
 #pragma once
 
@@ -146,10 +147,15 @@ FV_CPU_CLONES void fma_scalars_chunk(T* __restrict out, int64_t n_out, int64_t o
     for (; w0 + C <= bw; w0 += C)
       fma_scalars_block<2>(out, os, A, as, S, so, sr, n_r, o0, w0, keep_o, 0, accumulate);
     // w tail: the last one or two vectors of lanes, the new ones stored
-    if (w0 < bw && bw - w0 <= L)
-      fma_scalars_block<1>(out, os, A, as, S, so, sr, n_r, o0, bw - L, keep_o, w0 + L - bw, accumulate);
-    else if (w0 < bw)
+    if (w0 < bw && bw - w0 > L && bw >= C) {
       fma_scalars_block<2>(out, os, A, as, S, so, sr, n_r, o0, bw - C, keep_o, w0 + C - bw, accumulate);
+    } else if (w0 < bw) {
+      if (bw - w0 > L) {  // a row of one to two vectors (L < bw < C): its first vector
+        fma_scalars_block<1>(out, os, A, as, S, so, sr, n_r, o0, w0, keep_o, 0, accumulate);
+        w0 += L;
+      }
+      fma_scalars_block<1>(out, os, A, as, S, so, sr, n_r, o0, bw - L, keep_o, w0 + L - bw, accumulate);
+    }
   }
   for (; o0 < n_out; ++o0) {  // fewer outputs than a block, or rows narrower than a vector
     T* o = out + o0 * os;
