@@ -5,19 +5,23 @@
 // E = q . k (no scaling).
 //
 // Every product is a small matrix product run by fma_scalars (common/gemm.h:
-// register blocks of 4 outputs x 16 lanes, one vector load per 4 FMAs), whose
-// vector operand and output need a contiguous axis:
+// register blocks of 6 outputs x 16 lanes, 12 FMAs per two vector loads and
+// six broadcasts; a row's last lanes by a one-vector block or, where the
+// scalar operand is contiguous, by dot products), whose vector operand and
+// output need a contiguous axis:
 //  - row parts, tasks of (batch, block of query rows): for a fixed row h the
 //    operands are NCHW planes with w (or j) contiguous, used in place (the
 //    backward copies dout's row h, [c][w], once per row: as dP's vector
 //    operand, strided by H * W, its 16-lane rows would take a page each);
 //  - column parts, per batch element: query and key are packed to columns
 //    [w][c][h] (scratch of one batch element), and value / dout in steps of
-//    kChannels channels, so that for a fixed column w every product is a GEMM
-//    over contiguous [c][h] and [h][i] planes (all columns of a step in
+//    kChannels = 36 channels (a multiple of the register block's 6
+//    outputs), so that for a fixed column w every product is a GEMM over
+//    contiguous [c][h] and [h][i] planes (all columns of a step in
 //    parallel); results go to [w][c][h] scratch and are added to the NCHW
-//    output per step. Packs and adds read / write whole planes in 8 x 8
-//    register transposes: O(C H W) moves against O(C H W H) products.
+//    output per step (the forward's row rescaling read in out's [h][w]
+//    layout). Packs, adds and the backward's plane transposes move 8 x 8
+//    register tiles: O(C H W) moves against O(C H W H) products.
 // No (B, H, W, H + W) tensor; the column weights of one batch element
 // ([w][H][H], the size of one H x H x W value plane) are scratch.
 //
@@ -74,20 +78,13 @@ struct Dims {
   int64_t B, Cqk, C, H, W, HW;
 };
 
-constexpr int64_t kChannels = 32;  // value / dout channels per step of the column passes
+constexpr int64_t kChannels = 36;  // value / dout channels per step of the column passes
 
 // Columns per group of the column passes: the group's weights ([w][H][H])
 // stay within kGroupWeights elements (one column at least).
 constexpr int64_t kGroupWeights = int64_t(1) << 21;
 int64_t columns_per_group(int64_t H, int64_t W) {
   return std::clamp<int64_t>(kGroupWeights / std::max<int64_t>(H * H, 1), 1, std::max<int64_t>(W, 1));
-}
-
-// dst[w][j] = src[j][w] (n x n).
-template <typename T>
-void transpose(const T* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t w = 0; w < n; ++w) dst[w * n + j] = src[j * n + w];
 }
 
 // Channels [0, n_c) in parallel, fn(c); n_c is small, one channel a task.
@@ -128,40 +125,41 @@ struct Tile8 {
   }
 };
 
-// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
-// (X at the group's first column): a plane at a time (read whole when the
-// group is, sequential memory), in 8 x 8 tiles.
+// dst[w * ds + h] = x[h * xs + w], h < n_h, w < n_w, in 8 x 8 tiles (rows of
+// x read whole: sequential memory).
 template <typename T>
-FV_CPU_CLONES void pack_plane(const Dims& d, const T* x, int64_t n_c, int64_t n_w, T* dst) {
-  const int64_t H = d.H, W = d.W, ds = n_c * H;  // dst(w, h) = dst[w * ds + h]
+FV_CPU_CLONES void transpose(const T* x, int64_t xs, int64_t n_h, int64_t n_w, T* dst, int64_t ds) {
   int64_t h0 = 0;
-  for (; h0 + 8 <= H; h0 += 8) {
+  for (; h0 + 8 <= n_h; h0 += 8) {
     int64_t w0 = 0;
     for (; w0 + 8 <= n_w; w0 += 8) {
       Tile8<T> t;
-      t.load(x + h0 * W + w0, W);
+      t.load(x + h0 * xs + w0, xs);
       t.transpose();
       t.store(dst + w0 * ds + h0, ds);
     }
     for (; w0 < n_w; ++w0)
-      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * W + w0];
+      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * xs + w0];
   }
-  for (; h0 < H; ++h0)
-    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * W + w];
+  for (; h0 < n_h; ++h0)
+    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * xs + w];
 }
 
+// dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
+// (X at the group's first column), a plane at a time.
 template <typename T>
 void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_t n_w, T* dst) {
-  over_channels(op, n_c, [&](int64_t c) { pack_plane(d, X + c * d.HW, n_c, n_w, dst + c * d.H); });
+  over_channels(op, n_c, [&](int64_t c) { transpose(X + c * d.HW, d.W, d.H, n_w, dst + c * d.H, n_c * d.H); });
 }
 
-// X[c][h][w] = X[c][h][w] * scale[w][h] (scale null: 1) + src[w][c][h]:
+// X[c][h][w] = X[c][h][w] * scale[h][w] (scale null: 1; rows W apart, like
+// X's) + src[w][c][h]:
 // pack_columns' inverse, adding.
 template <typename T>
 FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, const T* src, const T* scale) {
   const int64_t H = d.H, W = d.W, ss = n_c * H;  // src(w, h) = src[w * ss + h]
   auto one = [&](int64_t h, int64_t w) {
-    x[h * W + w] = (scale ? x[h * W + w] * scale[w * H + h] : x[h * W + w]) + src[w * ss + h];
+    x[h * W + w] = (scale ? x[h * W + w] * scale[h * W + w] : x[h * W + w]) + src[w * ss + h];
   };
   int64_t h0 = 0;
   for (; h0 + 8 <= H; h0 += 8) {
@@ -172,8 +170,7 @@ FV_CPU_CLONES void add_plane(const Dims& d, T* x, int64_t n_c, int64_t n_w, cons
       a.transpose();
       o.load(x + h0 * W + w0, W);
       if (scale) {
-        f.load(scale + w0 * H + h0, H);
-        f.transpose();
+        f.load(scale + h0 * W + w0, W);
         for (int k = 0; k < 8; ++k) o.r[k] = o.r[k] * f.r[k] + a.r[k];
       } else {
         for (int k = 0; k < 8; ++k) o.r[k] += a.r[k];
@@ -320,7 +317,8 @@ FV_CPU_CLONES void forward_rows(const Dims& d, const T* Q, const T* K, const T* 
 // the group's first column), after pass 1: the column logits transposed,
 // pt[i][h] = Q[:, h] . K[:, i] (vectorised over the queries h), lse from both
 // parts' max and sums (rmax is lse's storage), the column weights P
-// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h].
+// transposed in place, and the row part's rescaling exp(m_r - lse), scale[h * W]
+// (scale at the column: the layout of out's planes, read by add_plane as they are).
 // Scratch: three H vectors.
 template <typename T>
 FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
@@ -338,7 +336,7 @@ FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T*
     const T to_m = std::exp(mr[h] - m[h]), total = sum[h] + rsum[h * W + w] * to_m;
     lse[h * W + w] = m[h] + std::log(total);
     sum[h] = T(1) / total;
-    scale[h] = to_m * sum[h];  // exp(m_r - lse)
+    scale[h * W] = to_m * sum[h];  // exp(m_r - lse)
   }
   for (int64_t i = 0; i < H; ++i) {
     T* r = pt + i * H;
@@ -372,9 +370,9 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
       pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.data());
       over_columns(op, n_w, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
                    [&](std::vector<T>& e, int64_t w) {
-        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w * H);
+        column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w);
       });
-      // out[c,h,w] = out[c,h,w] * scale[w][h] + sum_i P[h][i] V[c,i,w], per column a
+      // out[c,h,w] = out[c,h,w] * scale[h][w] + sum_i P[h][i] V[c,i,w], per column a
       // GEMM (sums over H keys: one pass), its output [w][c][h] in place of the
       // packed dout / out columns.
       T* O_b = O + b * cv + w0;
@@ -441,8 +439,8 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
     // dvalue[c,h,j] = sum_w P[j][w] dout[c,h,w] (the planes transposed to [w][j];
     // sums over W: one pass).
     fma_scalars(a.dq + h * W, d.Cqk, HW, dsr, W, a.k + h * W, HW, 1, W, W, false, W);
-    transpose(pr, prt, W);
-    transpose(dsr, dsrt, W);
+    transpose(pr, W, W, W, prt, W);
+    transpose(dsr, W, W, W, dsrt, W);
     fma_scalars(a.dk + h * W, d.Cqk, HW, dsrt, W, a.q + h * W, HW, 1, W, W, false, W);
     fma_scalars(a.dv + h * W, d.C, HW, prt, W, gr, W, 1, W, W, false, W);
   }
@@ -467,7 +465,7 @@ FV_CPU_CLONES void column_dqk(const Dims& d, const BwdPtrs<T>& a, const Columns<
   }
   // dkey[c][i] = sum_h dS[h][i] Q[c][h]; dquery[c][h] = sum_i dS[h][i] K[c][i] (dS transposed)
   fma_scalars(dk, Cqk, H, ds, H, cols.q.data() + w * Cqk * H, H, 1, H, H, false, H);
-  transpose(ds, dst, H);
+  transpose(ds, H, H, H, dst, H);
   fma_scalars(dq, Cqk, H, dst, H, cols.k.data() + w * Cqk * H, H, 1, H, H, false, H);
 }
 

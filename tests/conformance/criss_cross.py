@@ -37,11 +37,15 @@ EDGE = [
     case(Cqk=5, C=3, H=19, W=18),            # C < Cqk, odd sizes
     case(H=6, W=7, scale=6.0),               # logits ~ +-100: saturated softmax
     case(Cqk=16, C=32, H=33, W=12, B=1),     # H > 32: several row blocks and partner blocks
-    # CPU blocks: value channels in steps of 32 (70 = 32 + 32 + 6), register blocks of 4 outputs x 16
-    # lanes whose last block overlaps the one before (H, W = 17, 19; 6 and 70 outputs), fewer outputs
-    # than a block (Cqk = 3), 8 x 8 transpose tiles with tails on both axes
+    # CPU blocks (common/gemm.h): value channels in steps of 36 (70 = 36 + 34), register blocks of 6
+    # outputs x 16 lanes whose last block overlaps the one before (70 outputs); row tails of 1 to 4
+    # lanes by dot products (H, W = 17, 19), fewer outputs than a block (Cqk = 3), 8 x 8 transpose
+    # tiles with tails on both axes
     case(Cqk=3, C=70, H=17, W=19, B=1),
-    case(Cqk=5, C=33, H=24, W=16),           # W one block exactly, H three tiles, a 1-channel step
+    case(Cqk=5, C=37, H=24, W=16),           # W one block exactly, H: a one-vector tail, a 1-channel step
+    case(Cqk=7, C=13, H=30, W=28, B=1),      # tails of 14 and 12 lanes: two vectors, overlapping
+    # dot-product tails with r in two pieces (W = 130 > 128 keys), 13 = 2 x 6 + 1 outputs
+    case(Cqk=6, C=13, H=18, W=130, B=1),
     case(Cqk=1, C=2, H=300, W=30, B=1),      # column groups of 2^21 / H^2 = 23 columns: two groups
 ]
 _rng = random.Random(3)
@@ -52,7 +56,8 @@ RANDOM = [case(B=_rng.choice([1, 2, 3]), Cqk=_rng.choice([1, 2, 4, 8, 9]), C=_rn
 BASIC = [case(), case(H=9, W=4, Cqk=3, C=5, B=1)]
 HALF = [case(Cqk=8, C=16, H=9, W=12), case(H=1, W=7, Cqk=4, C=8), case(Cqk=4, C=40, H=17, W=18, B=1)]
 GRADCHECK = [case(B=1, Cqk=2, C=3, H=4, W=5), case(B=2, Cqk=3, C=2, H=3, W=1), case(B=1, Cqk=2, C=2, H=1, W=4),
-             case(B=1, Cqk=2, C=5, H=17, W=1)]  # float64 through the overlapping register blocks
+             case(B=1, Cqk=2, C=5, H=17, W=1),   # float64 through the overlapping register blocks
+             case(B=1, Cqk=2, C=7, H=9, W=10)]   # float64 (8-lane blocks) dot-product tails of 1 and 2 lanes
 OPCHECK = [case(B=2, Cqk=3, C=4, H=5, W=4)]
 COMPILE = [case(B=1, Cqk=4, C=8, H=6, W=5)]
 TRITON = [case(B=1, Cqk=4, C=6, H=5, W=7), case(B=0, H=3, W=3)]  # tiny: the interpreter is slow
