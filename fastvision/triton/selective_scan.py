@@ -21,6 +21,10 @@ order everywhere (chunk_states[..., c, :] is the state after chunk c).
 B and C are either constant, (dim, N), or variable, (batch, G, N, L) where
 channel d reads group d // (dim // G).
 
+At 8 warps the kernels launch with a register budget (``maxnreg``; the
+launchers' ``_fwd_budget`` / ``_bwd_budget``): without one ptxas fitted them
+to 80 or 128 registers for occupancy and spilled at N 16.
+
 Everything here runs on CPU tensors under TRITON_INTERPRET=1 as well; it uses
 nothing newer than triton 3.6 offers.
 """
