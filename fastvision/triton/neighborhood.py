@@ -65,8 +65,9 @@ bench/compile_check.py)
     The rpb tables go to the kernels reversed, so that the gather's index
     grows along the query rows (``_rpb_index``); the dq kernel keeps its
     pass-1 argmax as an int32 position in its key walk (the key/value row
-    index, int64, is formed once after the pass) and runs one pipeline stage;
-    every launch has ``maxnreg=255`` (no register squeeze for occupancy).
+    index, int64, is formed once after the pass) and runs one pipeline stage
+    (8 warps with rpb); every launch has ``maxnreg=255`` (no register squeeze
+    for occupancy).
 
 inf and NaN in the inputs reach what they reach in the reference: masked
 logits are replaced by -inf before use. The products whose left factor is a
@@ -883,13 +884,16 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
     # The dq kernel runs unpipelined (one stage): prefetching the next key block's K, V
     # (and rpb gather) took the registers that made it spill at 255 (head dim 32 with
     # rpb, 48; bench/compile_check.py); in fp32 at head dim 256 its re-run also needed
-    # 164 KB of shared memory with two stages, over sm_80's 163 KB.
+    # 164 KB of shared memory with two stages, over sm_80's 163 KB. With rpb it runs 8
+    # warps: at 4, the 3-D case still spilled 12 B at 255 registers (fp16, sm_80).
+    consts = dict(pb.consts(has_rpb, tq, tk), num_stages=1)
+    if has_rpb:
+        consts["num_warps"] = 8
     for safe in (False, True):
         _na_bwd_dq_kernel[(grid,)](
             query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax, flags,
             pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe,
-            **dict(pb.consts(has_rpb, tq, tk), num_stages=1))
+            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **consts)
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)
