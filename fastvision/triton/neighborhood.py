@@ -66,8 +66,8 @@ bench/compile_check.py)
     grows along the query rows (``_rpb_index``); the dq kernel keeps its
     pass-1 argmax as an int32 position in its key walk (the key/value row
     index, int64, is formed once after the pass) and runs one pipeline stage
-    (8 warps with rpb); every launch has ``maxnreg=255`` (no register squeeze
-    for occupancy).
+    in fp16/bf16 (8 warps with rpb); every launch has ``maxnreg=255`` (no
+    register squeeze for occupancy).
 
 inf and NaN in the inputs reach what they reach in the reference: masked
 logits are replaced by -inf before use. The products whose left factor is a
@@ -881,19 +881,22 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
     n_tiles, axes = pb.axis_args(tq, pb.H)
     grid = n_tiles * pb.B * pb.H
     flags = torch.empty(grid, device=dev, dtype=torch.int32)
-    # The dq kernel runs unpipelined (one stage): prefetching the next key block's K, V
-    # (and rpb gather) took the registers that made it spill at 255 (head dim 32 with
-    # rpb, 48; bench/compile_check.py); in fp32 at head dim 256 its re-run also needed
-    # 164 KB of shared memory with two stages, over sm_80's 163 KB. With rpb it runs 8
-    # warps: at 4, the 3-D case still spilled 12 B at 255 registers (fp16, sm_80).
-    consts = dict(pb.consts(has_rpb, tq, tk), num_stages=1)
+    # In fp16/bf16 the dq kernel runs unpipelined (one stage): prefetching the next key
+    # block's K, V (and rpb gather) took the registers that made it spill at 255 (head
+    # dim 32 with rpb, 48; bench/compile_check.py). Not in fp32: its FMA dots read their
+    # operands from the pipeline's shared memory, and with one stage it spilled KBs. The
+    # re-run (flagged programs only) has one stage in every dtype: in fp32 at head dim
+    # 256 it needed 164 KB of shared memory with two, over sm_80's 163 KB. With rpb the
+    # kernel runs 8 warps: at 4, the 3-D case still spilled 12 B at 255 registers (fp16).
+    consts = pb.consts(has_rpb, tq, tk)
     if has_rpb:
         consts["num_warps"] = 8
     for safe in (False, True):
+        stages = 1 if safe or pb.dot_prec != "ieee" else pb.num_stages
         _na_bwd_dq_kernel[(grid,)](
             query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax, flags,
             pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **consts)
+            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **dict(consts, num_stages=stages))
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)
