@@ -887,12 +887,13 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
     # operands from the pipeline's shared memory, and with one stage it spilled KBs. The
     # re-run (flagged programs only) has one stage in every dtype: in fp32 at head dim
     # 256 it needed 164 KB of shared memory with two, over sm_80's 163 KB. With rpb the
-    # kernel runs 8 warps: at 4, the 3-D case still spilled 12 B at 255 registers (fp16).
+    # fp16/bf16 kernel runs 8 warps: at 4, the 3-D case still spilled 12 B at 255 registers.
+    mma = pb.dot_prec != "ieee"  # fp16/bf16 (tensor-core dots)
     consts = pb.consts(has_rpb, tq, tk)
-    if has_rpb:
+    if has_rpb and mma:
         consts["num_warps"] = 8
     for safe in (False, True):
-        stages = 1 if safe or pb.dot_prec != "ieee" else pb.num_stages
+        stages = 1 if safe or mma else pb.num_stages
         _na_bwd_dq_kernel[(grid,)](
             query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax, flags,
             pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
