@@ -430,7 +430,7 @@ def configurations(launches: list[dict]) -> list[dict]:
                 dtype={"*fp32": "float32", "*fp16": "float16", "*bf16": "bfloat16"}.get(first_ptr, first_ptr),
                 constexprs={k: v for k, v in consts.items() if k in launch["kwargs"]},
                 int_spec=int_spec,
-                num_warps=options.num_warps, num_stages=options.num_stages,
+                num_warps=options.num_warps, num_stages=options.num_stages, maxnreg=options.maxnreg,
                 labels=[], launches=0)
         c = configs[key]
         c["launches"] += 1
@@ -439,11 +439,11 @@ def configurations(launches: list[dict]) -> list[dict]:
             c["labels"].append(tag)
     out = list(configs.values())
     for c in out:
-        c["config"] = describe(c)
+        c["config"] = describe(c) + (f" maxnreg={c['maxnreg']}" if c["maxnreg"] else "")
         ints = " ".join(f"{n}{v}" for n, v in c["int_spec"].items() if v)
         c["ints"] = ints
         c["group"] = repr((c["kernel"], c["dtype"], sorted(c["constexprs"].items()), c["num_warps"],
-                           c["num_stages"]))
+                           c["num_stages"], c["maxnreg"]))
         c["target"] = is_target(c)
     out.sort(key=_order)
     return out
@@ -776,7 +776,8 @@ def render_text(report: dict) -> str:
     lines = [f"fastvision compile check, {m['date']}: triton {m['versions'].get('triton')} "
              f"(ptxas {m['versions'].get('ptxas')}), nvcc {m['versions'].get('nvcc')}, torch {m['versions'].get('torch')}; "
              f"{m['mode']}; sources {', '.join(m['sources'])}; dtypes {', '.join(m['dtypes'])}"
-             + ("; --quick" if m["quick"] else ""),
+             + ("; --quick" if m["quick"] else "") + (f"; kernels {m['kernels']}" if m.get("kernels") else "")
+             + ("; target configurations only" if m.get("target_only") else ""),
              f"{m['n_configs']} Triton configurations compiled per architecture, from {m['n_launches']} launches; wall time {m['wall_s']} s "
              f"({m['jobs']} processes). Limits: {MAX_REGS} registers/thread; shared memory per block "
              + ", ".join(f"sm_{a} {SMEM_LIMIT.get(a, 0) // 1024} KB" for a in m["archs"])
@@ -888,6 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", nargs="+", choices=SOURCES, help="where the shapes come from (default: all)")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument("--kernels", metavar="REGEX", help="only Triton kernels whose name matches")
+    p.add_argument("--target-only", action="store_true",
+                   help="only the target configurations (those --fail-on-spill judges)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--text", metavar="FILE", help="write the text report to FILE too")
@@ -949,6 +952,8 @@ def main(argv=None) -> int:
     configs = configurations(launches) if launches else []
     if args.kernels:
         configs = [c for c in configs if re.search(args.kernels, c["kernel"])]
+    if args.target_only:
+        configs = [c for c in configs if c["target"]]
     if not args.all_specialisations and not args.warm:
         configs = one_per_group(configs)
     if args.quick:
@@ -1060,7 +1065,7 @@ def main(argv=None) -> int:
     tri_rows = []
     for job, res in results:
         row = {k: job[k] for k in ("kernel", "dtype", "config", "ints", "constexprs", "num_warps", "num_stages",
-                                   "target", "launches", "arch")}
+                                   "maxnreg", "target", "launches", "arch")}
         row["specialisations"] = job.get("specialisations", 1)
         row["labels"] = job["labels"][:6] + ([f"... {len(job['labels']) - 6} more"] if len(job["labels"]) > 6 else [])
         row.update(res)
@@ -1120,6 +1125,7 @@ def main(argv=None) -> int:
         meta=dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=_versions(),
                   mode="warm: real device, Triton's cache" if args.warm else "fake target (no driver)",
                   archs=archs, sources=sources, dtypes=args.dtypes, quick=args.quick, jobs=args.jobs,
+                  kernels=args.kernels, target_only=args.target_only,
                   all_specialisations=args.all_specialisations or args.warm,
                   n_launches=len(launches), n_configs=len(configs), wall_s=round(time.perf_counter() - t_start, 1),
                   nvcc_flags=nvcc_flags, smem_limits={a: SMEM_LIMIT[a] for a in archs},

@@ -64,7 +64,7 @@ def test_interception_finds_every_kernel_in_every_dtype():
     text = r.stdout
     # Features the wrappers must have reached: 3-D NA, rpb, causal, reverse/const scans, wide head dims.
     for feature in ("3d D=", " rpb", "causal=", "reverse", "B/C=const/const", "pad=128/128", "N_PAD=256",
-                    "dlse", "has_dlast", "deterministic"):
+                    "dlse", "has_dlast", "deterministic", "maxnreg=255", "maxnreg=128"):
         assert feature in text, f"no launched configuration has {feature!r}"
     assert re.search(r"(\d+) configurations from (\d+) launches", r.stderr)
 

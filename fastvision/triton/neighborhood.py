@@ -60,6 +60,15 @@ Saturated softmax (one logit far above the rest, e.g. logits ~1e3-1e4)
     weights are not negligible, their P carry the usual ~ulp(S) rounding
     (as the reference's do).
 
+Registers (no spills in the fp16/bf16 configurations at head dims 32-128;
+bench/compile_check.py)
+    The rpb tables go to the kernels reversed, so that the gather's index
+    grows along the query rows (``_rpb_index``); the dq kernel keeps its
+    pass-1 argmax as an int32 position in its key walk (the key/value row
+    index, int64, is formed once after the pass) and runs one pipeline stage
+    in fp16/bf16 (8 warps with rpb); every launch has ``maxnreg=255`` (no
+    register squeeze for occupancy).
+
 inf and NaN in the inputs reach what they reach in the reference: masked
 logits are replaced by -inf before use. The products whose left factor is a
 masked-out zero (P V, dS K, P^T dO, dS^T Q) would still spread an inf or NaN
@@ -212,21 +221,31 @@ def _pair_mask(qg0, ws0, we0, qg1, ws1, we1, qg2, ws2, we2, kg0, kg1, kg2,
 
 @triton.jit
 def _rpb_index(qg0, qg1, qg2, kg0, kg1, kg2, K0, K1, K2, NDIM: tl.constexpr, Q_ROWS: tl.constexpr):
-    """Flat rpb index sum_a ((j - i) / d + k - 1) * stride_a (group coordinates)."""
+    """Flat index into a head's *reversed* rpb table (the launchers flip it):
+    sum_a ((i - j) / d + k - 1) * stride_a, group coordinates; rpb[j - i] is
+    reversed[k - 1 + i - j] per axis, and reversing every axis of a row-major
+    table reverses its flat order.
+
+    Why reversed: the index then grows with the query (the tile's rows), so
+    Triton lays the gather out with a warp's threads along the rows, and the
+    dq kernel's per-row vectors (window bounds, statistics) take one register
+    per thread instead of 32 in the layout of the keys-major index: with it,
+    the dq kernel's first pass spilled 1.4-1.7 KB at head dim 32 (2-D/3-D,
+    64 x 64 tiles; bench/compile_check.py)."""
     R2 = 2 * K2 - 1
     R1 = 2 * K1 - 1
     if Q_ROWS:
-        idx = kg2[None, :] - qg2[:, None] + (K2 - 1)
+        idx = qg2[:, None] - kg2[None, :] + (K2 - 1)
         if NDIM >= 2:
-            idx += (kg1[None, :] - qg1[:, None] + (K1 - 1)) * R2
+            idx += (qg1[:, None] - kg1[None, :] + (K1 - 1)) * R2
         if NDIM >= 3:
-            idx += (kg0[None, :] - qg0[:, None] + (K0 - 1)) * (R1 * R2)
+            idx += (qg0[:, None] - kg0[None, :] + (K0 - 1)) * (R1 * R2)
     else:
-        idx = kg2[:, None] - qg2[None, :] + (K2 - 1)
+        idx = qg2[None, :] - kg2[:, None] + (K2 - 1)
         if NDIM >= 2:
-            idx += (kg1[:, None] - qg1[None, :] + (K1 - 1)) * R2
+            idx += (qg1[None, :] - kg1[:, None] + (K1 - 1)) * R2
         if NDIM >= 3:
-            idx += (kg0[:, None] - qg0[None, :] + (K0 - 1)) * (R1 * R2)
+            idx += (qg0[None, :] - kg0[:, None] + (K0 - 1)) * (R1 * R2)
     return idx
 
 
@@ -457,7 +476,8 @@ def _na_bwd_dq_kernel(
     # ---- pass 1: row max, normaliser, argmax (as a key/value row index)
     m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
-    am = tl.full([TQ0 * TQ1 * TQ2], -1, tl.int64)
+    NK: tl.constexpr = TK0 * TK1 * TK2
+    am_at = tl.full([TQ0 * TQ1 * TQ2], -1, tl.int32)  # blk * NK + column of the max
     for blk in range(0, nb0 * nb1 * nb2):
         kv_row, k_valid, kt, s, mask, idx = _query_tile_logits(
             q, k_ptr, rpb_ptr, blk, b, h, hk, HKV, scale2, q_valid, dq_,
@@ -469,10 +489,16 @@ def _na_bwd_dq_kernel(
         m_new = tl.maximum(m_i, bm)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
-        barg = tl.argmax(s, 1)
-        bkey = tl.sum(tl.where(c[None, :] == barg[:, None], kv_row[None, :], 0), 1)
-        am = tl.where(bm > m_i, bkey, am)  # strictly greater: the first of equal maxima
+        # strictly greater: the first of equal maxima
+        am_at = tl.where(bm > m_i, blk * NK + tl.argmax(s, 1), am_at)
         m_i = m_new
+    # The argmax as a key/value row index (-1: none), for the dk/dv kernel.
+    # (max(nb, 1): no division by zero for tiles past the group's end, am_at == -1)
+    kg0, kg1, kg2 = _key_block(am_at // NK, ks0, ks1, ks2, tl.maximum(nb1, 1), tl.maximum(nb2, 1),
+                               (am_at % NK) // (TK1 * TK2),
+                               (am_at % NK // TK2) % TK1, am_at % TK2, TK0, TK1, TK2)
+    am = _flat_pos(b, kg0, kg1, kg2, g0, g1, g2, L0, L1, L2, DIL0, DIL1, DIL2) * HKV + hk
+    am = tl.where(am_at >= 0, am, -1)
 
     # ---- per row: Delta, dP and dS at the argmax, stored statistics
     # P_max (the max weight is exp2(0) = 1); inf for an all -inf row. Rows
@@ -512,7 +538,7 @@ def _na_bwd_dq_kernel(
         p = tl.where(mask, tl.exp2(s - m_i[:, None]) * inv[:, None], 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = tl.where(mask, p * (dp - dm[:, None]), 0.0)
-        ds = tl.where(kv_row[None, :] == am[:, None], dsmax[:, None], ds)
+        ds = tl.where((blk * NK + c)[None, :] == am_at[:, None], dsmax[:, None], ds)
         dq = _masked_dot(dq, ds, kt, mask, DOT_PREC, SAFE)
         bad = tl.maximum(bad, _nonfinite(kt))
         if HAS_RPB and not SAFE:  # (dS is right in the main launch: added once)
@@ -738,6 +764,10 @@ class _Problem:
         # memory (over sm_80's 163 KB, and the dq re-run over sm_90's 227 KB;
         # bench/compile_check.py); with two, 100-164 KB.
         self.num_stages = 2 if wide else 3
+        # maxnreg=255 (in consts): the whole register file a thread may have. Without a
+        # budget ptxas fitted kernels that need a little more to 168 registers on sm_80
+        # (three 4-warp blocks per SM) and spilled 8-16 B doing it; with it they take
+        # what they need (at most 255: two blocks), and none spills.
 
     def axis_args(self, tile, heads):
         """(tiles per (batch, head), per-axis kernel arguments) for a launch over `tile`s."""
@@ -750,7 +780,7 @@ class _Problem:
         return dict(C0=self.c[0], C1=self.c[1], C2=self.c[2], NDIM=self.nd, HAS_RPB=has_rpb,
                     DOT_PREC=self.dot_prec, D=self.D, DV=self.Dv, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
                     TK0=tk[0], TK1=tk[1], TK2=tk[2], D_PAD=self.D_PAD, DV_PAD=self.DV_PAD,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+                    num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=255)
 
     def query_major_tiles(self, q_tile, k_tile):
         """(query tile, key block) for kernels walking query tiles."""
@@ -780,7 +810,8 @@ def _rpb_arg(rpb, query, H, ks):
     R = math.prod(2 * k - 1 for k in ks)
     assert rpb.numel() == H * R, \
         f"rpb must be (H, 2k-1 per axis) = ({H}, {[2 * k - 1 for k in ks]}); got {tuple(rpb.shape)}"
-    return rpb.float().contiguous(), True
+    # Reversed (every axis flipped): see _rpb_index.
+    return rpb.float().reshape(H, R).flip(1).contiguous(), True
 
 
 def na_fwd(query, key, value, rpb, kernel_size, dilation, stride, is_causal, scale,
@@ -850,11 +881,23 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
     n_tiles, axes = pb.axis_args(tq, pb.H)
     grid = n_tiles * pb.B * pb.H
     flags = torch.empty(grid, device=dev, dtype=torch.int32)
+    # In fp16/bf16 the dq kernel runs unpipelined (one stage): prefetching the next key
+    # block's K, V (and rpb gather) took the registers that made it spill at 255 (head
+    # dim 32 with rpb, 48; bench/compile_check.py). Not in fp32: its FMA dots read their
+    # operands from the pipeline's shared memory, and with one stage it spilled KBs. The
+    # re-run (flagged programs only) has one stage in every dtype: in fp32 at head dim
+    # 256 it needed 164 KB of shared memory with two, over sm_80's 163 KB. With rpb the
+    # fp16/bf16 kernel runs 8 warps: at 4, the 3-D case still spilled 12 B at 255 registers.
+    mma = pb.dot_prec != "ieee"  # fp16/bf16 (tensor-core dots)
+    consts = pb.consts(has_rpb, tq, tk)
+    if has_rpb and mma:
+        consts["num_warps"] = 8
     for safe in (False, True):
+        stages = 1 if safe or mma else pb.num_stages
         _na_bwd_dq_kernel[(grid,)](
             query, key, value, rpb_t, dout, out, dlse_t, dq, drpb_part, stat, amax, flags,
             pb.H, pb.Hkv, n_tiles, scale, scale * LOG2E, *axes,
-            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **pb.consts(has_rpb, tq, tk))
+            HAS_DLSE=has_dlse, DETERMINISTIC=deterministic, SAFE=safe, **dict(consts, num_stages=stages))
 
     tq, tk = pb.key_major_tiles(q_tile, k_tile)
     n_tiles, axes = pb.axis_args(tk, pb.Hkv)
@@ -868,5 +911,5 @@ def na_bwd(dout, dlse, query, key, value, rpb, out, lse, kernel_size, dilation, 
             SAFE=safe, **pb.consts(has_rpb, tq, tk))
 
     if has_rpb:
-        drpb = drpb_part.sum(0).reshape(rpb.shape)
+        drpb = drpb_part.sum(0).flip(-1).reshape(rpb.shape)  # (partials in reversed order)
     return dq, dk, dv, drpb

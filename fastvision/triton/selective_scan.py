@@ -21,6 +21,10 @@ order everywhere (chunk_states[..., c, :] is the state after chunk c).
 B and C are either constant, (dim, N), or variable, (batch, G, N, L) where
 channel d reads group d // (dim // G).
 
+At 8 warps the kernels launch with a register budget (``maxnreg``; the
+launchers' ``_fwd_budget`` / ``_bwd_budget``): without one ptxas fitted them
+to 80 or 128 registers for occupancy and spilled at N 16.
+
 Everything here runs on CPU tensors under TRITON_INTERPRET=1 as well; it uses
 nothing newer than triton 3.6 offers.
 """
@@ -408,6 +412,18 @@ def _num_warps(n_pad: int, chunk_len: int) -> int:
     return max(1, min(8, (n_pad * chunk_len) // 256))
 
 
+# Register budgets at 8 warps (launch options; none given: ptxas's choice). Without
+# one, ptxas fitted the kernels at N 16 to 80 or 128 registers (three or two 8-warp
+# blocks per SM) and spilled 12-20 B (bench/compile_check.py). The forward fits 128
+# without spilling up to N 64 (two blocks per SM); the backward needs more (up to 255).
+def _fwd_budget(n_pad: int, num_warps: int) -> dict:
+    return {"maxnreg": 128} if num_warps == 8 and n_pad <= 64 else {}
+
+
+def _bwd_budget(num_warps: int) -> dict:
+    return {"maxnreg": 255} if num_warps == 8 else {}
+
+
 def _check_chunk(chunk_len: int) -> None:
     assert chunk_len >= 1 and chunk_len & (chunk_len - 1) == 0, \
         f"chunk_len must be a power of 2, got {chunk_len}"
@@ -439,13 +455,14 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     chunk_states = torch.empty(batch, dim, n_chunks, N, device=u.device, dtype=torch.float32)
     if batch * dim == 0 or L == 0:
         return out, last_state, chunk_states
+    num_warps = _num_warps(n_pad, chunk_len)
     _selective_scan_fwd_kernel[(batch * dim,)](
         u, delta, z if z is not None else u, A, B, C, D, delta_bias,
         out, last_state, chunk_states,
         dim, L, N, GB, GC, n_chunks,
         REVERSE=bool(reverse), VAR_B=var_b, VAR_C=var_c, HAS_Z=z is not None,
         SOFTPLUS=bool(delta_softplus), CHUNK=chunk_len, N_PAD=n_pad,
-        num_warps=_num_warps(n_pad, chunk_len))
+        num_warps=num_warps, **_fwd_budget(n_pad, num_warps))
     return out, last_state, chunk_states
 
 
@@ -523,6 +540,7 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, c
     dB_buf, dC_buf = grad_buffer(var_b, B.shape), grad_buffer(var_c, C.shape)
 
     if batch * dim > 0 and L > 0:
+        num_warps = _num_warps(n_pad, chunk_len)
         _selective_scan_bwd_kernel[(batch * dim,)](
             dout, dlast_state if dlast_state is not None else dA_part,
             u, delta, z if z is not None else u, A, B, C, D, delta_bias, chunk_states,
@@ -530,7 +548,8 @@ def selective_scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, c
             dim, L, N, GB, GC, n_chunks,
             REVERSE=bool(reverse), VAR_B=var_b, VAR_C=var_c, HAS_Z=z is not None,
             HAS_DLAST=dlast_state is not None, SOFTPLUS=bool(delta_softplus),
-            CHUNK=chunk_len, N_PAD=n_pad, DETERMINISTIC=deterministic, num_warps=_num_warps(n_pad, chunk_len))
+            CHUNK=chunk_len, N_PAD=n_pad, DETERMINISTIC=deterministic, num_warps=num_warps,
+            **_bwd_budget(num_warps))
     else:
         du.zero_()
         ddelta.zero_()

@@ -20,6 +20,9 @@ reads as zeros and takes part, as in STViT):
 * ``_spread_kernel``: pixels = A NB, written to the NCHW image (upsampling;
   the sampling's backward with NB = dstokens / (asum + 1e-12)).
 
+At 8 warps the cell kernel launches with ``maxnreg=255`` (``_cell_budget``):
+without it ptxas fitted it to 80 registers and spilled.
+
 Everything accumulates in float32 (tl.dot with IEEE precision: TF32 would
 lose the logits' precision); half inputs are widened on load.
 """
@@ -187,6 +190,13 @@ def _blocks(C: int, P: int) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_c <= 128 else 8)
 
 
+def _cell_budget(blocks: dict) -> dict:
+    """The cell kernel's register budget at 8 warps (a launch option): without one, ptxas
+    fitted it to 80 registers (three blocks per SM) and spilled 8-16 B (BLOCK_C 512, sm_80;
+    bench/compile_check.py); with the whole register file allowed it takes 100, no spill."""
+    return {"maxnreg": 255} if blocks["num_warps"] == 8 else {}
+
+
 def _no_float64(op: str, t: torch.Tensor) -> None:
     if t.dtype == torch.float64:
         raise ValueError(f"fastvision.{op}: the Triton kernels take float32, float16 or bfloat16 tensors; got "
@@ -218,7 +228,7 @@ def super_token_sampling_fwd(x: torch.Tensor, stoken_size: list[int], n_iter: in
     for it in range(n_iter):
         last = it == n_iter - 1
         _cell_kernel[(B * N,)](x, tok, N * C, C, 1, affinity, affinity, part, psum, C ** -0.5, C, H0, W0, hh, ww,
-                               **geo, SAMPLE=True, WRITE_AFF=last, **blocks)
+                               **geo, SAMPLE=True, WRITE_AFF=last, **blocks, **_cell_budget(blocks))
         _fold_kernel[(B * N,)](stokens, part, psum, tok, asum, C, hh, ww, NORMALIZE=True, WRITE_TOK=not last,
                                WRITE_OUT=last, BLOCK_C=blocks["BLOCK_C"], num_warps=blocks["num_warps"])
     return stokens, affinity, asum
@@ -263,7 +273,8 @@ def super_token_upsample_bwd(dout: torch.Tensor, stokens: torch.Tensor, affinity
     part = torch.empty((B, N, 9, C), device=dout.device, dtype=torch.float32)
     blocks = _blocks(C, h * w)
     _cell_kernel[(B * N,)](dout, stokens, C * N, 1, N, affinity, daffinity, part, part, 1.0, C, H0, W0, hh, ww,
-                           h=h, w=w, SAMPLE=False, WRITE_AFF=affinity_grad, **blocks)
+                           h=h, w=w, SAMPLE=False, WRITE_AFF=affinity_grad, **blocks,
+                           **_cell_budget(blocks))
     _fold_kernel[(B * N,)](dstokens, part, part, part, part, C, hh, ww, NORMALIZE=False, WRITE_TOK=False,
                            WRITE_OUT=True, BLOCK_C=blocks["BLOCK_C"], num_warps=blocks["num_warps"])
     return dstokens, daffinity
