@@ -101,7 +101,7 @@ inline const Torch& torch_objects() {
 struct TensorView {
   bool ok = false;
   int64_t* data = nullptr;  // (may be null when empty)
-  std::vector<int64_t> shape;
+  int64_t shape[3] = {}, dim = 0;  // (at most 3 dimensions: more are not read in place)
 };
 
 inline TensorView int64_tensor(PyObject* obj) {
@@ -122,10 +122,11 @@ inline TensorView int64_tensor(PyObject* obj) {
   Ref shape(check(PyObject_GetAttr(obj, t.shape)));  // torch.Size: a tuple
   const Py_ssize_t n = PyTuple_Size(shape.p);
   if (n < 0) throw PyError{};
+  if (n > 3) return v;
   for (Py_ssize_t i = 0; i < n; ++i) {
     const long long s = PyLong_AsLongLong(check(PyTuple_GetItem(shape.p, i)));
     if (s == -1 && PyErr_Occurred()) throw PyError{};
-    v.shape.push_back(s);
+    v.shape[v.dim++] = s;
   }
   Ref ptr(check(PyObject_CallMethodObjArgs(obj, t.data_ptr, nullptr)));
   v.data = static_cast<int64_t*>(PyLong_AsVoidPtr(ptr.p));
@@ -388,7 +389,7 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     }
     if (!PyList_Check(args[1]) && !PyTuple_Check(args[1])) Py_RETURN_NOTIMPLEMENTED;
     const TensorView L = int64_tensor(args[0]);  // (first: reading it may run Python code)
-    if (!L.ok || (L.shape.size() != 2 && L.shape.size() != 3)) Py_RETURN_NOTIMPLEMENTED;
+    if (!L.ok || (L.dim != 2 && L.dim != 3)) Py_RETURN_NOTIMPLEMENTED;
     std::vector<PyObject*> names;
     std::shared_ptr<EncodePrepared>& last = last_prepared<EncodePrepared>();
     std::shared_ptr<EncodePrepared> prep = last;
@@ -397,7 +398,7 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     const int64_t form = as_int(args[3]);
     FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
              "patch); got ", form);
-    const bool batch = L.shape.size() == 3;
+    const bool batch = L.dim == 3;
     const int64_t B = batch ? L.shape[0] : 1, h = L.shape[batch], w = L.shape[batch + 1];
     check_label_ids(op, L.data, B * h * w, h, w, static_cast<int64_t>(prep->nv.size()));
     const GridEncoder& encoder = prep->encoder(form);

@@ -150,7 +150,7 @@ def rrle_encode(labels, names=None, *, separators=None, form: str = "row", escap
     'others *1| cat *2\\n others *3\\n'
     """
     seps = _TEXT4SEG if separators is None else _as_separators(separators)
-    code = FORMS.get(form) if type(form) is str else None
+    code = 0 if form == "row" else FORMS.get(form) if type(form) is str else None
     if code is None:
         raise ValueError(f"form must be one of {sorted(FORMS)}; got {form!r}")
     if type(labels) is _Tensor and not escape:  # the common case: read in place
