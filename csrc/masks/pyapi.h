@@ -527,31 +527,22 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     const size_t K = nv.size();
     // One exact text (the common call): decoded here, without decode_batch's
     // tables; its ids are the names' (the decoder's table seeded with them)
-    // unless it holds other labels, which the general path maps.
+    // unless it holds other labels, which decode_batch maps.
+    DecodedBatch found;
+    bool decoded = false;
     if (B == 1 && form <= 0 && K <= static_cast<size_t>(LabelTable::kScan) &&
         exact_path_enabled.load(std::memory_order_relaxed)) {
-      Decoder d;  // (this call's own: creating Python objects below may run a collection, and its finalizers this function)
+      Decoder d;  // (the call's own: creating Python objects may run finalizers, which may call this)
       for (std::string_view name : nv) d.table.id(name);
       d.text = tv[0];
       d.seps = &prep->seps_of_text;
       d.strict = strict;
-      if (d.decode_exact(h, w, g) && (!given || d.table.labels.size() == K)) {
-        const size_t n = given ? K : d.table.labels.size();
-        Ref out_names(check(PyList_New(static_cast<Py_ssize_t>(n))));
-        for (size_t i = 0; i < n; ++i)
-          PyList_SetItem(out_names.p, static_cast<Py_ssize_t>(i),
-                         given ? Py_NewRef(prep->name_objs[i].p)
-                               : check(PyUnicode_DecodeUTF8(d.table.labels[i].data(),
-                                                            static_cast<Py_ssize_t>(d.table.labels[i].size()),
-                                                            "replace")));
-        Ref none(check(PyTuple_New(0)));
-        return check(PyTuple_Pack(4, grid.p, out_names.p, none.p, none.p));
-      }
+      decoded = d.decode_exact(h, w, g) && (!given || d.table.labels.size() == K);
+      if (decoded) found.labels = d.table.labels;  // (views into the names and the text)
     }
-    DecodedBatch found;
-    if (B == 1) {
+    if (!decoded && B == 1) {
       found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
-    } else {
+    } else if (!decoded) {
       NoGil nogil;  // prep holds the names, `held` the texts
       found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
     }
