@@ -249,7 +249,7 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
         seps = _as_separators(separators)
     else:  # one dialect per call: the first text's
         first = text if not batch else text[0] if text and type(text[0]) is str else ""
-        dialect = "text4seg" if "|" in first or "\n" in first else detect_dialect(first)  # (its first test, inline)
+        dialect = detect_dialect(first)
         seps = DIALECTS[dialect]
     if type(background) is not int:
         if names is not None and not 0 <= background < len(names):
