@@ -159,6 +159,23 @@ def test_rcca_recurrence_reuses_one_attention():
 # CPU kernel: determinism, direct calls
 
 
+def test_no_value_channels_keeps_batch_elements_apart():
+    """C = 0: no channel step runs in the column backward, whose dS buffer is reused
+    from one batch element (and group of columns) to the next; a NaN in one
+    element's query must not reach the others' gradients (all zero, as the
+    reference's)."""
+    q, k = torch.randn(3, 3, 4, 5), torch.randn(3, 3, 4, 5)
+    q[0, 0, 0, 0] = float("nan")
+    v = torch.randn(3, 0, 4, 5)
+    grads = []
+    for fn in (criss_cross_attention, criss_cross_attention_ref):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        fn(qq, kk, v).sum().backward()
+        grads.append((qq.grad[1:], kk.grad[1:]))
+    for got, want in zip(*grads):
+        assert torch.equal(got, torch.zeros_like(got)) and torch.equal(want, torch.zeros_like(want))
+
+
 def test_cpu_backward_is_bit_identical_across_thread_counts():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 8, 24, 19, generator=g), torch.randn(2, 8, 24, 19, generator=g)

@@ -526,6 +526,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
         });
         add_columns(op, d, a.dv + c0 * d.HW, n, n_w, cols.v.data(), static_cast<const T*>(nullptr));
       });
+      if (d.C == 0) std::fill(dp.begin(), dp.end(), T(0));  // (no channel step reset it: dS is made in place)
       over_columns(op, n_w, [&] { return host_vector<T>(op, "transposed column dS", H * H); },
                    [&](std::vector<T>& dst, int64_t w) {
         column_dqk(d, a, cols, w, dp.data() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
