@@ -101,7 +101,7 @@ __attribute__((always_inline)) inline void fma_scalars_dot(T* out, int64_t os, c
   }
 }
 
-// Lanes [w0, width) (fewer than half a vector: the tail of a row) when S is
+// Lanes [w0, width) (at most half a vector: the tail of a row) when S is
 // contiguous along r: dot products, at 1 / kLanes of a vector block's FMAs
 // per lane (the sums run along r in vector lanes: another order than the
 // blocks', as deterministic). r in pieces of kCol, each lane's column of A

@@ -5,16 +5,17 @@
 // E = q . k (no scaling).
 //
 // Every product is a small matrix product run by fma_scalars (common/gemm.h:
-// register blocks of 6 outputs x 16 lanes, 12 FMAs per two vector loads and
-// six broadcasts; a row's last lanes by a one-vector block or, where the
+// register blocks of 6 outputs x 16 lanes (8 in float64), 12 FMAs per two
+// vector loads and six broadcasts; a row's last lanes by a one-vector block or, where the
 // scalar operand is contiguous, by dot products), whose vector operand and
 // output need a contiguous axis:
 //  - row parts, tasks of (batch, block of query rows): for a fixed row h the
 //    operands are NCHW planes with w (or j) contiguous, used in place (the
 //    backward copies dout's row h, [c][w], once per row: as dP's vector
 //    operand, strided by H * W, its 16-lane rows would take a page each);
-//  - column parts, per batch element: query and key are packed to columns
-//    [w][c][h] (scratch of one batch element), and value / dout in steps of
+//  - column parts, per group of columns of a batch element (at most 2^21
+//    column-weight elements): query and key are packed to columns
+//    [w][c][h] (scratch of one group), and value / dout in steps of
 //    kChannels = 36 channels (a multiple of the register block's 6
 //    outputs), so that for a fixed column w every product is a GEMM over
 //    contiguous [c][h] and [h][i] planes (all columns of a step in
@@ -22,8 +23,8 @@
 //    output per step (the forward's row rescaling read in out's [h][w]
 //    layout). Packs, adds and the backward's plane transposes move 8 x 8
 //    register tiles: O(C H W) moves against O(C H W H) products.
-// No (B, H, W, H + W) tensor; the column weights of one batch element
-// ([w][H][H], the size of one H x H x W value plane) are scratch.
+// No (B, H, W, H + W) tensor; the column weights of one group of columns
+// ([w][H][H], at most 2^21 elements) are scratch.
 //
 // Forward, two passes, the softmax split as in flash attention:
 //  1. rows: row logits Er[j][w], their max m_r and sum s_r = sum_j exp(Er - m_r)
@@ -325,9 +326,9 @@ FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T*
                                   T* scale) {
   const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
   T *pt = cols.p.data() + w * H * H, *m = st, *mr = st + H, *sum = st + 2 * H;
-  fma_scalars(pt, H, H, cols.q.data() + w * Cqk * H, H, cols.k.data() + w * Cqk * H, 1, H, Cqk, H, false);
+  // (key and query swapped: the logits transposed, pt[i][h])
+  column_logits(d, cols.k.data() + w * Cqk * H, cols.q.data() + w * Cqk * H, pt);
   for (int64_t h = 0; h < H; ++h) {
-    pt[h * H + h] = -std::numeric_limits<T>::infinity();  // the pixel itself: counted in its row only
     mr[h] = m[h] = lse[h * W + w];  // the row max
     sum[h] = 0;
   }
