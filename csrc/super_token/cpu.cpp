@@ -40,7 +40,6 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "../common/alloc.h"

@@ -473,7 +473,7 @@ def _na_bwd_dq_kernel(
     R = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     drpb_row = drpb_ptr + (b.to(tl.int64) * H + h) * R
 
-    # ---- pass 1: row max, normaliser, argmax (as a key/value row index)
+    # ---- pass 1: row max, normaliser, argmax (its position in the key walk; the key/value row after it)
     m_i = tl.full([TQ0 * TQ1 * TQ2], float("-inf"), tl.float32)
     l_i = tl.zeros([TQ0 * TQ1 * TQ2], tl.float32)
     NK: tl.constexpr = TK0 * TK1 * TK2
