@@ -59,6 +59,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 #include <cstring>
@@ -215,13 +216,13 @@ FV_CPU_CLONES void column_logits(const Dims& d, const T* q, const T* k, T* e) {
 // per step of kChannels value (dout) channels, their packed columns.
 template <typename T>
 struct Columns {
-  std::vector<T> q, k, p, v, g;
+  std::unique_ptr<T[]> q, k, p, v, g;  // (uninitialised: every use writes before it reads)
   Columns(const char* op, const Dims& d, int64_t n_w)
-      : q(host_vector<T>(op, "packed query columns", n_w * d.Cqk * d.H)),
-        k(host_vector<T>(op, "packed key columns", n_w * d.Cqk * d.H)),
-        p(host_vector<T>(op, "column weights", n_w * d.H * d.H)),
-        v(host_vector<T>(op, "packed value columns", n_w * std::min(d.C, kChannels) * d.H)),
-        g(host_vector<T>(op, "packed dout / out columns", n_w * std::min(d.C, kChannels) * d.H)) {}
+      : q(host_array<T>(op, "packed query columns", n_w * d.Cqk * d.H)),
+        k(host_array<T>(op, "packed key columns", n_w * d.Cqk * d.H)),
+        p(host_array<T>(op, "column weights", n_w * d.H * d.H)),
+        v(host_array<T>(op, "packed value columns", n_w * std::min(d.C, kChannels) * d.H)),
+        g(host_array<T>(op, "packed dout / out columns", n_w * std::min(d.C, kChannels) * d.H)) {}
 };
 
 // Runs step(c0, n) over the value channels in steps of kChannels, the
@@ -232,8 +233,8 @@ void over_channel_steps(const char* op, const Dims& d, const T* V, const T* G, i
                         Step&& step) {
   for (int64_t c0 = 0; c0 < d.C; c0 += kChannels) {
     const int64_t n = std::min(kChannels, d.C - c0);
-    pack_columns(op, d, V + c0 * d.HW, n, n_w, cols.v.data());
-    if (G) pack_columns(op, d, G + c0 * d.HW, n, n_w, cols.g.data());
+    pack_columns(op, d, V + c0 * d.HW, n, n_w, cols.v.get());
+    if (G) pack_columns(op, d, G + c0 * d.HW, n, n_w, cols.g.get());
     step(c0, n);
   }
 }
@@ -325,9 +326,9 @@ template <typename T>
 FV_CPU_CLONES void column_weights(const Dims& d, Columns<T>& cols, int64_t w, T* lse, const T* rsum, T* st,
                                   T* scale) {
   const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
-  T *pt = cols.p.data() + w * H * H, *m = st, *mr = st + H, *sum = st + 2 * H;
+  T *pt = cols.p.get() + w * H * H, *m = st, *mr = st + H, *sum = st + 2 * H;
   // (key and query swapped: the logits transposed, pt[i][h])
-  column_logits(d, cols.k.data() + w * Cqk * H, cols.q.data() + w * Cqk * H, pt);
+  column_logits(d, cols.k.get() + w * Cqk * H, cols.q.get() + w * Cqk * H, pt);
   for (int64_t h = 0; h < H; ++h) {
     mr[h] = m[h] = lse[h * W + w];  // the row max
     sum[h] = 0;
@@ -352,10 +353,10 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
   const ScalarType t = acc_scalar_type<T>();
   Tensor out = alloc_empty(op, "out", v, {d.B, d.C, d.H, d.W}, t);
   Tensor lse = alloc_empty(op, "lse", q, {d.B, d.H, d.W}, t);
-  std::vector<T> rsum = host_vector<T>(op, "row sums (batch, H, W)", d.B * d.HW);
+  std::unique_ptr<T[]> rsum = host_array<T>(op, "row sums (batch, H, W)", d.B * d.HW);
   std::vector<T> scale = host_vector<T>(op, "row scales", d.HW);
   const T *Q = q.const_data_ptr<T>(), *K = k.const_data_ptr<T>(), *V = v.const_data_ptr<T>();
-  T *O = out.mutable_data_ptr<T>(), *L = lse.mutable_data_ptr<T>(), *S = rsum.data();
+  T *O = out.mutable_data_ptr<T>(), *L = lse.mutable_data_ptr<T>(), *S = rsum.get();
   const int64_t H = d.H, qk = d.Cqk * d.HW, cv = d.C * d.HW;
   over_row_blocks(op, d, rows_per_task(d), [&] { return RowScratch<T>(op, d); },
                   [&](RowScratch<T>& w, int64_t b, int64_t h0, int64_t R) {
@@ -367,8 +368,8 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t w0 = 0; w0 < d.W; w0 += group) {
       const int64_t n_w = std::min(group, d.W - w0), at = b * d.HW + w0;
-      pack_columns(op, d, Q + b * qk + w0, d.Cqk, n_w, cols.q.data());
-      pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.data());
+      pack_columns(op, d, Q + b * qk + w0, d.Cqk, n_w, cols.q.get());
+      pack_columns(op, d, K + b * qk + w0, d.Cqk, n_w, cols.k.get());
       over_columns(op, n_w, [&] { return host_vector<T>(op, "column statistics", 3 * H); },
                    [&](std::vector<T>& e, int64_t w) {
         column_weights(d, cols, w, L + at, S + at, e.data(), scale.data() + w);
@@ -380,10 +381,10 @@ std::tuple<Tensor, Tensor> forward_impl(const char* op, const Dims& d, const Ten
       over_channel_steps(op, d, V + b * cv + w0, static_cast<const T*>(nullptr), n_w, cols,
                          [&](int64_t c0, int64_t n) {
         over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
-          fma_scalars(cols.g.data() + w * n * H, n, H, cols.p.data() + w * H * H, H, cols.v.data() + w * n * H,
+          fma_scalars(cols.g.get() + w * n * H, n, H, cols.p.get() + w * H * H, H, cols.v.get() + w * n * H,
                       H, 1, H, H, false, H);
         });
-        add_columns(op, d, O_b + c0 * d.HW, n, n_w, cols.g.data(), scale.data());
+        add_columns(op, d, O_b + c0 * d.HW, n, n_w, cols.g.get(), scale.data());
       });
     }
   return {out, lse};
@@ -423,7 +424,7 @@ FV_CPU_CLONES void backward_row_pass(const Dims& d, const BwdPtrs<T>& a, int64_t
     fma_scalars(dsr, W, W, gr, W, a.v + h * W, 1, HW, d.C, W, false);
     for (int64_t w = 0; w < W; ++w) delta[w] = 0;
     for (int64_t c = 0; c < d.C; ++c) {
-      const T *o = a.out + c * HW + h * W, *g = a.dout + c * HW + h * W;
+      const T *o = a.out + c * HW + h * W, *g = gr + c * W;
 #pragma omp simd
       for (int64_t w = 0; w < W; ++w) delta[w] += o[w] * g[w];
     }
@@ -455,7 +456,7 @@ template <typename T>
 FV_CPU_CLONES void column_dqk(const Dims& d, const BwdPtrs<T>& a, const Columns<T>& cols, int64_t w, T* ds,
                               T* dst, T* dq, T* dk) {
   const int64_t H = d.H, W = d.W, Cqk = d.Cqk;
-  const T* p = cols.p.data() + w * H * H;
+  const T* p = cols.p.get() + w * H * H;
   for (int64_t h = 0; h < H; ++h) {
     const T dl = a.delta[h * W + w];
     const T* e = p + h * H;
@@ -465,9 +466,9 @@ FV_CPU_CLONES void column_dqk(const Dims& d, const BwdPtrs<T>& a, const Columns<
     f[h] = 0;  // the pixel itself: counted in its row only
   }
   // dkey[c][i] = sum_h dS[h][i] Q[c][h]; dquery[c][h] = sum_i dS[h][i] K[c][i] (dS transposed)
-  fma_scalars(dk, Cqk, H, ds, H, cols.q.data() + w * Cqk * H, H, 1, H, H, false, H);
+  fma_scalars(dk, Cqk, H, ds, H, cols.q.get() + w * Cqk * H, H, 1, H, H, false, H);
   transpose(ds, H, H, H, dst, H);
-  fma_scalars(dq, Cqk, H, dst, H, cols.k.data() + w * Cqk * H, H, 1, H, H, false, H);
+  fma_scalars(dq, Cqk, H, dst, H, cols.k.get() + w * Cqk * H, H, 1, H, H, false, H);
 }
 
 template <typename T>
@@ -478,14 +479,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
   Tensor dq = alloc_empty(op, "dquery", q, sizes_of(q), t);
   Tensor dk = alloc_empty(op, "dkey", k, sizes_of(k), t);
   Tensor dv = alloc_empty(op, "dvalue", v, sizes_of(v), t);
-  std::vector<T> delta = host_vector<T>(op, "Delta (batch, H, W)", d.B * d.HW);
+  std::unique_ptr<T[]> delta = host_array<T>(op, "Delta (batch, H, W)", d.B * d.HW);
   const T *Q = q.const_data_ptr<T>(), *K = k.const_data_ptr<T>(), *V = v.const_data_ptr<T>();
   const T *O = out.const_data_ptr<T>(), *G = dout.const_data_ptr<T>(), *L = lse.const_data_ptr<T>();
   T *DQ = dq.mutable_data_ptr<T>(), *DK = dk.mutable_data_ptr<T>(), *DV = dv.mutable_data_ptr<T>();
   const int64_t H = d.H, qk = d.Cqk * d.HW, cv = d.C * d.HW;
   auto at_batch = [&](int64_t b) {
     return BwdPtrs<T>{Q + b * qk, K + b * qk, V + b * cv, O + b * cv, G + b * cv, L + b * d.HW,
-                      delta.data() + b * d.HW, DQ + b * qk, DK + b * qk, DV + b * cv};
+                      delta.get() + b * d.HW, DQ + b * qk, DK + b * qk, DV + b * cv};
   };
   over_row_blocks(op, d, rows_per_task(d), [&] { return host_vector<T>(op, "row planes", (4 * d.W + d.C) * d.W); },
                   [&](std::vector<T>& w, int64_t b, int64_t h0, int64_t R) {
@@ -497,18 +498,18 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
   // dquery, dkey and dvalue.
   const int64_t group = columns_per_group(H, d.W);
   Columns<T> cols(op, d, group);
-  std::vector<T> dp = host_vector<T>(op, "column dP", group * H * H);
-  std::vector<T> dqk = host_vector<T>(op, "column dquery / dkey", 2 * group * d.Cqk * H);
-  T *dqc = dqk.data(), *dkc = dqc + group * d.Cqk * H;
+  std::unique_ptr<T[]> dp = host_array<T>(op, "column dP", group * H * H);
+  std::unique_ptr<T[]> dqk = host_array<T>(op, "column dquery / dkey", 2 * group * d.Cqk * H);
+  T *dqc = dqk.get(), *dkc = dqc + group * d.Cqk * H;
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t w0 = 0; w0 < d.W; w0 += group) {
       const int64_t n_w = std::min(group, d.W - w0);
       const BwdPtrs<T> a = at_batch(b).at_column(w0);
-      pack_columns(op, d, a.q, d.Cqk, n_w, cols.q.data());
-      pack_columns(op, d, a.k, d.Cqk, n_w, cols.k.data());
+      pack_columns(op, d, a.q, d.Cqk, n_w, cols.q.get());
+      pack_columns(op, d, a.k, d.Cqk, n_w, cols.k.get());
       over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
-        T* p = cols.p.data() + w * H * H;  // P[h][i] = exp(Q[:,h] . K[:,i] - lse[h]), 0 at i == h
-        column_logits(d, cols.q.data() + w * d.Cqk * H, cols.k.data() + w * d.Cqk * H, p);
+        T* p = cols.p.get() + w * H * H;  // P[h][i] = exp(Q[:,h] . K[:,i] - lse[h]), 0 at i == h
+        column_logits(d, cols.q.get() + w * d.Cqk * H, cols.k.get() + w * d.Cqk * H, p);
         for (int64_t h = 0; h < H; ++h) {
           const T l = a.lse[h * d.W + w];
           T* e = p + h * H;
@@ -521,16 +522,16 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, const Dims& d, 
       // dvalue[c][i] += sum_h P[h][i] dout[c][h] (into the value columns, dead after dP).
       over_channel_steps(op, d, a.v, a.dout, n_w, cols, [&](int64_t c0, int64_t n) {
         over_columns(op, n_w, [] { return 0; }, [&](int, int64_t w) {
-          T *v = cols.v.data() + w * n * H, *g = cols.g.data() + w * n * H;
-          fma_scalars(dp.data() + w * H * H, H, H, v, H, g, 1, H, n, H, c0 > 0, n);
-          fma_scalars(v, n, H, cols.p.data() + w * H * H, H, g, H, 1, H, H, false, H);
+          T *v = cols.v.get() + w * n * H, *g = cols.g.get() + w * n * H;
+          fma_scalars(dp.get() + w * H * H, H, H, v, H, g, 1, H, n, H, c0 > 0, n);
+          fma_scalars(v, n, H, cols.p.get() + w * H * H, H, g, H, 1, H, H, false, H);
         });
-        add_columns(op, d, a.dv + c0 * d.HW, n, n_w, cols.v.data(), static_cast<const T*>(nullptr));
+        add_columns(op, d, a.dv + c0 * d.HW, n, n_w, cols.v.get(), static_cast<const T*>(nullptr));
       });
-      if (d.C == 0) std::fill(dp.begin(), dp.end(), T(0));  // (no channel step reset it: dS is made in place)
+      if (d.C == 0) std::fill_n(dp.get(), group * H * H, T(0));  // (no channel step reset it: dS is made in place)
       over_columns(op, n_w, [&] { return host_vector<T>(op, "transposed column dS", H * H); },
                    [&](std::vector<T>& dst, int64_t w) {
-        column_dqk(d, a, cols, w, dp.data() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
+        column_dqk(d, a, cols, w, dp.get() + w * H * H, dst.data(), dqc + w * d.Cqk * H, dkc + w * d.Cqk * H);
       });
       add_columns(op, d, a.dq, d.Cqk, n_w, dqc, static_cast<const T*>(nullptr));
       add_columns(op, d, a.dk, d.Cqk, n_w, dkc, static_cast<const T*>(nullptr));

@@ -41,10 +41,6 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../common/alloc.h"
 #include "../common/check.h"
 #include "../common/common.h"
@@ -283,22 +279,6 @@ std::tuple<Tensor, Tensor> rle_encode_cpu(Tensor masks) {
 // ---------------------------------------------------------------------------
 // Decode
 
-// A large output is written once, front to back: transparent huge pages cut
-// its first-touch page faults (which otherwise cost more than decoding;
-// numpy asks the same for its large arrays). A hint: failure is harmless.
-inline void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < int64_t(4) << 20) return;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // (N, W, H) when column_major (a Fortran (H, W, N) array's memory), else (N, H, W); uint8 0/1.
 Tensor rle_decode_cpu(Tensor counts, Tensor offsets, Tensor sizes, bool column_major) {
   const char* op = "rle_decode";
@@ -316,7 +296,6 @@ Tensor rle_decode_cpu(Tensor counts, Tensor offsets, Tensor sizes, bool column_m
                            ScalarType::Byte);
   if (b.n == 0 || H * W == 0) return out;  // nothing to write (and no buffer to write to)
   uint8_t* o = static_cast<uint8_t*>(out.mutable_data_ptr());
-  advise_huge_pages(o, b.n * H * W);
   parallel_for(op, 0, b.n, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       uint8_t* m = o + i * H * W;
