@@ -71,6 +71,7 @@
 #include "../common/fast_math.h"
 #include "../common/gemm.h"
 #include "../common/parallel.h"
+#include "../common/transpose.h"
 #include "checks.h"
 
 namespace fastvision::cc {
@@ -97,61 +98,11 @@ void over_channels(const char* op, int64_t n_c, F&& fn) {
   });
 }
 
-// An 8 x 8 tile transposed in registers (GCC vector extensions: shuffles on
-// any target), for the moves between NCHW planes and [w][c][h] columns.
-template <typename T>
-struct Tile8 {
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  V r[8];
-  void load(const T* p, int64_t stride) {
-    for (int k = 0; k < 8; ++k) std::memcpy(&r[k], p + k * stride, sizeof(V));
-  }
-  void store(T* p, int64_t stride) const {
-    for (int k = 0; k < 8; ++k) std::memcpy(p + k * stride, &r[k], sizeof(V));
-  }
-  void transpose() {
-    V t[8], u[8];
-    for (int k = 0; k < 8; k += 2) {
-      t[k] = __builtin_shufflevector(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-      t[k + 1] = __builtin_shufflevector(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int k = 0; k < 8; k += 4)
-      for (int j = 0; j < 2; ++j) {
-        u[k + j * 2] = __builtin_shufflevector(t[k + j], t[k + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[k + j * 2 + 1] = __builtin_shufflevector(t[k + j], t[k + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-      }
-    for (int k = 0; k < 4; ++k) {
-      r[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-      r[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-  }
-};
-
-// dst[w * ds + h] = x[h * xs + w], h < n_h, w < n_w, in 8 x 8 tiles (rows of
-// x read whole: sequential memory).
-template <typename T>
-FV_CPU_CLONES void transpose(const T* x, int64_t xs, int64_t n_h, int64_t n_w, T* dst, int64_t ds) {
-  int64_t h0 = 0;
-  for (; h0 + 8 <= n_h; h0 += 8) {
-    int64_t w0 = 0;
-    for (; w0 + 8 <= n_w; w0 += 8) {
-      Tile8<T> t;
-      t.load(x + h0 * xs + w0, xs);
-      t.transpose();
-      t.store(dst + w0 * ds + h0, ds);
-    }
-    for (; w0 < n_w; ++w0)
-      for (int64_t h = h0; h < h0 + 8; ++h) dst[w0 * ds + h] = x[h * xs + w0];
-  }
-  for (; h0 < n_h; ++h0)
-    for (int64_t w = 0; w < n_w; ++w) dst[w * ds + h0] = x[h0 * xs + w];
-}
-
 // dst[w][c][h] = X[c][h][w] for the n_c planes X and their columns w < n_w
 // (X at the group's first column), a plane at a time.
 template <typename T>
 void pack_columns(const char* op, const Dims& d, const T* X, int64_t n_c, int64_t n_w, T* dst) {
-  over_channels(op, n_c, [&](int64_t c) { transpose(X + c * d.HW, d.W, d.H, n_w, dst + c * d.H, n_c * d.H); });
+  over_channels(op, n_c, [&](int64_t c) { transpose(X + c * d.HW, d.H, n_w, d.W, dst + c * d.H, n_c * d.H); });
 }
 
 // X[c][h][w] = X[c][h][w] * scale[h][w] (scale null: 1; rows W apart, like

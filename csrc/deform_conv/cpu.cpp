@@ -40,6 +40,7 @@
 #include "../common/dtype.h"
 #include "../common/gemm.h"
 #include "../common/parallel.h"
+#include "../common/transpose.h"
 #include "checks.h"
 
 namespace fastvision::dc {
@@ -85,16 +86,6 @@ struct Geometry {
     x = T(ow * n.sw - n.pw + j * n.dw) + o[P];
   }
 };
-
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols, in 16 x 16 blocks.
-template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, int64_t src_ld, T* dst, int64_t dst_ld) {
-  constexpr int64_t kB = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kB)
-    for (int64_t c0 = 0; c0 < cols; c0 += kB)
-      for (int64_t r = r0; r < std::min(rows, r0 + kB); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kB); ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
-}
 
 // inT[b][pix][c] = input[b][c][pix], in parallel over (image, pixel blocks).
 template <typename T>
