@@ -211,6 +211,46 @@ def test_upsample_backward_without_affinity_gradient(dtype):
     assert torch.equal(dst, ds) and torch.equal(dat, da)
 
 
+def test_autograd_asks_the_kernel_for_no_affinity_gradient_when_affinity_is_fixed():
+    """The backward calls upsample_bwd with affinity_grad=False unless affinity needs a gradient
+    (equal results alone would not show that daffinity was skipped rather than computed and dropped)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flags = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.name() == "fastvision::super_token_upsample_bwd":
+                self.flags.append(kwargs.get("affinity_grad", args[4] if len(args) > 4 else True))
+            return func(*args, **kwargs)
+
+    s = torch.randn(1, 4, 2, 3, requires_grad=True)
+    a = torch.randn(1, 6, 16, 9).softmax(-1)
+    for affinity, expected in ((a, False), (a.clone().requires_grad_(), True)):
+        with Record() as record:
+            super_token_upsample(s, affinity, (4, 4), (7, 10), backend="cpu").sum().backward()
+        assert record.flags == [expected]
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_infinite_token_leaves_the_padding_lanes_out(backend):
+    """Cells of 3 x 3 pixels (9: not a multiple of the kernels' 8 lanes, so every cell has
+    padding lanes of zero pixels) next to a token holding +inf: a padding lane's logit is
+    inf * 0 = NaN. It must take no part in the sums: the tokens the reference keeps finite
+    stay finite, and every NaN is where the reference has one."""
+    torch.manual_seed(0)
+    x = -1 - torch.rand(1, 1, 9, 9)  # negative: logits against +inf are -inf
+    x[0, 0, 0, 0] = float("inf")  # the first cell's token (its mean) is +inf
+    s, a = super_token_sampling(x, (3, 3), backend=backend)
+    s_ref, a_ref = super_token_sampling_ref(x, (3, 3))
+    assert s_ref.isfinite().sum() == 5  # (the cells away from the infinite pixel's row and column)
+    torch.testing.assert_close(s, s_ref, equal_nan=True)
+    torch.testing.assert_close(a, a_ref, equal_nan=True)
+
+
 @pytest.mark.triton
 def test_triton_upsample_backward_without_affinity_gradient():
     s = torch.randn(1, 4, 2, 3, requires_grad=True)
@@ -272,6 +312,21 @@ def test_layer_matches_anchor(kw):
     assert_close(xo.grad, xa.grad, torch.float64)
     for n, p in layer.named_parameters():
         assert_close(grads[n], p.grad, torch.float64, msg=n)
+
+
+def test_refinement_runs_its_modules():
+    """The refinement calls its qkv and proj convs (not only their weights): forward hooks fire
+    and a replaced module (an adapter, a quantized conv) takes effect."""
+    torch.manual_seed(0)
+    layer = StokenAttention(8, (1, 1), num_heads=2)
+    x = torch.randn(2, 8, 5, 6)
+    seen = []
+    for name in ("qkv", "proj"):
+        getattr(layer.stoken_refine, name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
+    base = layer(x)
+    assert seen == ["qkv", "proj"]
+    layer.stoken_refine.proj = torch.nn.Sequential(layer.stoken_refine.proj, torch.nn.Tanh())
+    assert_close(layer(x), torch.tanh(base), torch.float32)
 
 
 def test_layer_names_and_arguments():

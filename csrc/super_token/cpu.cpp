@@ -194,16 +194,17 @@ std::vector<T> token_rows(const Geometry& g, const T* tokens, const T* inv) {
   return rows;
 }
 
-// nb[k * C + c]: the 9 neighbour rows of `cell` from rows (batch, N, C); zeros outside.
+// nb[k * C + c]: the 9 neighbour rows of `cell` from rows (batch, N, C) held from
+// row `first` (of batch * N) on; zeros outside.
 template <typename T>
-void neighbours(const Geometry& g, const T* rows, int64_t b, int64_t cell, T* nb) {
+void neighbours(const Geometry& g, const T* rows, int64_t first, int64_t b, int64_t cell, T* nb) {
   const int64_t C = g.n.C;
   for (int k = 0; k < 9; ++k) {
     const int64_t t = g.neighbour(cell, k);
     if (t < 0)
       std::fill(nb + k * C, nb + (k + 1) * C, T(0));
     else
-      std::copy(rows + (b * g.N + t) * C, rows + (b * g.N + t + 1) * C, nb + k * C);
+      std::copy(rows + (b * g.N + t - first) * C, rows + (b * g.N + t - first + 1) * C, nb + k * C);
   }
 }
 
@@ -372,8 +373,12 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
       // pooled a band (row of cells) ahead of the cells that read them, from the blocks
       // that pass 1 then reads: a ring of 2 bands, so x is read once. Each chunk pools the
       // bands it reads (bands at a chunk's edges twice: the same values).
+      // The pooled rows are held for the chunk's bands and their neighbours only.
       const int64_t band_size = n.ww * C * Pp;
-      std::vector<T> bands((it == 0 ? 2 : 1) * band_size, T(0)), pooled(it == 0 ? tasks * C : 0);
+      const int64_t first_band = std::max<int64_t>(begin / n.ww - 1, 0);
+      const int64_t n_bands = std::min<int64_t>((end - 1) / n.ww + 1, n.B * n.hh - 1) - first_band + 1;
+      std::vector<T> bands = host_vector<T>(op, "gathered bands", (it == 0 ? 2 : 1) * band_size);
+      std::vector<T> pooled = host_vector<T>(op, "pooled tokens", it == 0 ? n_bands * n.ww * C : 0);
       int64_t have = -1;  // the last band gathered
       for (int64_t id = begin; id < end; ++id) {
         const int64_t b = id / N, t = id % N, i = t / n.ww, band = id / n.ww;
@@ -383,14 +388,18 @@ std::tuple<Tensor, Tensor, Tensor> sampling_forward(const Geometry& g, const Ten
           for (int64_t nb = std::max(have + 1, i > 0 ? band - 1 : band); nb <= hi; have = nb++) {
             T* Xb = bands.data() + (nb % 2) * band_size;
             gather_band(g, x, nb, Xb);
-            for (int64_t j = 0; j < n.ww; ++j) pool(g, Xb + j * C * Pp, pooled.data() + (nb * n.ww + j) * C);
+            for (int64_t j = 0; j < n.ww; ++j)
+              pool(g, Xb + j * C * Pp, pooled.data() + ((nb - first_band) * n.ww + j) * C);
           }
           X = bands.data() + (band % 2) * band_size + (t % n.ww) * C * Pp;
         } else {
           if (band != have) gather_band(g, x, have = band, bands.data());
           X = bands.data() + (t % n.ww) * C * Pp;
         }
-        neighbours(g, it == 0 ? pooled.data() : tok.data(), b, t, s.nb.data());
+        if (it == 0)
+          neighbours(g, pooled.data(), first_band * n.ww, b, t, s.nb.data());
+        else
+          neighbours(g, tok.data(), 0, b, t, s.nb.data());
         associate(C, Pp, X, s.nb.data(), s.At.data());
         softmax9(s.At.data(), P, Pp, scale);
         if (last) transpose_out(g, s.At.data(), aff + id * P * 9);
@@ -424,7 +433,7 @@ void spread_all(const Geometry& g, const T* rows, const T* aff, T* img) {
     std::vector<T> Y(C * Pp);  // a cell's output block, where it cannot go straight to img
     for (int64_t id = begin; id < end; ++id) {
       const int64_t b = id / N, t = id % N;
-      neighbours(g, rows, b, t, s.nb.data());
+      neighbours(g, rows, 0, b, t, s.nb.data());
       transpose_in(g, aff + id * P * 9, s.At.data());
       const CellView v(g, b, t);
       if (v.full(g) && g.n.w % kLanes == 0) {
@@ -488,7 +497,7 @@ std::tuple<Tensor, Tensor> upsample_backward(const Geometry& g, const Tensor& do
       if (id / n.ww != have) gather_band(g, go, have = id / n.ww, band.data());
       const T* X = band.data() + (t % n.ww) * C * Pp;
       if (with_daffinity) {  // At holds the daffinity, transposed, first
-        neighbours(g, rows.data(), b, t, s.nb.data());
+        neighbours(g, rows.data(), 0, b, t, s.nb.data());
         associate(C, Pp, X, s.nb.data(), s.At.data());
         transpose_out(g, s.At.data(), da + id * P * 9);
         for (int k = 0; k < 9; ++k)  // the tail is 0 * nb: NaN for infinite tokens

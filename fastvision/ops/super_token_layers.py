@@ -32,7 +32,7 @@ __all__ = ["StokenAttention"]
 class Attention(nn.Module):
     """STViT's multi-head self attention over the positions of a (B, C, H, W) map.
 
-    ``qkv`` (a 1x1 conv: STViT's parameters, applied as a linear map) lays its
+    ``qkv`` (a 1x1 conv: STViT's parameters, run on a channels-last map) lays its
     output channels out per head, interleaved: head i owns channels
     [i * 3 * hd, (i + 1) * 3 * hd), split into its q, k, v (STViT's
     ``reshape(B, heads, 3 * hd, N).chunk(3, dim=2)``).
@@ -54,17 +54,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         heads, N = self.num_heads, H * W
-        # The 1x1 convs as linear maps of the positions' rows (B, N, C): one matrix product
-        # each way, and q, k, v with contiguous rows, which SDPA's fused CPU kernel takes
-        # (the conv and channel-major q, k, v went through im2col copies and SDPA's math path).
-        rows = x.flatten(2).transpose(1, 2)
-        qkv = F.linear(rows, self.qkv.weight.reshape(3 * C, C), self.qkv.bias)
+        # The 1x1 convs on channels-last maps: one matrix product each way, whose
+        # channels-last output is the positions' rows (B, N, 3C) as it is, so q, k, v
+        # have contiguous rows, which SDPA's fused CPU kernel takes (channel-major q, k, v
+        # went through SDPA's math path). The modules themselves run: their hooks fire and
+        # replacements (quantized or adapted convs) take effect.
+        qkv = self.qkv(x.contiguous(memory_format=torch.channels_last))
+        qkv = qkv.permute(0, 2, 3, 1).reshape(B, N, 3 * C)
         q, k, v = qkv.view(B, N, heads, 3, C // heads).permute(3, 0, 2, 1, 4).unbind(0)  # (B, heads, N, hd)
         # softmax over the keys of q . k * scale, as STViT's (k^T q).softmax(dim=-2), through SDPA.
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        out = F.linear(out.transpose(1, 2).reshape(B, N, C), self.proj.weight.reshape(C, C), self.proj.bias)
-        return self.proj_drop(out.transpose(1, 2).reshape(B, C, H, W).contiguous())
+        out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels-last (B, C, H, W)
+        return self.proj_drop(self.proj(out).contiguous())
 
 
 class _FixedKernels(nn.Module):
