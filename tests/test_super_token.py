@@ -325,8 +325,25 @@ def test_refinement_runs_its_modules():
         getattr(layer.stoken_refine, name).register_forward_hook(lambda m, i, o, name=name: seen.append(name))
     base = layer(x)
     assert seen == ["qkv", "proj"]
+    plain = torch.nn.Conv2d(8, 24, 1, bias=False)  # any 1x1 conv works in their place
+    plain.load_state_dict(layer.stoken_refine.qkv.state_dict())
+    layer.stoken_refine.qkv = plain
+    assert_close(layer(x), base, torch.float32)
     layer.stoken_refine.proj = torch.nn.Sequential(layer.stoken_refine.proj, torch.nn.Tanh())
     assert_close(layer(x), torch.tanh(base), torch.float32)
+
+
+def test_layer_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = StokenAttention(16, (4, 3), num_heads=2, qkv_bias=True)
+    x = torch.randn(2, 16, 13, 11)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = layer(xe)
+    out = torch.compile(layer, fullgraph=True)(xc)
+    assert_close(out, ref, torch.float32)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    assert_close(xc.grad, xe.grad, torch.float32)
 
 
 def test_layer_names_and_arguments():

@@ -29,13 +29,25 @@ from .super_token import MAX_ITER, super_token_sampling, super_token_upsample
 __all__ = ["StokenAttention"]
 
 
+class PointwiseConv(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (the same parameters and state_dict)
+    computed as a linear map of the positions' rows: one matrix product (PyTorch runs
+    a 1x1 conv of a small map through its im2col path, several times slower), its
+    output channels-last, that is the rows (B, H, W, out_channels) as they are."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+
+
 class Attention(nn.Module):
     """STViT's multi-head self attention over the positions of a (B, C, H, W) map.
 
-    ``qkv`` (a 1x1 conv: STViT's parameters, run on a channels-last map) lays its
-    output channels out per head, interleaved: head i owns channels
-    [i * 3 * hd, (i + 1) * 3 * hd), split into its q, k, v (STViT's
-    ``reshape(B, heads, 3 * hd, N).chunk(3, dim=2)``).
+    ``qkv`` (a 1x1 conv: STViT's parameters) lays its output channels out per
+    head, interleaved: head i owns channels [i * 3 * hd, (i + 1) * 3 * hd), split
+    into its q, k, v (STViT's ``reshape(B, heads, 3 * hd, N).chunk(3, dim=2)``).
     """
 
     def __init__(self, dim: int, window_size=None, num_heads: int = 8, qkv_bias: bool = False,
@@ -46,21 +58,19 @@ class Attention(nn.Module):
         self.window_size = window_size
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5  # STViT's `or`: 0 or None means the default
-        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=qkv_bias)
+        self.qkv = PointwiseConv(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj = PointwiseConv(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         heads, N = self.num_heads, H * W
-        # The 1x1 convs on channels-last maps: one matrix product each way, whose
-        # channels-last output is the positions' rows (B, N, 3C) as it is, so q, k, v
-        # have contiguous rows, which SDPA's fused CPU kernel takes (channel-major q, k, v
-        # went through SDPA's math path). The modules themselves run: their hooks fire and
-        # replacements (quantized or adapted convs) take effect.
-        qkv = self.qkv(x.contiguous(memory_format=torch.channels_last))
-        qkv = qkv.permute(0, 2, 3, 1).reshape(B, N, 3 * C)
+        # The 1x1 convs give channels-last maps (PointwiseConv): their memory is the
+        # positions' rows, so q, k, v have contiguous rows, which SDPA's fused CPU kernel
+        # takes (channel-major q, k, v went through SDPA's math path). The modules are
+        # called: their hooks fire and replacements (any 1x1 conv) work.
+        qkv = self.qkv(x).permute(0, 2, 3, 1).reshape(B, N, 3 * C)
         q, k, v = qkv.view(B, N, heads, 3, C // heads).permute(3, 0, 2, 1, 4).unbind(0)  # (B, heads, N, hd)
         # softmax over the keys of q . k * scale, as STViT's (k^T q).softmax(dim=-2), through SDPA.
         drop = self.attn_drop.p if self.training else 0.0
