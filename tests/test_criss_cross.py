@@ -291,13 +291,15 @@ def test_large_outputs_ask_for_huge_pages():
     control: where they get no huge pages (THP off, no free huge pages), neither can we."""
     import numpy as np
 
-    control = np.empty(4 << 20, np.float32)
+    # 48 MiB buffers: above glibc's largest mmap threshold (32 MiB), so fresh mappings
+    # (a smaller one can reuse heap pages already faulted in 4 KB).
+    control = np.empty(12 << 20, np.float32)
     control.fill(1)
     if _anon_huge_kb(control.ctypes.data, control.nbytes) == 0:
         pytest.skip("the system gives numpy's advised arrays no huge pages")
     q, k = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)
-    out = criss_cross_attention(q, k, torch.randn(1, 1024, 64, 64))  # out: 16 MiB
-    assert _anon_huge_kb(out.data_ptr(), out.nbytes) >= 8 << 10
+    out = criss_cross_attention(q, k, torch.randn(1, 3072, 64, 64))
+    assert _anon_huge_kb(out.data_ptr(), out.nbytes) >= 32 << 10
 
 
 @pytest.mark.gpu
