@@ -14,6 +14,9 @@
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -300,6 +303,17 @@ def test_large_outputs_ask_for_huge_pages():
     q, k = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)
     out = criss_cross_attention(q, k, torch.randn(1, 3072, 64, 64))
     assert _anon_huge_kb(out.data_ptr(), out.nbytes) >= 32 << 10
+    # FASTVISION_HUGE_PAGES=0 turns the advice off (read once: a new process).
+    child = (
+        "import torch, tests.test_criss_cross as t\n"
+        "q, k = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)\n"
+        "out = t.criss_cross_attention(q, k, torch.randn(1, 3072, 64, 64))\n"
+        "print(t._anon_huge_kb(out.data_ptr(), out.nbytes))\n")
+    env = dict(os.environ, FASTVISION_HUGE_PAGES="0")
+    run = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) == 0
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@
 #include <torch/csrc/stable/tensor.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -66,10 +67,20 @@ Tensor allocate(const char* op, const std::string& what, const std::vector<int64
 // it. Large buffers ask for transparent huge pages (one fault per 2 MB, where
 // the system's THP mode is "madvise"; numpy asks the same for its large
 // arrays). A hint on the buffer's whole 2 MB pages: failure is harmless.
+// FASTVISION_HUGE_PAGES=0 (read once) turns it off, for systems where
+// compacting memory for huge pages stalls.
+inline bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("FASTVISION_HUGE_PAGES");
+    return !(v && std::string(v) == "0");
+  }();
+  return wanted;
+}
+
 inline void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (!p || bytes < int64_t(4) << 20) return;
+  if (!p || bytes < int64_t(4) << 20 || !huge_pages_wanted()) return;
   const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
   if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
