@@ -69,6 +69,19 @@ def test_interception_finds_every_kernel_in_every_dtype():
     assert re.search(r"(\d+) configurations from (\d+) launches", r.stderr)
 
 
+def test_target_only_keeps_the_target_configurations():
+    """--target-only lists (and compiles) only the configurations --fail-on-spill judges."""
+    def listed(*extra):
+        r = _run("--list", "--source", "smoke", "--kernels", "_na_fwd_kernel", *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return [line for line in r.stdout.splitlines() if line.strip()]
+
+    every, targets = listed(), listed("--target-only")
+    assert targets and all(line.endswith(" T") for line in targets)
+    assert sorted(targets) == sorted(line for line in every if line.endswith(" T"))
+    assert len(targets) < len(every)
+
+
 def test_over_limit_fails_and_report_parses(tmp_path):
     out = tmp_path / "report.json"
     text = tmp_path / "report.txt"
