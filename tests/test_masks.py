@@ -625,15 +625,19 @@ SEPARATOR_SETS = [*fm.DIALECTS.values(), fm.Separators(count="* "), fm.Separator
 
 
 @settings(FUZZ, max_examples=400)
-@given(st.integers(1, 5), st.integers(1, 8), st.integers(0, 10**6), st.sampled_from(range(len(SEPARATOR_SETS))),
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 10**6), st.sampled_from(range(len(SEPARATOR_SETS))),
        st.booleans(), st.booleans(), st.data())
 def test_rrle_exact_path_equals_general_parse(h, w, seed, which, strict, known, data):
     """Exact texts take a one-pass decoder (csrc/masks/rrle.h, Decoder::decode_exact);
     it must agree with the general parse on every text: exact ones, and ones
     that differ from exact by a character, a split run, a leading zero, a
-    zero or too large count, a run of 0, spaces, a tab, a missing or extra row."""
+    zero or too large count, a run of 0, spaces, a tab, a missing or extra row.
+    Rows often repeat the row above (the one-pass decoder copies those)."""
     seps = SEPARATOR_SETS[which]
     g = grid(h, w, seed=seed, k=4)
+    for r, repeat in enumerate(data.draw(st.lists(st.booleans(), min_size=h, max_size=h))[1:], start=1):
+        if repeat:
+            g[r] = g[r - 1]
     text = fm.rrle_encode(g, NAMES, separators=seps)
     for _ in range(data.draw(st.integers(0, 2))):
         i = data.draw(st.integers(0, len(text)))
@@ -665,6 +669,28 @@ def test_rrle_exact_path_equals_general_parse(h, w, seed, which, strict, known, 
         assert torch.equal(fast[1], general[1]) and fast[2:] == general[2:], (text, fast, general)
     batch = _decode_both_paths([text, fm.rrle_encode(g, NAMES, separators=seps)], h, w, NAMES, False, seps)
     assert torch.equal(batch[0][1], batch[1][1]) and batch[0][2:] == batch[1][2:]
+
+
+@pytest.mark.parametrize("text,h,w,labels,repairs", [
+    ("a *2| b *2\n a *2| b *2\n", 2, 4, [[0, 0, 1, 1]] * 2, 0),
+    ("a *4\n a *4\n a *4\n", 3, 4, [[0] * 4] * 3, 0),
+    ("a *4\n a *40\n", 2, 4, [[0] * 4] * 2, 1),  # the row above, then more digits: cut at w
+    ("a *2| b *2\n a *2| b *2| b *1\n", 2, 4, [[0, 0, 1, 1]] * 2, 1),  # the row above, then a run more
+    ("a *2| b *2\n a *2| b *2", 2, 4, [[0, 0, 1, 1]] * 2, 1),  # no end marker after the copied row
+    ("a *2| b *2\n a *2| b *2\na *2| b *2\n", 2, 4, [[0, 0, 1, 1]] * 2, 2),  # "\n" alone, then a row too many
+    ("a *2| b *2\n a *2| b *2\n a *2| b *2\n", 2, 4, [[0, 0, 1, 1]] * 2, 1),  # a row too many
+    ("a *2| b *2\n a *2| b *1\n", 2, 4, [[0, 0, 1, 1], [0, 0, 1, 1]], 1),  # a prefix of the row above: padded
+])
+def test_rrle_rows_repeating_the_row_above(text, h, w, labels, repairs):
+    """The one-pass decoder copies a row written as the row above; only when
+    that row's separator (or the end marker) follows: otherwise it is parsed."""
+    for exact in (True, False):
+        before = C._rrle_exact_path(exact)
+        try:
+            got, names, report = fm.rrle_decode(text, h, w, ["a", "b"])
+        finally:
+            C._rrle_exact_path(before)
+        assert got.tolist() == labels and len(report.repairs) == repairs, (exact, report)
 
 
 # --------------------------------------------------------------------------

@@ -412,11 +412,25 @@ struct Decoder {
       return false;
     };
     const std::string_view t = text;
-    const size_t n = t.size(), lead = seps->count_lead;
+    const size_t n = t.size(), lead = seps->count_lead, npos = std::string_view::npos;
     const char rc = seps->rc[0], uc = seps->uc[0], cc = seps->cc[0];
-    size_t p = 0;
+    // Where the text goes on after row r's text, which ends at q (npos: not at its separator).
+    auto after_row = [&](int64_t r, size_t q) {
+      if (r + 1 < h) return at(t, q, seps->row_sep) ? q + seps->row_sep.size() : npos;
+      return n - q == seps->end.size() && at(t, q, seps->end) ? n : npos;
+    };
+    size_t p = 0, prev = 0, prev_len = 0;  // the previous row's text: t[prev, prev + prev_len)
     for (int64_t r = 0; r < h; ++r) {
       int64_t* row = g + r * w;
+      // A row written as the previous one holds its ids (shapes span rows: most rows repeat).
+      if (r > 0 && n - p >= prev_len && std::memcmp(t.data() + p, t.data() + prev, prev_len) == 0) {
+        if (const size_t next = after_row(r, p + prev_len); next != npos) {
+          std::memcpy(row, row - w, static_cast<size_t>(w) * sizeof(int64_t));
+          p = next;
+          continue;
+        }
+      }
+      const size_t start = p;
       for (int64_t col = 0;;) {
         // The label ends where count_sep begins: before the count core and its leading spaces.
         size_t q = find_any_of3(t, p, cc, uc, rc);
@@ -435,12 +449,10 @@ struct Decoder {
           p = q + seps->run_sep.size();
           continue;
         }
-        if (r + 1 < h) {
-          if (!at(t, q, seps->row_sep)) return fail();
-          p = q + seps->row_sep.size();
-        } else if (n - q != seps->end.size() || !at(t, q, seps->end)) {
-          return fail();
-        }
+        prev = start;
+        prev_len = q - start;
+        p = after_row(r, q);
+        if (p == npos) return fail();
         break;
       }
     }
