@@ -10,6 +10,8 @@ calls, torch.compile where a tensor op is involved, and the direct-call fuzz
 """
 
 import dataclasses
+import io
+import os
 import re
 
 import numpy as np
@@ -413,6 +415,44 @@ def test_rrle_fast_path_bad_input():
     assert C.rrle_encode(g.to("meta"), NAMES, fm.Separators(), 0) is NotImplemented
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["dlpack-exchange", "attributes"])
+def test_rrle_encode_reads_tensors_in_place_or_declines(exchange):
+    """The C++ encoder reads a CPU int64 contiguous tensor in place (through
+    DLPack's C exchange API where torch has one, else the tensor's attributes)
+    and declines the rest (NotImplemented), which rrle_encode converts first:
+    the text is the same either way."""
+    g = grid(4, 6, k=4)
+    cases = {
+        "contiguous": (g, True),
+        "batch": (torch.stack([g, g.flip(0)]), True),
+        "a view at an offset": (g[1:], True),
+        "size-1 dims with odd strides": (g[:1].as_strided((1, 6, 1), (99, 1, 7)), True),
+        "empty": (torch.zeros(0, 3, dtype=torch.long), True),
+        "transposed": (g.t(), False),
+        "every other column": (g[:, ::2], False),
+        "negative view": ((-g)._neg_view(), False),  # (its memory holds -g)
+        "int32": (g.int(), False),
+        "float": (g.float(), False),
+        "4 dims": (g[None, None], False),
+        "sparse": (g.to_sparse(), False),
+        "meta": (g.to("meta"), False),
+        "subclass": (g.as_subclass(type("Sub", (torch.Tensor,), {})), False),
+    }
+    before = C._dlpack_exchange(exchange)
+    try:
+        for name, (x, in_place) in cases.items():
+            direct = C.rrle_encode(x, NAMES, fm.Separators(), 0)
+            assert (direct is not NotImplemented) == in_place, name
+            if name in ("float", "sparse", "meta", "4 dims"):  # (rrle_encode raises: tested above)
+                continue
+            plain = torch.tensor(x.tolist(), dtype=torch.long).reshape(x.shape)  # (a fresh contiguous copy)
+            assert fm.rrle_encode(x, NAMES) == fm.rrle_encode(plain, NAMES), name
+            if in_place:
+                assert direct == fm.rrle_encode(plain, NAMES), name
+    finally:
+        C._dlpack_exchange(before)
+
+
 @FUZZ
 @given(st.data())
 def test_fuzz_python_codec_functions(data):
@@ -691,6 +731,61 @@ def test_rrle_rows_repeating_the_row_above(text, h, w, labels, repairs):
         finally:
             C._rrle_exact_path(before)
         assert got.tolist() == labels and len(report.repairs) == repairs, (exact, report)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["dlpack-exchange", "capsule"])
+def test_rrle_decode_labels_are_plain_tensors_owning_their_memory(exchange):
+    """The labels are made by the C++ decoder and handed to torch through DLPack
+    (its C exchange API where torch has one, else a capsule): each call's tensor
+    is its own, writable, contiguous, freed with the tensor (also when the call
+    raises after making it), and usable as any other."""
+    before = C._dlpack_exchange(exchange)
+    try:
+        _check_decoded_labels()
+    finally:
+        C._dlpack_exchange(before)
+
+
+def _check_decoded_labels():
+    text = fm.rrle_encode(grid(24, 24, k=3), NAMES)
+    a, _, _ = fm.rrle_decode(text, 24, 24, NAMES)
+    b, _, _ = fm.rrle_decode(text, 24, 24, NAMES)
+    assert a.dtype == torch.long and a.shape == (24, 24) and a.is_contiguous() and a.device.type == "cpu"
+    assert a.data_ptr() != b.data_ptr() and a.data_ptr() % 8 == 0
+    a += 1
+    assert torch.equal(a - 1, b) and torch.equal(fm.rrle_decode(text, 24, 24, NAMES)[0], b)
+    buf = io.BytesIO()
+    torch.save(a, buf)
+    assert torch.equal(torch.load(io.BytesIO(buf.getvalue())), a)
+    batch, _, _ = fm.rrle_decode([text, text], 24, 24, NAMES)
+    assert batch.shape == (2, 24, 24) and torch.equal(batch[1], b)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if "ASAN_OPTIONS" in os.environ:  # (tools/sanitize.sh: ASan holds freed memory in quarantine)
+        return
+    big = fm.rrle_encode(torch.zeros(256, 256, dtype=torch.long), NAMES)  # 512 KiB of labels per call
+    for _ in range(20):
+        fm.rrle_decode(big, 256, 256, NAMES)
+    start = rss()
+    for _ in range(400):  # 200 MiB if the memory were never freed
+        fm.rrle_decode(big, 256, 256, NAMES)
+        with pytest.raises(ValueError, match="end marker"):  # (raised in the C++, after the labels were made)
+            fm.rrle_decode(big[:-1], 256, 256, NAMES, strict=True)
+        with pytest.raises(ValueError, match="unknown label"):  # (raised here, from the labels returned)
+            fm.rrle_decode(big.replace("others", "cat", 1), 256, 256, NAMES[1:], strict=True)
+    assert rss() - start < 32 * 2**20
+
+
+def test_rrle_decode_integer_arguments():
+    text = "a *2\n a *2\n"
+    assert fm.rrle_decode(text, np.int64(2), torch.tensor(2), ["a"], background=np.int32(0))[0].tolist() == [[0, 0]] * 2
+    for kwargs, name in [(dict(h=2.0), "h"), (dict(w="2"), "w"), (dict(background=0.0), "background")]:
+        args = {"h": 2, "w": 2, "background": 0, **kwargs}
+        with pytest.raises(TypeError, match=f"{name} must be an integer; got"):
+            fm.rrle_decode(text, args["h"], args["w"], ["a"], background=args["background"])
 
 
 # --------------------------------------------------------------------------

@@ -19,7 +19,10 @@
 
 #include <Python.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <memory>
+#include <utility>
 
 namespace fastvision::masks::py {
 
@@ -95,9 +98,136 @@ inline const Torch& torch_objects() {
   return t;
 }
 
+// A new CPU int64 tensor, filled here and then handed to torch through
+// DLPack: torch wraps it in about 0.5 us through DLPack's C exchange API
+// (torch.Tensor.__dlpack_c_exchange_api__), 0.8 us through a capsule and
+// torch._C._from_dlpack (where torch has no exchange API), where torch.empty
+// (or numpy and torch.from_numpy) costs 1.3 to 2 us: as much as decoding a
+// small R-RLE grid. The structs are DLPack's (its C ABI, version 1: torch's
+// own header is outside the stable ABI).
+namespace dl {
+struct Version {
+  uint32_t major, minor;
+};
+struct Device {
+  int32_t type, id;  // type 1: CPU
+};
+struct DataType {
+  uint8_t code, bits;  // code 0: signed integer
+  uint16_t lanes;
+};
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t *shape, *strides;
+  uint64_t byte_offset;
+};
+struct ManagedTensorVersioned {
+  Version version;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensorVersioned*);
+  uint64_t flags;
+  Tensor tensor;
+};
+struct ExchangeAPI {  // (the functions this does not call as void*)
+  Version version;
+  void* prev_api;
+  void *managed_tensor_allocator, *managed_tensor_from_py_object_no_sync;
+  int (*managed_tensor_to_py_object_no_sync)(ManagedTensorVersioned* tensor, void** out_py_object);
+  int (*dltensor_from_py_object_no_sync)(void* py_object, Tensor* out);  // (may be null)
+};
+}  // namespace dl
+
+// torch's DLPack C exchange API (null where torch has none; tests turn it
+// off to take the other paths): new tensors reach torch through it (else a
+// capsule and torch._C._from_dlpack), and tensors are read through it (else
+// through their Python attributes, about 0.5 us more).
+struct DLPackExchange {
+  int (*to_py_object)(dl::ManagedTensorVersioned*, void**) = nullptr;
+  int (*from_py_object)(void*, dl::Tensor*) = nullptr;
+  PyObject* from_dlpack = nullptr;
+};
+inline std::atomic<bool> dlpack_exchange_enabled{true};
+
+inline const DLPackExchange& dlpack_exchange() {
+  static const DLPackExchange h = [] {
+    DLPackExchange r;
+    Ref torch_c(check(PyImport_ImportModule("torch._C")));
+    r.from_dlpack = check(PyObject_GetAttrString(torch_c.p, "_from_dlpack"));  // (what torch.from_dlpack calls)
+    if (Ref cap(PyObject_GetAttrString(torch_objects().tensor, "__dlpack_c_exchange_api__")); cap.p) {
+      const auto* api = static_cast<const dl::ExchangeAPI*>(PyCapsule_GetPointer(cap.p, "dlpack_exchange_api"));
+      if (api && api->version.major == 1) {
+        r.to_py_object = api->managed_tensor_to_py_object_no_sync;
+        r.from_py_object = api->dltensor_from_py_object_no_sync;
+      }
+    }
+    PyErr_Clear();  // (no exchange API: the other paths)
+    return r;
+  }();
+  static const DLPackExchange off{nullptr, nullptr, h.from_dlpack};
+  return dlpack_exchange_enabled.load(std::memory_order_relaxed) ? h : off;
+}
+
+class NewInt64Tensor {
+ public:
+  // A contiguous tensor of `shape` (at most 3 dimensions; sizes >= 0 whose
+  // product times 8 fits in an int64: the caller has checked).
+  explicit NewInt64Tensor(std::initializer_list<int64_t> shape) {
+    size_t n = 1;
+    for (int64_t s : shape) n *= static_cast<size_t>(s);
+    // One allocation: the header, then the data (malloc's alignment, as numpy's); freed by torch's deleter call.
+    block_ = static_cast<Block*>(std::malloc(sizeof(Block) + n * sizeof(int64_t)));
+    if (!block_) throw std::bad_alloc();
+    block_->managed = {{1, 0}, nullptr, [](dl::ManagedTensorVersioned* m) { std::free(m); }, 0,
+                       {block_ + 1, {1, 0}, static_cast<int32_t>(shape.size()), {0, 64, 1}, block_->shape,
+                        block_->strides, 0}};
+    int64_t stride = 1, d = static_cast<int64_t>(shape.size());
+    for (auto s = shape.end(); s != shape.begin();) {
+      block_->shape[--d] = *--s;
+      block_->strides[d] = stride;
+      stride *= *s;
+    }
+  }
+  NewInt64Tensor(const NewInt64Tensor&) = delete;
+  NewInt64Tensor& operator=(const NewInt64Tensor&) = delete;
+  ~NewInt64Tensor() { std::free(block_); }
+  int64_t* data() const { return reinterpret_cast<int64_t*>(block_ + 1); }
+
+  // The torch.Tensor (a new reference), which owns the memory from here on.
+  PyObject* to_torch() {
+    const DLPackExchange& h = dlpack_exchange();
+    Block* b = std::exchange(block_, nullptr);
+    if (h.to_py_object) {
+      void* out = nullptr;
+      // (On failure the memory is left to torch, which may have taken it: a leak, never a double free.)
+      if (h.to_py_object(&b->managed, &out) != 0) throw PyError{};
+      return static_cast<PyObject*>(out);
+    }
+    Ref cap(PyCapsule_New(&b->managed, kCapsule, [](PyObject* c) {
+      if (PyCapsule_IsValid(c, kCapsule)) std::free(PyCapsule_GetPointer(c, kCapsule));  // (not taken by torch)
+    }));
+    if (!cap.p) {
+      std::free(b);
+      throw PyError{};
+    }
+    return check(PyObject_CallFunctionObjArgs(h.from_dlpack, cap.p, nullptr));
+  }
+
+ private:
+  static constexpr const char* kCapsule = "dltensor_versioned";  // (torch renames it once it owns the memory)
+  struct Block {
+    dl::ManagedTensorVersioned managed;
+    int64_t shape[3], strides[3];
+  };
+  Block* block_ = nullptr;
+};
+
 // A CPU int64 tensor's memory and shape, or nullptr when `obj` is not one this
 // can read in place (another type or subclass, dtype, device, layout, a
-// non-contiguous or negative view).
+// non-contiguous or negative view): through DLPack's exchange API where
+// torch has one, else through the tensor's attributes.
 struct TensorView {
   bool ok = false;
   int64_t* data = nullptr;  // (may be null when empty)
@@ -116,6 +246,26 @@ inline TensorView int64_tensor(PyObject* obj) {
     Ref a(check(PyObject_CallMethodObjArgs(obj, name, nullptr)));
     return a.p == Py_True;
   };
+  if (const DLPackExchange& x = dlpack_exchange(); x.from_py_object) {
+    dl::Tensor d{};
+    if (x.from_py_object(obj, &d) != 0) {  // (a tensor DLPack does not describe: not read in place)
+      PyErr_Clear();
+      return v;
+    }
+    if (d.device.type != 1 || d.dtype.code != 0 || d.dtype.bits != 64 || d.dtype.lanes != 1 || d.ndim > 3 ||
+        call_true(t.is_neg))
+      return v;
+    int64_t numel = 1, stride = 1;
+    for (int i = 0; i < d.ndim; ++i) numel *= d.shape[i];
+    for (int i = d.ndim - 1; i >= 0 && d.strides && numel > 0; --i) {  // contiguous as torch says: size-1 dims aside
+      if (d.shape[i] != 1 && d.strides[i] != stride) return v;
+      stride *= d.shape[i];
+    }
+    for (int i = 0; i < d.ndim; ++i) v.shape[v.dim++] = d.shape[i];
+    v.data = reinterpret_cast<int64_t*>(static_cast<char*>(d.data) + d.byte_offset);
+    v.ok = true;
+    return v;
+  }
   if (!attr_is(t.dtype, t.int64) || !attr_is(t.is_cpu, Py_True) || !attr_is(t.layout, t.strided) ||
       !call_true(t.is_contiguous) || call_true(t.is_neg))
     return v;
@@ -150,9 +300,16 @@ inline std::string_view utf8(PyObject* s) {
   return {p, static_cast<size_t>(n)};
 }
 
-inline int64_t as_int(PyObject* o) {
+// An integer argument (anything with __index__: 2.5 is an error, not 2), named in the TypeError.
+inline int64_t as_int(PyObject* o, const char* name) {
   const long long v = PyLong_AsLongLong(o);
-  if (v == -1 && PyErr_Occurred()) throw PyError{};
+  if (v == -1 && PyErr_Occurred()) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+      PyErr_Clear();
+      type_error((std::string(name) + " must be an integer").c_str(), o);
+    }
+    throw PyError{};
+  }
   return v;
 }
 
@@ -162,6 +319,7 @@ inline bool items(PyObject* seq, std::vector<PyObject*>& out) {
   const bool list = PyList_Check(seq), tuple = !list && PyTuple_Check(seq);
   if (!list && !tuple) return false;
   const Py_ssize_t n = list ? PyList_Size(seq) : PyTuple_Size(seq);
+  out.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) out.push_back(check(list ? PyList_GetItem(seq, i) : PyTuple_GetItem(seq, i)));
   return true;
 }
@@ -395,7 +553,7 @@ inline PyObject* rrle_encode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     std::shared_ptr<EncodePrepared> prep = last;
     if (!str_items(args[1], names)) Py_RETURN_NOTIMPLEMENTED;
     if (!prep || !prep->same(names, args[2], true)) last = prep = std::make_shared<EncodePrepared>(names, args[2]);
-    const int64_t form = as_int(args[3]);
+    const int64_t form = as_int(args[3], "form");
     FV_CHECK(form >= 0 && form <= 2, op, "form must be 0 (row-wise runs), 1 (image-wise runs) or 2 (one label per "
              "patch); got ", form);
     const bool batch = L.dim == 3;
@@ -456,9 +614,8 @@ struct DecodePrepared : Prepared {
 };
 
 // rrle_decode(text, h, w, names, background, separators, strict, form) ->
-// (labels, names, extra, repairs): labels a bytearray of the int64 label ids,
-// (h, w) for a str, (B, h, w) for a list of str (the caller views it as a
-// tensor: cheaper than torch.empty from here); names the known names (None:
+// (labels, names, extra, repairs): labels an int64 tensor of the label ids,
+// (h, w) for a str, (B, h, w) for a list of str; names the known names (None:
 // the labels found) as a list of str; extra the labels found beyond the known
 // names (ids len(names) + i in labels) and repairs ((text, kind, row, column,
 // occurrences), ...) as tuples. Names are str()-ed, must be distinct and
@@ -472,24 +629,25 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       return nullptr;
     }
     const bool batch = !PyUnicode_Check(args[0]);
-    std::vector<PyObject*> texts;
-    if (batch) {
-      if (!items(args[0], texts)) return type_error("text must be a str (or a list of str)", args[0]);
-    } else {
-      texts.push_back(args[0]);
-    }
     std::vector<Ref> held;  // a batch's texts stay alive while the GIL is released
     std::vector<std::string_view> tv;
-    for (PyObject* t : texts) {
-      if (!PyUnicode_Check(t)) return type_error("text must be a str (or a list of str)", t);
-      if (batch) held.emplace_back(Py_NewRef(t));
-      tv.push_back(utf8(t));
+    std::string_view one;  // (one text: no vector until decode_batch needs one)
+    if (batch) {
+      std::vector<PyObject*> texts;
+      if (!items(args[0], texts)) return type_error("text must be a str (or a list of str)", args[0]);
+      for (PyObject* t : texts) {
+        if (!PyUnicode_Check(t)) return type_error("text must be a str (or a list of str)", t);
+        held.emplace_back(Py_NewRef(t));
+        tv.push_back(utf8(t));
+      }
+    } else {
+      one = utf8(args[0]);
     }
-    const int64_t h = as_int(args[1]), w = as_int(args[2]);
-    const int64_t background = as_int(args[4]);
+    const int64_t h = as_int(args[1], "h"), w = as_int(args[2], "w");
+    const int64_t background = as_int(args[4], "background");
     const int strict = PyObject_IsTrue(args[6]);
     if (strict < 0) return nullptr;
-    const int64_t form = as_int(args[7]);
+    const int64_t form = as_int(args[7], "form");
     // The names as exact str (cached), or str()-ed into a list of this call's.
     const bool given = args[3] != Py_None;
     std::vector<PyObject*> names;
@@ -517,13 +675,13 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       return nullptr;
     }
     check_decode_ints(op, h, w, form, background);
-    const int64_t B = static_cast<int64_t>(tv.size());
+    const int64_t B = batch ? static_cast<int64_t>(tv.size()) : 1;
     int64_t total = 0;
     FV_CHECK(mul_fits(B, h * w, &total), op, "B * h * w overflows int64");
     int64_t bytes = 0;
     FV_CHECK(mul_fits(total, 8, &bytes), op, "B * h * w overflows int64");
-    Ref grid(check(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(bytes))));
-    int64_t* g = reinterpret_cast<int64_t*>(PyByteArray_AsString(grid.p));  // (malloc'ed: aligned)
+    NewInt64Tensor grid = batch ? NewInt64Tensor({B, h, w}) : NewInt64Tensor({h, w});
+    int64_t* g = grid.data();
     const size_t K = nv.size();
     // One exact text (the common call): decoded here, without decode_batch's
     // tables; its ids are the names' (the decoder's table seeded with them)
@@ -533,14 +691,16 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     if (B == 1 && form <= 0 && K <= static_cast<size_t>(LabelTable::kScan) &&
         exact_path_enabled.load(std::memory_order_relaxed)) {
       Decoder d;  // (the call's own: creating Python objects may run finalizers, which may call this)
+      d.table.labels.reserve(K + 4);
       for (std::string_view name : nv) d.table.id(name);
-      d.text = tv[0];
+      d.text = batch ? tv[0] : one;
       d.seps = &prep->seps_of_text;
       d.strict = strict;
       decoded = d.decode_exact(h, w, g) && (!given || d.table.labels.size() == K);
-      if (decoded) found.labels = d.table.labels;  // (views into the names and the text)
+      if (decoded) found.labels = std::move(d.table.labels);  // (views into the names and the text)
     }
-    if (!decoded && B == 1) {
+    if (!decoded && !batch) {
+      tv.push_back(one);
       found = decode_batch(op, tv, h, w, prep->seps_of_text, strict, form, background, nv, g);
     } else if (!decoded) {
       NoGil nogil;  // prep holds the names, `held` the texts
@@ -564,10 +724,18 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       PyTuple_SetItem(repairs.p, static_cast<Py_ssize_t>(i),
                       check(Py_BuildValue("(LLLLL)", r[0], r[1], r[2], r[3], r[4])));
     }
-    return check(PyTuple_Pack(4, grid.p, out_names.p, extra.p, repairs.p));
+    Ref labels(grid.to_torch());
+    return check(PyTuple_Pack(4, labels.p, out_names.p, extra.p, repairs.p));
   } catch (...) {
     return set_error();
   }
+}
+
+// _dlpack_exchange(enabled) -> the previous setting (tests take the paths torch without the API takes).
+inline PyObject* dlpack_exchange(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  return PyBool_FromLong(dlpack_exchange_enabled.exchange(on != 0));
 }
 
 // _rrle_exact_path(enabled) -> the previous setting (tests compare the decoder's two paths).
@@ -584,6 +752,9 @@ inline PyMethodDef kMethods[] = {
      "R-RLE text(s) of a CPU int64 label tensor (h, w) or (B, h, w), or NotImplemented"},
     {"rrle_decode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rrle_decode)), METH_FASTCALL,
      "R-RLE text (or list of texts) -> (labels, names, extra labels, repairs)"},
+    {"_dlpack_exchange", &dlpack_exchange, METH_O,
+     "_dlpack_exchange(enabled) -> previous: whether tensors are read and made through DLPack's C exchange API "
+     "(else through their attributes, a capsule and torch._C._from_dlpack)"},
     {"_rrle_exact_path", &rrle_exact_path, METH_O,
      "_rrle_exact_path(enabled) -> previous: whether R-RLE decoding tries its one-pass path for exact texts"},
     {nullptr, nullptr, 0, nullptr}};

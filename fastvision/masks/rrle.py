@@ -47,6 +47,8 @@ DIALECTS: dict[str, Separators] = {
 }
 
 FORMS = {"row": 0, "image": 1, "none": 2}
+_FORM_CODES = {"auto": -1, **FORMS}  # (the C++ decoder's: -1 detects the form)
+_UNKNOWN = ("closest", "background")
 
 # Repair kinds of the C++ decoder (csrc/masks/rrle.h, enum Repair), in words.
 _REPAIRS = {
@@ -81,7 +83,7 @@ class Repair:
         return f"{where}{self.kind}{times}{': ' + self.detail if self.detail else ''}"
 
 
-@dataclass
+@dataclass(slots=True)  # (no __dict__: made on every call)
 class DecodeReport:
     """What :func:`rrle_decode` found and repaired: the dialect it read, the form
     asked for ("auto": detected) and one :class:`Repair` per repair (empty for a
@@ -99,7 +101,7 @@ class DecodeReport:
 
 
 _TEXT4SEG = Separators()
-_ndarray, _INT64, _from_numpy, _Tensor = np.ndarray, np.int64, torch.from_numpy, torch.Tensor
+_Tensor = torch.Tensor
 
 
 def _as_separators(separators) -> Separators:
@@ -229,46 +231,40 @@ def rrle_decode(text, h: int, w: int, names=None, strict: bool = False, *, separ
     or ``"none"`` (one label per patch, no counts). Text around ``<seg>...</seg>``
     is ignored.
     """
-    batch = type(text) is not str  # (the C++ checks that a batch is a list or tuple of str)
-    if form != "auto" and form not in FORMS:
+    # (Checked in the C++: h, w and background are integers, names str()-ed, non-empty and
+    # distinct, background indexes them, a batch is a list or tuple of str.)
+    code = _FORM_CODES.get(form) if type(form) is str else None
+    if code is None:
         raise ValueError(f"form must be 'auto' or one of {sorted(FORMS)}; got {form!r}")
-    if unknown not in ("closest", "background"):
+    if unknown not in _UNKNOWN:
         raise ValueError(f"unknown must be 'closest' or 'background'; got {unknown!r}")
     pre = None  # repairs made here (<seg> tags), per text
-    if batch:
+    if type(text) is str:
+        batch, first = False, text
+        if "<" in text:
+            pre = [[]]
+            text = first = _strip_tags(text, strict, pre[0])
+    else:
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a str (or a list of str); got {type(text).__name__}")
         if any("<" in t for t in text if type(t) is str):
             pre = [[] for _ in text]
             text = [_strip_tags(t, strict, p) if type(t) is str else t for t, p in zip(text, pre)]
-    elif "<" in text:
-        pre = [[]]
-        text = _strip_tags(text, strict, pre[0])
-    if separators is not None:
-        dialect = separators if isinstance(separators, str) else "custom"
-        seps = _as_separators(separators)
-    else:  # one dialect per call: the first text's
-        first = text if not batch else text[0] if text and type(text[0]) is str else ""
+        batch, first = True, text[0] if text and type(text[0]) is str else ""
+    if separators is None:  # one dialect per call: the first text's
         dialect = detect_dialect(first)
         seps = DIALECTS[dialect]
-    if type(background) is not int:
-        if names is not None and not 0 <= background < len(names):
-            raise ValueError(f"background must index names (0..{len(names) - 1}); got {background}")
-        background = int(background)
+    else:
+        dialect = separators if isinstance(separators, str) else "custom"
+        seps = _as_separators(separators)
     if escape and names is not None:
         names = [escape_label(str(n)) for n in names]
-    # The names are checked there (str()-ed, non-empty, distinct, background indexes them).
-    if type(h) is not int or type(w) is not int:
-        h, w = int(h), int(w)
-    grid, names, extra, reps = _C.rrle_decode(text, h, w, names, background, seps, strict,
-                                              -1 if form == "auto" else FORMS[form])
-    # The ids' bytes as a tensor (through numpy: cheaper than torch.empty + a copy).
-    grid = _from_numpy(_ndarray((len(text), h, w) if batch else (h, w), _INT64, grid))
+    grid, names, extra, reps = _C.rrle_decode(text, h, w, names, background, seps, strict, code)
+    if not (batch or pre or reps or extra or escape):  # the common call: one text, decoded as written
+        return grid, names, DecodeReport(dialect, form, [])
     if escape:
         names = [unescape_label(n) for n in names]
         extra = [unescape_label(n) for n in extra]
-    if not batch and pre is None and not reps and not extra:
-        return grid, names, DecodeReport(dialect, form, [])
     if not batch:
         grid = grid[None]
     reports = [DecodeReport(dialect, form, p) for p in pre] if pre else \
