@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <utility>
 
@@ -98,13 +99,8 @@ inline const Torch& torch_objects() {
   return t;
 }
 
-// A new CPU int64 tensor, filled here and then handed to torch through
-// DLPack: torch wraps it in about 0.5 us through DLPack's C exchange API
-// (torch.Tensor.__dlpack_c_exchange_api__), 0.8 us through a capsule and
-// torch._C._from_dlpack (where torch has no exchange API), where torch.empty
-// (or numpy and torch.from_numpy) costs 1.3 to 2 us: as much as decoding a
-// small R-RLE grid. The structs are DLPack's (its C ABI, version 1: torch's
-// own header is outside the stable ABI).
+// DLPack's C structs (its ABI, version 1), written out: torch's dlpack.h is
+// outside the stable ABI.
 namespace dl {
 struct Version {
   uint32_t major, minor;
@@ -170,6 +166,10 @@ inline const DLPackExchange& dlpack_exchange() {
   return dlpack_exchange_enabled.load(std::memory_order_relaxed) ? h : off;
 }
 
+// A new CPU int64 tensor, filled here and then handed to torch through
+// DLPack: torch wraps it in about 0.5 us through the exchange API, 0.8 us
+// through a capsule, where torch.empty (or numpy and torch.from_numpy) costs
+// 1.3 to 2 us: as much as decoding a small R-RLE grid.
 class NewInt64Tensor {
  public:
   // A contiguous tensor of `shape` (at most 3 dimensions; sizes >= 0 whose
@@ -206,7 +206,10 @@ class NewInt64Tensor {
       return static_cast<PyObject*>(out);
     }
     Ref cap(PyCapsule_New(&b->managed, kCapsule, [](PyObject* c) {
-      if (PyCapsule_IsValid(c, kCapsule)) std::free(PyCapsule_GetPointer(c, kCapsule));  // (not taken by torch)
+      if (PyCapsule_IsValid(c, kCapsule)) {  // (not taken by torch)
+        auto* m = static_cast<dl::ManagedTensorVersioned*>(PyCapsule_GetPointer(c, kCapsule));
+        m->deleter(m);
+      }
     }));
     if (!cap.p) {
       std::free(b);
@@ -731,18 +734,14 @@ inline PyObject* rrle_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   }
 }
 
-// _dlpack_exchange(enabled) -> the previous setting (tests take the paths torch without the API takes).
-inline PyObject* dlpack_exchange(PyObject*, PyObject* arg) {
+// _dlpack_exchange(enabled) / _rrle_exact_path(enabled) -> the previous
+// setting: tests take the paths torch without DLPack's exchange API takes, and
+// compare the decoder's two paths.
+template <std::atomic<bool>& flag>
+PyObject* set_flag(PyObject*, PyObject* arg) {
   const int on = PyObject_IsTrue(arg);
   if (on < 0) return nullptr;
-  return PyBool_FromLong(dlpack_exchange_enabled.exchange(on != 0));
-}
-
-// _rrle_exact_path(enabled) -> the previous setting (tests compare the decoder's two paths).
-inline PyObject* rrle_exact_path(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  return PyBool_FromLong(exact_path_enabled.exchange(on != 0));
+  return PyBool_FromLong(flag.exchange(on != 0));
 }
 
 inline PyMethodDef kMethods[] = {
@@ -752,10 +751,10 @@ inline PyMethodDef kMethods[] = {
      "R-RLE text(s) of a CPU int64 label tensor (h, w) or (B, h, w), or NotImplemented"},
     {"rrle_decode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rrle_decode)), METH_FASTCALL,
      "R-RLE text (or list of texts) -> (labels, names, extra labels, repairs)"},
-    {"_dlpack_exchange", &dlpack_exchange, METH_O,
+    {"_dlpack_exchange", &set_flag<dlpack_exchange_enabled>, METH_O,
      "_dlpack_exchange(enabled) -> previous: whether tensors are read and made through DLPack's C exchange API "
      "(else through their attributes, a capsule and torch._C._from_dlpack)"},
-    {"_rrle_exact_path", &rrle_exact_path, METH_O,
+    {"_rrle_exact_path", &set_flag<exact_path_enabled>, METH_O,
      "_rrle_exact_path(enabled) -> previous: whether R-RLE decoding tries its one-pass path for exact texts"},
     {nullptr, nullptr, 0, nullptr}};
 
